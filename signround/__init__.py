@@ -1,0 +1,17 @@
+"""signround: SignRound weight quantization for Hugging Face causal language models.
+
+    import signround
+    model, tokenizer = signround.load_model("smollm2-135m")
+    report = signround.quantize(model, signround.QuantConfig(scheme="W4A16"), tokenizer=tokenizer)
+    signround.save(model, "out", tokenizer)
+    model = signround.load("out")
+"""
+
+__version__ = "0.1.0"
+
+from .config import ConfigError, QuantConfig, WeightScheme  # noqa: E402
+from .pipeline import QuantizeReport, quantize  # noqa: E402
+from .checkpoint import load, save  # noqa: E402
+from .models import load as load_model  # noqa: E402
+
+__all__ = ["ConfigError", "QuantConfig", "QuantizeReport", "WeightScheme", "load", "load_model", "quantize", "save", "__version__"]

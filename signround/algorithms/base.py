@@ -1,0 +1,71 @@
+"""What an algorithm receives for one block and what it returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from ..blocks import BlockCall
+from ..config import ConfigError, QuantConfig, WeightScheme
+from ..quant.integer import QuantizedWeight
+
+
+@dataclass
+class LayerTask:
+    """One linear layer to quantize: its name inside the block, the module and its scheme."""
+
+    name: str
+    module: nn.Module
+    scheme: WeightScheme
+
+
+@dataclass
+class BlockData:
+    """Calibration data for one block: `inputs` to tune on, `targets` the original block produced,
+    and how the block is called. Tensors live where the driver caches them; `device` is where to compute."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    call: BlockCall
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    index: int
+
+
+@dataclass
+class BlockResult:
+    weights: dict[str, QuantizedWeight]
+    loss_before: float | None = None   # block-output MSE at the plain-RTN starting point
+    notes: list[str] = field(default_factory=list)
+
+
+class Algorithm(Protocol):
+    name: str
+    needs_calibration: bool
+
+    def quantize_block(self, block: nn.Module, layers: list[LayerTask], data: BlockData | None, config: QuantConfig) -> BlockResult: ...
+
+
+_REGISTRY: dict[str, type] = {}
+
+
+def register(name: str):
+    def wrap(cls):
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def available() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_algorithm(name: str) -> Algorithm:
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown method {name!r}: choose one of {', '.join(available())}")
+    return _REGISTRY[name]()

@@ -1,0 +1,111 @@
+"""SignRound (arXiv 2309.05516): tune each weight's rounding offset V and each group's clipping scales
+with signed gradient descent so that the quantized block reproduces the original block's output.
+
+Per layer: V (out, in) starting at 0, and min/max clipping scales (out, groups) starting at 1 and
+clamped to [0, 1]. Each step samples a batch of cached rows, runs the block with fake-quantized weights
+(straight-through rounding) and takes p <- p - lr_t * sign(grad) with lr_t decaying linearly to 0, so
+with lr = 1/iters V can move at most ~0.5. The parameters of the best-loss step are kept.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from ..blocks import as_param_layout, autocast, block_output, iter_batches, linear_weight
+from ..quant.integer import fake_quant, quantize_weight
+from .base import BlockData, BlockResult, LayerTask, register
+
+
+class _Tunables:
+    """The trainable tensors of one layer, kept in fp32 on the compute device."""
+
+    def __init__(self, task: LayerTask, device):
+        self.task = task
+        w = linear_weight(task.module).detach()
+        self.weight = w.to(device=device, dtype=torch.float32)
+        groups = task.scheme.groups(w.shape[1])
+        self.offset = torch.zeros_like(self.weight, requires_grad=True)
+        self.min_scale = torch.ones(w.shape[0], groups, device=device, requires_grad=True)
+        self.max_scale = torch.ones(w.shape[0], groups, device=device, requires_grad=True)
+        self.param_name = f"{task.name}.weight"
+        self.param_dtype = task.module.weight.dtype
+
+    def params(self):
+        return [self.offset, self.min_scale, self.max_scale]
+
+    def fake_weight(self, initial: bool = False) -> torch.Tensor:
+        s = self.task.scheme
+        if initial:
+            w = fake_quant(self.weight, s.bits, s.group_size, s.sym)
+        else:
+            w = fake_quant(self.weight, s.bits, s.group_size, s.sym, self.offset, self.min_scale, self.max_scale)
+        return as_param_layout(self.task.module, w.to(self.param_dtype))
+
+    def final(self):
+        s = self.task.scheme
+        return quantize_weight(self.weight, s.bits, s.group_size, s.sym, self.offset.detach(), self.min_scale.detach(), self.max_scale.detach())
+
+
+@register("signround")
+class SignRound:
+    needs_calibration = True
+
+    def quantize_block(self, block, layers, data: BlockData, config) -> BlockResult:
+        device = data.device
+        tunables = [_Tunables(t, device) for t in layers]
+        n = data.inputs.shape[0]
+        batch = min(config.batch_size, n)
+        iters = config.iters
+        lr = config.lr or (1.0 / max(iters, 1))
+        minmax_lr = config.minmax_lr or lr
+        gen = torch.Generator().manual_seed(config.seed * 100003 + data.index)
+
+        def forward(x, initial=False):
+            weights = {t.param_name: t.fake_weight(initial) for t in tunables}
+            with autocast(device, data.amp_dtype):
+                return block_output(functional_call(block, weights, (x, *data.call.args), data.call.kwargs))
+
+        def loss_on(rows: torch.Tensor, initial=False) -> torch.Tensor:
+            x = data.inputs[rows].to(device)
+            y = data.targets[rows].to(device)
+            return F.mse_loss(forward(x, initial).float(), y.float())
+
+        with torch.no_grad():
+            loss_before = sum(loss_on(torch.arange(sl.start, sl.stop), initial=True).item() * (sl.stop - sl.start) for sl in iter_batches(n, batch)) / n
+
+        best_loss, best_state, notes = math.inf, None, []
+        for step in range(iters):
+            rows = torch.randperm(n, generator=gen)[: batch * config.grad_accum]
+            total = 0.0
+            for chunk in rows.split(batch):
+                loss = loss_on(chunk) * (len(chunk) / len(rows))
+                loss.backward()
+                total += loss.item()
+            if not math.isfinite(total):
+                notes.append(f"block {data.index}: loss became {total} at step {step}; kept the best finite state (RTN if none)")
+                warnings.warn(notes[-1])
+                break
+            if total < best_loss:
+                best_loss = total
+                best_state = [p.detach().clone() for t in tunables for p in t.params()]
+            decay = 1.0 - step / iters
+            with torch.no_grad():
+                for t in tunables:
+                    t.offset.sub_(lr * decay * t.offset.grad.sign())
+                    t.min_scale.sub_(minmax_lr * decay * t.min_scale.grad.sign())
+                    t.max_scale.sub_(minmax_lr * decay * t.max_scale.grad.sign())
+                    for p in t.params():
+                        p.grad = None
+
+        with torch.no_grad():
+            params = [p for t in tunables for p in t.params()]
+            if best_state is None:  # no finite step: the RTN starting point
+                best_state = [torch.zeros_like(p) if i % 3 == 0 else torch.ones_like(p) for i, p in enumerate(params)]
+            for p, best in zip(params, best_state):
+                p.copy_(best)
+        return BlockResult({t.task.name: t.final() for t in tunables}, loss_before=loss_before, notes=notes)

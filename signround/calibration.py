@@ -1,0 +1,189 @@
+"""Calibration data: text from files, folders, lists or hub datasets, packed into (nsamples, seqlen)
+token rows; when no source is reachable, text the model samples itself."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .config import DEFAULT_DATASET
+
+log = logging.getLogger("signround")
+
+TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
+CHARS_PER_TOKEN_BOUND = 8  # a window of seqlen * 8 characters always holds seqlen tokens of real text
+
+
+class DataError(ValueError):
+    """Calibration data that cannot be used; the message names the file and the fix."""
+
+
+def _read_text_file(path: Path) -> str:
+    raw = path.read_bytes()
+    if b"\x00" in raw[:65536]:
+        raise DataError(f"calibration file {path} looks binary: give UTF-8 text (.txt), .jsonl with a 'text' field, or .parquet")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"calibration file {path} is not UTF-8 text (byte {e.start}): re-encode it as UTF-8") from None
+
+
+def _read_jsonl(path: Path, field: str = "text") -> list[str]:
+    docs = []
+    for lineno, line in enumerate(_read_text_file(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno} is not valid JSON ({e.msg}): each line must be a JSON object") from None
+        if not isinstance(record, dict) or not isinstance(record.get(field), str):
+            raise DataError(f"{path}:{lineno} has no string field {field!r}: each line must look like {{\"{field}\": \"...\"}}")
+        docs.append(record[field])
+    return docs
+
+
+def _read_parquet(path: Path, field: str = "text") -> list[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"reading {path} needs pyarrow: pip install 'signround[data]'") from None
+    table = pq.read_table(path)
+    if field not in table.column_names:
+        raise DataError(f"{path} has no column {field!r} (columns: {', '.join(table.column_names)})")
+    return [t for t in table.column(field).to_pylist() if isinstance(t, str)]
+
+
+def read_documents(path: Path) -> list[str]:
+    """Documents from one file, or from every supported file in a folder (sorted by name)."""
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+        if not files:
+            raise DataError(f"calibration folder {path} holds no .txt, .jsonl or .parquet files")
+        return [doc for f in files for doc in read_documents(f)]
+    if path.suffix == ".jsonl":
+        return _read_jsonl(path)
+    if path.suffix == ".parquet":
+        return _read_parquet(path)
+    return [_read_text_file(path)]
+
+
+def _hub_documents(name: str, nsamples: int, seed: int) -> list[str]:
+    import datasets  # optional extra: signround[data]
+
+    ds = datasets.load_dataset(name, split="train")
+    column = "text" if "text" in ds.column_names else ds.column_names[0]
+    ds = ds.shuffle(seed=seed).select(range(min(len(ds), nsamples * 8)))
+    return [t for t in ds[column] if isinstance(t, str)]
+
+
+def documents_from(source) -> list[str]:
+    """Resolve a calibration source: a list of strings, a path (file or folder), or a hub dataset name."""
+    if isinstance(source, (list, tuple)):
+        if not all(isinstance(s, str) for s in source):
+            raise DataError("a calibration list must hold strings")
+        return list(source)
+    path = Path(source)
+    if path.exists():
+        return read_documents(path)
+    if "/" in str(source) and not str(source).startswith((".", "/")) and path.suffix not in TEXT_SUFFIXES:
+        return _hub_documents(str(source), 128, 0)
+    raise DataError(f"calibration data {source!r} not found: give a .txt/.jsonl/.parquet file, a folder of them, or a hub dataset name")
+
+
+def pack_documents(tokenizer, docs: Sequence[str], nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """(n, seqlen) token rows. Long documents contribute windows at seeded random offsets, spread over
+    documents; short ones are joined (separated by EOS) and cut into rows, never dropped."""
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise DataError("the calibration data holds no text")
+    rng = random.Random(seed)
+    order = list(range(len(docs)))
+    rng.shuffle(order)
+    window = seqlen * CHARS_PER_TOKEN_BOUND
+    per_doc = max(1, math.ceil(nsamples / len(docs)))
+    sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    rows: list[list[int]] = []
+    buffer: list[int] = []
+
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    for _ in range(4):  # a few passes, so a handful of long documents can still fill nsamples rows
+        for i in order:
+            doc = docs[i]
+            if len(doc) > 2 * window:
+                for _ in range(per_doc):
+                    start = rng.randrange(0, len(doc) - window)
+                    ids = encode(doc[start : start + window])
+                    if len(ids) >= seqlen:
+                        rows.append(ids[:seqlen])
+                    if len(rows) >= nsamples:
+                        return torch.tensor(rows[:nsamples])
+            else:
+                buffer += encode(doc) + sep
+                while len(buffer) >= seqlen and len(rows) < nsamples:
+                    rows.append(buffer[:seqlen])
+                    buffer = buffer[seqlen:]
+                if len(rows) >= nsamples:
+                    return torch.tensor(rows)
+        if all(len(docs[i]) <= 2 * window for i in order):
+            break  # short documents are used once; repeating them adds nothing
+    if not rows:
+        if len(buffer) < 16:
+            raise DataError(f"the calibration text is too short ({len(buffer)} tokens): give more text")
+        warnings.warn(f"calibration text holds only {len(buffer)} tokens, fewer than seqlen={seqlen}: using one sample of {len(buffer)} tokens")
+        return torch.tensor([buffer])
+    if len(rows) < nsamples:
+        warnings.warn(f"calibration text filled only {len(rows)} of {nsamples} samples of {seqlen} tokens: using {len(rows)}")
+    return torch.tensor(rows)
+
+
+@torch.no_grad()
+def self_generated(model, tokenizer, nsamples: int, seqlen: int, seed: int, batch_size: int = 8) -> torch.Tensor:
+    """Rows of text the model samples itself (temperature 1), seeded: calibration that needs no data."""
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    rows = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for begin in range(0, nsamples, batch_size):
+            n = min(batch_size, nsamples - begin)
+            prompt = torch.full((n, 1), start, dtype=torch.long, device=device)
+            out = model.generate(prompt, do_sample=True, top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=seqlen - 1,
+                                 min_new_tokens=seqlen - 1, pad_token_id=tokenizer.eos_token_id)
+            rows.append(out[:, :seqlen].cpu())
+    return torch.cat(rows)
+
+
+def calibration_ids(source, model, tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """The calibration token rows for `quantize`.
+
+    `source` may be token ids already (a LongTensor (n, seqlen)), texts, a path, or a hub dataset name;
+    None means the default hub dataset, falling back to self-generated text when it is unreachable.
+    """
+    if isinstance(source, torch.Tensor):
+        ids = source.long()
+        if ids.dim() != 2:
+            raise DataError(f"calibration token ids must be (nsamples, seqlen), got shape {tuple(ids.shape)}")
+        ids = ids[:nsamples, :seqlen]
+    elif source is None:
+        try:
+            docs = _hub_documents(DEFAULT_DATASET, nsamples, seed)
+        except Exception as e:  # offline, or the optional `datasets` package missing: fall back, loudly
+            warnings.warn(f"default calibration dataset {DEFAULT_DATASET} unavailable ({type(e).__name__}: {str(e)[:120]}); "
+                          f"sampling {nsamples} x {seqlen} tokens of calibration text from the model itself (seed {seed})")
+            ids = self_generated(model, tokenizer, nsamples, seqlen, seed)
+        else:
+            ids = pack_documents(tokenizer, docs, nsamples, seqlen, seed)
+    else:
+        ids = pack_documents(tokenizer, documents_from(source), nsamples, seqlen, seed)
+    log.info("calibration: %d samples of %d tokens", ids.shape[0], ids.shape[1])
+    return ids

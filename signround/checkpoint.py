@@ -1,0 +1,178 @@
+"""The tool's own checkpoint: a Hugging Face folder whose linear layers are stored packed.
+
+config.json carries `quantization_config` (see pipeline.quantization_config_dict); safetensors shards
+hold `<layer>.qweight`, `.qzeros`, `.scales` (and `.bias`) for quantized layers and plain tensors for
+everything else. Writing goes to a temporary folder renamed into place, so an interrupted save never
+leaves a folder that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .blocks import set_submodule
+from .config import WeightScheme
+from .qlinear import QuantLinear
+
+MAX_SHARD_BYTES = 2 * 2**30
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class OutputExistsError(FileExistsError):
+    pass
+
+
+def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
+    out = Path(path)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise OutputExistsError(f"output {out} already exists and is not empty: choose another -o or pass --overwrite")
+    return out
+
+
+def _save_dtype(model, save_dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(save_dtype, torch.dtype):
+        return save_dtype
+    if save_dtype == "auto":
+        return torch.bfloat16 if model.dtype == torch.bfloat16 else torch.float16
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[save_dtype]
+
+
+def _state_for_saving(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The state dict with tied duplicates dropped and unquantized float tensors in `dtype`
+    (the packed layers' fp16 scales stay fp16)."""
+    scales = {f"{n}.scales" for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    state, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tensor.shape, tensor.dtype)
+        if tensor.device.type != "meta" and key in seen:
+            continue
+        seen.add(key)
+        if tensor.is_floating_point() and name not in scales:
+            tensor = tensor.to(dtype)
+        state[name] = tensor.detach().cpu().contiguous()
+    return state
+
+
+def _write_shards(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int) -> None:
+    shards, current, size = [], {}, 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = tensor
+        size += nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], folder / "model.safetensors", metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, folder / filename, metadata={"format": "pt"})
+        weight_map.update({name: filename for name in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    (folder / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def save(model, path: str | os.PathLike, tokenizer=None, *, overwrite: bool = False, save_dtype: str | torch.dtype = "auto",
+         max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """Write a quantized model (and its tokenizer) to `path` atomically."""
+    if not isinstance(getattr(model.config, "quantization_config", None), dict):
+        raise ValueError("the model has not been quantized by signround: run signround.quantize first")
+    out = check_output_dir(path, overwrite).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        _write_shards(_state_for_saving(model, _save_dtype(model, save_dtype)), tmp, max_shard_bytes)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+def _shard_files(folder: Path) -> list[Path]:
+    index = folder / INDEX_FILE
+    if index.is_file():
+        return sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder} holds no .safetensors weights: is it a signround output folder?")
+    return files
+
+
+def _scheme(qcfg: dict, layer: str) -> WeightScheme:
+    spec = qcfg.get("extra_config", {}).get(layer)
+    if spec:
+        return WeightScheme(**spec)
+    return WeightScheme(qcfg["bits"], qcfg["group_size"], qcfg["sym"])
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """Rebuild a runnable model from a signround output folder: QuantLinear where the shards hold
+    packed layers, plain modules elsewhere."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} has no config.json: is it a signround output folder?")
+    config = AutoConfig.from_pretrained(folder)
+    qcfg = getattr(config, "quantization_config", None)
+    if not isinstance(qcfg, dict) or qcfg.get("quant_method") != "signround":
+        raise ValueError(f"{folder} is not a signround checkpoint (quantization_config.quant_method != 'signround')")
+    files = _shard_files(folder)
+    packed_layers = set()
+    for f in files:
+        with safe_open(f, framework="pt") as reader:
+            packed_layers |= {k[: -len(".qweight")] for k in reader.keys() if k.endswith(".qweight")}
+    if dtype is None:  # fp16 matmuls are slow and lossy on CPUs: compute in fp32 there
+        dtype = torch.float32 if torch.device(device).type == "cpu" else _stored_float_dtype(files)
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for name in sorted(packed_layers):
+        linear = model.get_submodule(name)
+        weight = linear.weight
+        in_features, out_features = (weight.shape[1], weight.shape[0]) if isinstance(linear, torch.nn.Linear) else weight.shape
+        q = QuantLinear(in_features, out_features, _scheme(qcfg, name), getattr(linear, "bias", None) is not None, dtype=weight.dtype)
+        set_submodule(model, name, q)
+    state = {}
+    for f in files:
+        with safe_open(f, framework="pt") as reader:
+            state.update({k: reader.get_tensor(k) for k in reader.keys()})
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    tied = {n for n in missing if n.endswith("lm_head.weight") and getattr(config, "tie_word_embeddings", False)}
+    if unexpected or set(missing) - tied:
+        raise ValueError(f"{folder} does not match its config: missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    for module in model.modules():  # keep scales exact whatever dtype the model runs in
+        if isinstance(module, QuantLinear):
+            module.scales = module.scales.to(torch.float16)
+    return model.to(device).eval()
+
+
+def _stored_float_dtype(files: list[Path]) -> torch.dtype:
+    with safe_open(files[0], framework="pt") as reader:
+        for key in reader.keys():
+            if not key.endswith(".scales"):
+                t = reader.get_slice(key)
+                dtype = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}.get(t.get_dtype())
+                if dtype:
+                    return dtype
+    return torch.float16

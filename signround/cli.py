@@ -1,0 +1,169 @@
+"""Command line: a thin face of QuantConfig and the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+
+DEFAULT_PROMPT = "The capital of France is"
+
+
+def _add_quantize(sub) -> None:
+    p = sub.add_parser("quantize", help="quantize a model and save the packed result")
+    p.add_argument("model", help="local HF folder, .gguf file, hub id, or built-in name (smollm2-135m)")
+    p.add_argument("-o", "--output", required=True, help="output folder (must be new or empty unless --overwrite)")
+    p.add_argument("--scheme", default="W4A16", help="preset: W2A16, W3A16, W4A16 (default), W8A16, with optional G<group>, e.g. W2A16G64")
+    p.add_argument("--bits", type=int, help="override the preset's bits (2-8)")
+    p.add_argument("--group-size", type=int, help="override the preset's group size (-1: per output channel)")
+    sym = p.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="sym", action="store_true", default=None, help="symmetric quantization")
+    sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric quantization (per-group zero point)")
+    p.add_argument("--layer", action="append", default=[], metavar="REGEX=SPEC",
+                   help="per-layer override, e.g. 'down_proj=W8A16', 'q_proj=bits=3,group_size=64' or 'lm_head|mlp.0=fp16'")
+    p.add_argument("--method", default="signround", help="rtn or signround (default)")
+    p.add_argument("--quantize-lm-head", action="store_true", help="also quantize an untied lm_head (round-to-nearest)")
+    p.add_argument("--iters", type=int, default=200)
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=2048, help="calibration tokens per sample (clamped to the model's maximum)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, help="rounding-offset learning rate (default 1/iters)")
+    p.add_argument("--minmax-lr", type=float, help="clipping-scale learning rate (default: --lr)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--fp-inputs", action="store_true", help="tune each block on the original model's inputs instead of the quantized model's")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
+                   help="autocast dtype for tuning; auto: bf16 on CUDA and on CPUs with AMX/AVX512-BF16, else fp32")
+    p.add_argument("--dataset", nargs="+", help="calibration: .txt/.jsonl/.parquet files or folders, or a hub dataset (default NeelNanda/pile-10k, "
+                                                "falling back to self-generated text offline)")
+    p.add_argument("--eval-text", help="print perplexity before and after on this text file")
+    p.add_argument("--eval-tokens", type=int, default=32768, help="tokens of --eval-text to score (default 32768)")
+    p.add_argument("--eval-seqlen", type=int, default=2048)
+    p.add_argument("--save-dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"], help="dtype of the unquantized tensors")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="load a quantized output folder and continue a prompt")
+    p.add_argument("path", help="a signround output folder")
+    p.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--device", default="cpu")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="signround", description="SignRound weight quantization for Hugging Face causal LMs")
+    parser.add_argument("--version", action="version", version=f"signround {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_quantize(sub)
+    _add_generate(sub)
+    return parser
+
+
+def config_from_args(args):
+    from .config import QuantConfig, WeightScheme, parse_scheme
+
+    scheme = WeightScheme.preset(args.scheme)
+    changes = {k: v for k, v in (("bits", args.bits), ("group_size", args.group_size), ("sym", args.sym)) if v is not None}
+    scheme = dataclasses.replace(scheme, **changes)
+    overrides = {}
+    for item in args.layer:
+        pattern, sep, spec = item.partition("=")
+        if not sep or not pattern:
+            raise _usage(f"--layer {item!r} must look like REGEX=SPEC, e.g. 'down_proj=W8A16'")
+        overrides[pattern] = parse_scheme(spec)
+    return QuantConfig(
+        scheme=scheme, method=args.method, layer_overrides=overrides, quantize_lm_head=args.quantize_lm_head,
+        iters=args.iters, nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        lr=args.lr, minmax_lr=args.minmax_lr, seed=args.seed, quantized_inputs=not args.fp_inputs, device=args.device, amp=args.amp,
+    )
+
+
+class _usage(ValueError):
+    pass
+
+
+def _ppl(model, tokenizer, args) -> float:
+    from .evaluate import perplexity, text_token_ids
+
+    return perplexity(model, text_token_ids(tokenizer, args.eval_text, args.eval_tokens), seqlen=args.eval_seqlen)
+
+
+def cmd_quantize(args) -> None:
+    from . import checkpoint, models
+    from .algorithms import get_algorithm
+    from .pipeline import quantize
+
+    config = config_from_args(args)
+    get_algorithm(config.method)
+    checkpoint.check_output_dir(args.output, args.overwrite)
+    if args.eval_text and not Path(args.eval_text).is_file():
+        raise FileNotFoundError(f"--eval-text {args.eval_text} not found: give a UTF-8 text file")
+    model, tokenizer = models.load(args.model, trust_remote_code=args.trust_remote_code)
+    if args.eval_text:
+        print(f"perplexity before: {_ppl(model, tokenizer, args):.3f}", flush=True)
+    calibration = None
+    if args.dataset:
+        calibration = args.dataset[0] if len(args.dataset) == 1 else _many_sources(args.dataset)
+    report = quantize(model, config, tokenizer=tokenizer, calibration=calibration, progress=not args.quiet)
+    print(report.summary(), flush=True)
+    if args.eval_text:
+        print(f"perplexity after:  {_ppl(model, tokenizer, args):.3f}", flush=True)
+    out = checkpoint.save(model, args.output, tokenizer, overwrite=args.overwrite, save_dtype=args.save_dtype)
+    print(f"saved {out}")
+
+
+def _many_sources(sources):
+    from .calibration import documents_from
+
+    return [doc for s in sources for doc in documents_from(s)]
+
+
+def cmd_generate(args) -> None:
+    import torch
+    from transformers import AutoTokenizer
+
+    from . import checkpoint
+
+    start = time.perf_counter()
+    model = checkpoint.load(args.path, device=args.device)
+    tokenizer = AutoTokenizer.from_pretrained(args.path)
+    ids = tokenizer(args.prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(args.device)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    print(tokenizer.decode(out[0], skip_special_tokens=True))
+    print(f"({time.perf_counter() - start:.1f} s, loaded from {args.path})", file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    from .blocks import UnsupportedModelError
+    from .calibration import DataError
+    from .checkpoint import OutputExistsError
+    from .config import ConfigError
+    from .models import ModelNotFoundError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    handlers = {"quantize": cmd_quantize, "generate": cmd_generate}
+    try:
+        handlers[args.command](args)
+    except (ConfigError, DataError, ModelNotFoundError, UnsupportedModelError, OutputExistsError, FileNotFoundError, _usage) as e:
+        print(f"signround: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("signround: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

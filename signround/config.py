@@ -1,0 +1,153 @@
+"""Quantization configuration: small validated dataclasses that the CLI and the API share.
+
+A `WeightScheme` says how one linear layer's weight is stored (bits, group size, symmetry);
+a `QuantConfig` says which scheme applies where and how the rounding is tuned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message names the setting and the fix."""
+
+
+_PRESET = re.compile(r"^W([2-8])A16(?:G(-1|\d+))?$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class WeightScheme:
+    """Integer weight-only quantization of one layer: `bits` wide codes, one scale and zero point per
+    `group_size` consecutive input channels (-1: one group per output channel)."""
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise ConfigError(f"bits={self.bits!r} is not supported: choose an integer from 2 to 8")
+        if not isinstance(self.group_size, int) or not (self.group_size == -1 or self.group_size > 0):
+            raise ConfigError(f"group_size={self.group_size!r} is not valid: use -1 (per channel) or a positive divisor of in_features")
+
+    @classmethod
+    def preset(cls, name: str) -> "WeightScheme":
+        """`W4A16` (4 bit, group 128, symmetric) and friends; `W2A16G64` picks the group size.
+        Presets follow auto-round's defaults: symmetric, except 2-bit which is asymmetric."""
+        m = _PRESET.match(name.strip())
+        if not m:
+            raise ConfigError(f"unknown scheme {name!r}: use W2A16, W3A16, W4A16, W8A16, optionally with G<group> (e.g. W2A16G64)")
+        bits = int(m.group(1))
+        group = int(m.group(2)) if m.group(2) else 128
+        return cls(bits=bits, group_size=group, sym=bits != 2)
+
+    def fits(self, in_features: int) -> bool:
+        return self.group_size == -1 or in_features % self.group_size == 0
+
+    def groups(self, in_features: int) -> int:
+        return 1 if self.group_size == -1 else in_features // self.group_size
+
+    def bits_per_weight(self, in_features: int) -> float:
+        """Storage cost per weight: the code plus its group's fp16 scale and packed zero point."""
+        group = in_features if self.group_size == -1 else self.group_size
+        return self.bits + (16 + self.bits) / group
+
+    def name(self) -> str:
+        g = "" if self.group_size == 128 else f"G{self.group_size}"
+        return f"W{self.bits}A16{g}{'' if self.sym == (self.bits != 2) else ('-sym' if self.sym else '-asym')}"
+
+
+def parse_scheme(spec: "str | WeightScheme | dict | None") -> "WeightScheme | None":
+    """A scheme from a preset name, a dict of fields, or `fp16`/`none` (keep the layer unquantized)."""
+    if spec is None or isinstance(spec, WeightScheme):
+        return spec
+    if isinstance(spec, dict):
+        return WeightScheme(**spec)
+    text = str(spec).strip()
+    if text.lower() in ("fp16", "bf16", "float", "none", "skip"):
+        return None
+    if "=" in text or "," in text:  # "bits=8,group_size=32,sym=false"
+        fields = {}
+        for part in filter(None, text.split(",")):
+            key, _, value = part.partition("=")
+            key = key.strip().replace("-", "_")
+            if key not in ("bits", "group_size", "sym"):
+                raise ConfigError(f"unknown layer setting {key!r} in {text!r}: use bits=, group_size=, sym=")
+            fields[key] = value.strip().lower() in ("1", "true", "yes") if key == "sym" else int(value)
+        return WeightScheme(**fields)
+    return WeightScheme.preset(text)
+
+
+DEFAULT_DATASET = "NeelNanda/pile-10k"
+
+
+@dataclass
+class QuantConfig:
+    """Everything that decides the quantized result. Serialised into the output's `quantization_config`.
+
+    `layer_overrides` maps a regular expression (searched in the layer's full name) to a scheme, or to
+    None to keep matching layers in 16 bit; the last matching pattern wins.
+    """
+
+    scheme: WeightScheme = field(default_factory=WeightScheme)
+    method: str = "signround"
+    layer_overrides: dict[str, WeightScheme | None] = field(default_factory=dict)
+    quantize_lm_head: bool = False
+    # calibration and tuning
+    iters: int = 200
+    nsamples: int = 128
+    seqlen: int = 2048
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float | None = None          # None: 1 / iters, so the offsets can travel at most ±0.5
+    minmax_lr: float | None = None   # None: same as lr
+    seed: int = 42
+    quantized_inputs: bool = True    # tune on the inputs the already-quantized blocks produce
+    device: str = "auto"
+    amp: str = "auto"                # auto | bf16 | fp16 | off
+
+    def __post_init__(self):
+        if isinstance(self.scheme, str):
+            self.scheme = WeightScheme.preset(self.scheme)
+        elif isinstance(self.scheme, dict):
+            self.scheme = WeightScheme(**self.scheme)
+        self.layer_overrides = {pattern: parse_scheme(spec) for pattern, spec in dict(self.layer_overrides).items()}
+        for pattern in self.layer_overrides:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(f"layer override pattern {pattern!r} is not a valid regular expression: {e}") from None
+        for name in ("iters", "grad_accum"):
+            if getattr(self, name) < (0 if name == "iters" else 1):
+                raise ConfigError(f"{name}={getattr(self, name)} is out of range: use a value >= {0 if name == 'iters' else 1}")
+        for name in ("nsamples", "seqlen", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} is out of range: use a positive value")
+        for name in ("lr", "minmax_lr"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"{name}={value} must be positive (or left unset for 1/iters)")
+        if self.amp not in ("auto", "bf16", "fp16", "off"):
+            raise ConfigError(f"amp={self.amp!r} is not one of auto, bf16, fp16, off")
+
+    def scheme_for(self, layer_name: str) -> WeightScheme | None:
+        """The scheme a layer gets after overrides (None: keep it unquantized)."""
+        chosen: WeightScheme | None = self.scheme
+        for pattern, scheme in self.layer_overrides.items():
+            if re.search(pattern, layer_name):
+                chosen = scheme
+        return chosen
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["layer_overrides"] = {p: (None if s is None else dataclasses.asdict(s)) for p, s in self.layer_overrides.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})

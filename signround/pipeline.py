@@ -1,0 +1,240 @@
+"""`quantize(model, config)`: the block-by-block driver.
+
+For each decoder block: compute the original block's outputs on the original inputs (the target), let
+the algorithm choose integer weights, swap its linear layers for packed `QuantLinear`s, then run the
+quantized block on the quantized model's inputs to produce the next block's inputs. Only one block is
+on the compute device at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import __version__
+from .algorithms import BlockData, LayerTask, get_algorithm
+from .blocks import (UnsupportedModelError, capture_block_inputs, find_blocks, find_linears, is_linear, linear_weight,
+                     move_except_blocks, run_block, set_submodule)
+from .calibration import DataError, calibration_ids
+from .config import ConfigError, QuantConfig, WeightScheme
+from .qlinear import QuantLinear
+from .quant.integer import quantize_weight
+
+log = logging.getLogger("signround")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available: use --device cpu")
+    return device
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AMX or AVX512-BF16: only then is bf16 autocast faster than fp32 on a CPU (elsewhere it is ~8x slower)."""
+    return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    if amp == "off":
+        return None
+    if amp == "fp16":
+        return torch.float16
+    if amp == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_fast_bf16() else None
+
+
+@dataclass
+class QuantizeReport:
+    """What happened: which layers were quantized or skipped, block losses, cost."""
+
+    quantized: dict[str, WeightScheme] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    block_losses: list[tuple[float | None, float | None]] = field(default_factory=list)
+    calibration_shape: tuple[int, int] | None = None
+    tuning_seconds: float = 0.0
+    peak_memory_bytes: int = 0
+    bits_per_weight: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [
+            f"layers quantized: {len(self.quantized)}, kept 16-bit: {len(self.skipped)}",
+            f"average bits per quantized weight (incl. scales and zeros): {self.bits_per_weight:.3f}",
+            f"tuning time: {self.tuning_seconds:.1f} s, peak memory: {self.peak_memory_bytes / 2**30:.2f} GiB",
+        ]
+        if self.calibration_shape:
+            lines.insert(0, f"calibration: {self.calibration_shape[0]} samples x {self.calibration_shape[1]} tokens")
+        return "\n".join(lines + self.notes)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def plan_layers(model, blocks_name: str, blocks, config: QuantConfig, report: QuantizeReport) -> list[list[LayerTask]]:
+    """Per block, the linear layers to quantize with their scheme; layers that cannot be are recorded as skipped."""
+    plan = []
+    for i, block in enumerate(blocks):
+        tasks = []
+        for name, module in find_linears(block).items():
+            full = f"{blocks_name}.{i}.{name}"
+            scheme = config.scheme_for(full)
+            in_features = linear_weight(module).shape[1]
+            if scheme is None:
+                report.skipped[full] = "kept 16-bit by a layer override"
+            elif not scheme.fits(in_features):
+                report.skipped[full] = f"in_features={in_features} is not divisible by group_size={scheme.group_size}"
+            else:
+                tasks.append(LayerTask(name, module, scheme))
+                report.quantized[full] = scheme
+        plan.append(tasks)
+    if not report.quantized:
+        if report.skipped:
+            raise ConfigError(f"no layer can be quantized with this scheme ({next(iter(report.skipped.values()))}): choose a group size that divides the layers' input size, or -1")
+        raise UnsupportedModelError(f"{type(model).__name__} has no linear layers in its blocks to quantize")
+    return plan
+
+
+def _swap(model, prefix: str, task: LayerTask, qw) -> None:
+    bias = getattr(task.module, "bias", None)
+    set_submodule(model, f"{prefix}{task.name}", QuantLinear.from_quantized(qw, task.scheme, bias))
+
+
+def _restore_dtype(block, dtype: torch.dtype) -> None:
+    """Cast the block's float tensors back to the model's dtype, except the packed layers' fp16 scales."""
+    for module in block.modules():
+        if isinstance(module, QuantLinear):
+            if module.bias is not None:
+                module.bias = module.bias.to(dtype)
+        else:
+            module._apply(lambda t: t.to(dtype) if t.is_floating_point() else t, recurse=False)
+
+
+def _quantize_lm_head(model, config: QuantConfig, report: QuantizeReport) -> None:
+    head = model.get_output_embeddings()
+    if head is None or not is_linear(head):
+        return
+    embed = model.get_input_embeddings()
+    if embed is not None and head.weight is embed.weight:
+        report.notes.append("lm_head is tied to the embeddings: kept 16-bit")
+        return
+    name = next(n for n, m in model.named_modules() if m is head)
+    scheme = config.scheme_for(name)
+    if scheme is None or not scheme.fits(head.in_features):
+        report.skipped[name] = "lm_head: scheme does not fit" if scheme else "kept 16-bit by a layer override"
+        return
+    qw = quantize_weight(head.weight.detach(), scheme.bits, scheme.group_size, scheme.sym)
+    _swap(model, "", LayerTask(name, head, scheme), qw)
+    report.quantized[name] = scheme
+    report.notes.append("lm_head quantized with round-to-nearest")
+
+
+def quantization_config_dict(config: QuantConfig, report: QuantizeReport) -> dict:
+    """The `quantization_config` written to config.json: enough for `signround.load` to rebuild every layer."""
+    default = config.scheme
+    extra = {name: {"bits": s.bits, "group_size": s.group_size, "sym": s.sym} for name, s in report.quantized.items() if s != default}
+    tuning = {k: v for k, v in config.to_dict().items() if k not in ("scheme", "layer_overrides", "device", "amp")}
+    return {
+        "quant_method": "signround",
+        "version": __version__,
+        "method": config.method,
+        "bits": default.bits,
+        "group_size": default.group_size,
+        "sym": default.sym,
+        "packing": "gptq-int32",          # qweight (in*bits/32, out), qzeros (groups, out*bits/32), scales (groups, out)
+        "zero_point": "stored",           # qzeros hold the zero point itself (no GPTQ v1 minus-one)
+        "layer_overrides": config.to_dict()["layer_overrides"],
+        "extra_config": extra,
+        "modules_not_quantized": sorted(report.skipped),
+        "tuning": tuning,
+    }
+
+
+def quantize(model, config: QuantConfig | None = None, *, tokenizer=None, calibration=None, progress: bool = True) -> QuantizeReport:
+    """Quantize `model` in place: every linear layer of its decoder blocks becomes a packed QuantLinear.
+
+    `calibration`: token ids (n, seqlen), a list of texts, a file/folder path or a hub dataset name;
+    None uses the default dataset, or self-generated text when offline. Needs `tokenizer` unless ids are given.
+    """
+    config = config or QuantConfig()
+    algorithm = get_algorithm(config.method)
+    device = resolve_device(config.device)
+    amp_dtype = resolve_amp(config.amp, device)
+    blocks_name, blocks = find_blocks(model)
+    report = QuantizeReport()
+    plan = plan_layers(model, blocks_name, blocks, config, report)
+    if report.skipped:
+        warnings.warn(f"{len(report.skipped)} layers stay unquantized: " + "; ".join(f"{n} ({why})" for n, why in report.skipped.items()))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    start = time.perf_counter()
+    fp_in = q_in = call = None
+    if algorithm.needs_calibration:
+        max_len = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+        seqlen = min(config.seqlen, max_len) if max_len else config.seqlen
+        if tokenizer is None and not isinstance(calibration, torch.Tensor):
+            raise DataError("calibration needs a tokenizer (or pass token ids as a tensor)")
+        ids = calibration_ids(calibration, model, tokenizer, config.nsamples, seqlen, config.seed)
+        report.calibration_shape = tuple(ids.shape)
+        move_except_blocks(model, blocks, device)
+        fp_in, calls = capture_block_inputs(model, blocks, ids, device, dtype=torch.float32)
+        fp_in = q_in = fp_in.cpu() if device.type == "cpu" else fp_in
+
+    bar = tqdm(total=len(blocks), desc=f"{config.method} {config.scheme.name()}", disable=not progress, unit="block")
+    for i, block in enumerate(blocks):
+        original_dtype = next(block.parameters()).dtype
+        block.to(device=device, dtype=torch.float32)  # tuning masters stay fp32; autocast does the fast math
+        data = None
+        if algorithm.needs_calibration:
+            call = calls[i].to(device)
+            fp_out = run_block(block, fp_in, call, config.batch_size, device, amp_dtype)
+            data = BlockData(q_in if config.quantized_inputs else fp_in, fp_out, call, device, amp_dtype, i)
+        result = algorithm.quantize_block(block, plan[i], data, config)
+        for task in plan[i]:
+            _swap(model, f"{blocks_name}.{i}.", task, result.weights[task.name])
+        block = blocks[i]
+        report.notes.extend(result.notes)
+        loss_after = None
+        if algorithm.needs_calibration:
+            q_out = run_block(block, q_in, call, config.batch_size, device, amp_dtype)
+            loss_after = F.mse_loss(q_out.float(), fp_out.float()).item()
+            fp_in, q_in = fp_out, q_out
+        _restore_dtype(block, original_dtype)
+        before = result.loss_before if result.loss_before is not None else loss_after
+        report.block_losses.append((before, loss_after))
+        if loss_after is not None:
+            bar.set_postfix_str(f"loss {before:.3g} -> {loss_after:.3g}")
+            log.info("block %d: loss %.4g -> %.4g", i, before, loss_after)
+        block.to("cpu")
+        bar.update()
+    bar.close()
+    if config.quantize_lm_head:
+        _quantize_lm_head(model, config, report)
+    model.to("cpu")
+
+    report.tuning_seconds = time.perf_counter() - start
+    report.peak_memory_bytes = peak_memory_bytes(device)
+    sizes = {}
+    for name, scheme in report.quantized.items():
+        module = model.get_submodule(name)
+        sizes[name] = (module.in_features * module.out_features, scheme.bits_per_weight(module.in_features))
+    total = sum(n for n, _ in sizes.values())
+    report.bits_per_weight = sum(n * b for n, b in sizes.values()) / total
+    model.config.quantization_config = quantization_config_dict(config, report)
+    return report

@@ -1,0 +1,1 @@
+"""Pure quantization math: quant-dequant per dtype and bit-packing."""

@@ -1,0 +1,125 @@
+"""Integer quant-dequant as pure tensor functions (no modules, no I/O).
+
+Weights are (out_features, in_features); a group is `group_size` consecutive input channels of one
+output row. Codes are unsigned integers in [0, 2**bits - 1]; a weight dequantizes to
+`(code - zero) * scale`.
+
+Symmetric schemes use the full code range as auto-round does: the zero point is fixed at 2**(bits-1)
+and the scale is signed so that the group's largest-magnitude weight lands on code 0 (value -2**(bits-1)),
+which gives one more level than the classic `absmax / (2**(bits-1) - 1)`.
+
+`min_scale`/`max_scale` (one per group, in [0, 1]) shrink the range before the scale is computed: the
+clipping that SignRound tunes. `offset` is SignRound's per-weight rounding offset V in [-0.5, 0.5].
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+SCALE_EPS = 1e-5  # smallest |scale|: keeps all-zero groups finite and representable in fp16
+
+
+class QuantizedWeight(NamedTuple):
+    """Integer codes (out, in) as uint8 plus per-group fp16 `scale` and integer `zero`, both (out, groups)."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    bits: int
+    group_size: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+
+def group_size_for(in_features: int, group_size: int) -> int:
+    return in_features if group_size == -1 else group_size
+
+
+def to_groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(out, in) -> (out, groups, group_size)."""
+    out_features, in_features = w.shape
+    g = group_size_for(in_features, group_size)
+    if in_features % g:
+        raise ValueError(f"in_features={in_features} is not divisible by group_size={group_size}")
+    return w.reshape(out_features, in_features // g, g)
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round in the forward pass, identity in the backward pass (straight-through estimator)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def qparams(w_groups: torch.Tensor, bits: int, sym: bool, min_scale=None, max_scale=None, ste: bool = False):
+    """Per-group (scale, zero), each shaped (out, groups, 1), for grouped weights (out, groups, g).
+
+    Differentiable in `min_scale`/`max_scale` (and in the weights) when `ste` is set.
+    """
+    wmin = w_groups.amin(dim=-1, keepdim=True).clamp(max=0)
+    wmax = w_groups.amax(dim=-1, keepdim=True).clamp(min=0)
+    if min_scale is not None:
+        wmin = wmin * min_scale.clamp(0, 1).unsqueeze(-1)
+    if max_scale is not None:
+        wmax = wmax * max_scale.clamp(0, 1).unsqueeze(-1)
+    rnd = round_ste if ste else torch.round
+    if sym:
+        half = 2 ** (bits - 1)
+        neg_dominates = -wmin > wmax
+        amax = torch.maximum(-wmin, wmax)
+        scale = torch.where(neg_dominates, amax, -amax) / half
+        scale = torch.where(scale.abs() < SCALE_EPS, torch.full_like(scale, SCALE_EPS), scale)
+        zero = torch.full_like(scale, float(half))
+    else:
+        scale = ((wmax - wmin) / (2**bits - 1)).clamp(min=SCALE_EPS)
+        zero = rnd(-wmin / scale).clamp(0, 2**bits - 1)
+    return scale, zero
+
+
+def quantize_groups(w_groups, scale, zero, bits: int, offset=None, ste: bool = False) -> torch.Tensor:
+    """Codes (float-valued integers) for grouped weights."""
+    x = w_groups / scale
+    if offset is not None:
+        x = x + offset
+    rnd = round_ste if ste else torch.round
+    return (rnd(x) + zero).clamp(0, 2**bits - 1)
+
+
+def fake_quant(w: torch.Tensor, bits: int, group_size: int, sym: bool, offset=None, min_scale=None, max_scale=None) -> torch.Tensor:
+    """Quantize-dequantize with straight-through gradients: the weight SignRound trains through.
+
+    `offset` has the weight's shape; `min_scale`/`max_scale` are (out, groups).
+    """
+    wg = to_groups(w, group_size)
+    scale, zero = qparams(wg, bits, sym, min_scale, max_scale, ste=True)
+    off = None if offset is None else to_groups(offset, group_size)
+    q = quantize_groups(wg, scale, zero, bits, off, ste=True)
+    return ((q - zero) * scale).reshape(w.shape)
+
+
+@torch.no_grad()
+def quantize_weight(w: torch.Tensor, bits: int, group_size: int, sym: bool, offset=None, min_scale=None, max_scale=None) -> QuantizedWeight:
+    """Final integer codes. The scale is rounded to fp16 *before* the codes are computed, so that the
+    stored checkpoint dequantizes to exactly what was evaluated."""
+    wg = to_groups(w.float(), group_size)
+    scale, zero = qparams(wg, bits, sym, min_scale, max_scale)
+    scale = scale.to(torch.float16).float()
+    scale = torch.where(scale == 0, torch.full_like(scale, SCALE_EPS), scale)
+    off = None if offset is None else to_groups(offset.float(), group_size)
+    q = quantize_groups(wg, scale, zero, bits, off)
+    return QuantizedWeight(
+        codes=q.reshape(w.shape).to(torch.uint8),
+        scale=scale.squeeze(-1).to(torch.float16),
+        zero=zero.squeeze(-1).to(torch.uint8),
+        bits=bits,
+        group_size=group_size,
+    )
+
+
+def dequantize_weight(qw: QuantizedWeight, dtype=torch.float32) -> torch.Tensor:
+    """(out, in) weight in `dtype` from codes, scales and zeros."""
+    codes = to_groups(qw.codes, qw.group_size).to(torch.float32)
+    w = (codes - qw.zero.unsqueeze(-1).float()) * qw.scale.unsqueeze(-1).float()
+    return w.reshape(qw.codes.shape).to(dtype)
