@@ -84,18 +84,27 @@ def _hub_documents(name: str, nsamples: int, seed: int) -> list[str]:
     return [t for t in ds[column] if isinstance(t, str)]
 
 
+def is_hub_name(source: str) -> bool:
+    path = Path(source)
+    return not path.exists() and "/" in source and not source.startswith((".", "/", "~")) and path.suffix not in TEXT_SUFFIXES
+
+
+def check_source(source) -> None:
+    """Fail fast, before a model is loaded, on a calibration path that does not exist."""
+    if isinstance(source, str) and not Path(source).exists() and not is_hub_name(source):
+        raise DataError(f"calibration data {source!r} not found: give a .txt/.jsonl/.parquet file, a folder of them, or a hub dataset name")
+
+
 def documents_from(source) -> list[str]:
     """Resolve a calibration source: a list of strings, a path (file or folder), or a hub dataset name."""
     if isinstance(source, (list, tuple)):
         if not all(isinstance(s, str) for s in source):
             raise DataError("a calibration list must hold strings")
         return list(source)
-    path = Path(source)
-    if path.exists():
-        return read_documents(path)
-    if "/" in str(source) and not str(source).startswith((".", "/")) and path.suffix not in TEXT_SUFFIXES:
+    check_source(str(source))
+    if is_hub_name(str(source)):
         return _hub_documents(str(source), 128, 0)
-    raise DataError(f"calibration data {source!r} not found: give a .txt/.jsonl/.parquet file, a folder of them, or a hub dataset name")
+    return read_documents(Path(source))
 
 
 def pack_documents(tokenizer, docs: Sequence[str], nsamples: int, seqlen: int, seed: int) -> torch.Tensor:

@@ -100,11 +100,14 @@ def _ppl(model, tokenizer, args) -> float:
 def cmd_quantize(args) -> None:
     from . import checkpoint, models
     from .algorithms import get_algorithm
+    from .calibration import check_source
     from .pipeline import quantize
 
     config = config_from_args(args)
     get_algorithm(config.method)
     checkpoint.check_output_dir(args.output, args.overwrite)
+    for source in args.dataset or []:
+        check_source(source)
     if args.eval_text and not Path(args.eval_text).is_file():
         raise FileNotFoundError(f"--eval-text {args.eval_text} not found: give a UTF-8 text file")
     model, tokenizer = models.load(args.model, trust_remote_code=args.trust_remote_code)

@@ -45,16 +45,16 @@ class WeightScheme:
         group = int(m.group(2)) if m.group(2) else 128
         return cls(bits=bits, group_size=group, sym=bits != 2)
 
-    def fits(self, in_features: int) -> bool:
-        return self.group_size == -1 or in_features % self.group_size == 0
+    def fits(self, in_features: int, pad_groups: bool = True) -> bool:
+        """Whether a layer can take this scheme: always when a partial last group is allowed."""
+        return self.group_size == -1 or pad_groups or in_features % self.group_size == 0
 
     def groups(self, in_features: int) -> int:
-        return 1 if self.group_size == -1 else in_features // self.group_size
+        return 1 if self.group_size == -1 else -(-in_features // self.group_size)
 
     def bits_per_weight(self, in_features: int) -> float:
         """Storage cost per weight: the code plus its group's fp16 scale and packed zero point."""
-        group = in_features if self.group_size == -1 else self.group_size
-        return self.bits + (16 + self.bits) / group
+        return self.bits + (16 + self.bits) * self.groups(in_features) / in_features
 
     def name(self) -> str:
         g = "" if self.group_size == 128 else f"G{self.group_size}"
@@ -97,6 +97,7 @@ class QuantConfig:
     method: str = "signround"
     layer_overrides: dict[str, WeightScheme | None] = field(default_factory=dict)
     quantize_lm_head: bool = False
+    pad_groups: bool = True          # a partial last group where in_features % group_size != 0 (auto-round does this)
     # calibration and tuning
     iters: int = 200
     nsamples: int = 128

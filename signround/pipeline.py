@@ -97,8 +97,8 @@ def plan_layers(model, blocks_name: str, blocks, config: QuantConfig, report: Qu
             in_features = linear_weight(module).shape[1]
             if scheme is None:
                 report.skipped[full] = "kept 16-bit by a layer override"
-            elif not scheme.fits(in_features):
-                report.skipped[full] = f"in_features={in_features} is not divisible by group_size={scheme.group_size}"
+            elif not scheme.fits(in_features, config.pad_groups):
+                report.skipped[full] = f"in_features={in_features} is not divisible by group_size={scheme.group_size} (pad_groups is off)"
             else:
                 tasks.append(LayerTask(name, module, scheme))
                 report.quantized[full] = scheme
@@ -135,7 +135,7 @@ def _quantize_lm_head(model, config: QuantConfig, report: QuantizeReport) -> Non
         return
     name = next(n for n, m in model.named_modules() if m is head)
     scheme = config.scheme_for(name)
-    if scheme is None or not scheme.fits(head.in_features):
+    if scheme is None or not scheme.fits(head.in_features, config.pad_groups):
         report.skipped[name] = "lm_head: scheme does not fit" if scheme else "kept 16-bit by a layer override"
         return
     qw = quantize_weight(head.weight.detach(), scheme.bits, scheme.group_size, scheme.sym)

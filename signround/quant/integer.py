@@ -22,7 +22,8 @@ SCALE_EPS = 1e-5  # smallest |scale|: keeps all-zero groups finite and represent
 
 
 class QuantizedWeight(NamedTuple):
-    """Integer codes (out, in) as uint8 plus per-group fp16 `scale` and integer `zero`, both (out, groups)."""
+    """Integer codes (out, in) as uint8 plus per-group fp16 `scale` and integer `zero`, both (out, groups).
+    `group_size` is the effective group length (in_features for per-channel schemes)."""
 
     codes: torch.Tensor
     scale: torch.Tensor
@@ -39,13 +40,25 @@ def group_size_for(in_features: int, group_size: int) -> int:
     return in_features if group_size == -1 else group_size
 
 
+def num_groups(in_features: int, group_size: int) -> int:
+    """Groups per row; a last partial group is allowed (as auto-round and GPTQ's g_idx do)."""
+    return -(-in_features // group_size_for(in_features, group_size))
+
+
 def to_groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
-    """(out, in) -> (out, groups, group_size)."""
+    """(out, in) -> (out, groups, group_size), zero-padding a partial last group. Zeros never change a
+    group's range: the range always includes 0."""
     out_features, in_features = w.shape
     g = group_size_for(in_features, group_size)
-    if in_features % g:
-        raise ValueError(f"in_features={in_features} is not divisible by group_size={group_size}")
-    return w.reshape(out_features, in_features // g, g)
+    pad = num_groups(in_features, group_size) * g - in_features
+    if pad:
+        w = torch.nn.functional.pad(w, (0, pad))
+    return w.reshape(out_features, -1, g)
+
+
+def from_groups(wg: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Inverse of `to_groups`: drop the padding."""
+    return wg.reshape(wg.shape[0], -1)[:, :in_features]
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -96,7 +109,7 @@ def fake_quant(w: torch.Tensor, bits: int, group_size: int, sym: bool, offset=No
     scale, zero = qparams(wg, bits, sym, min_scale, max_scale, ste=True)
     off = None if offset is None else to_groups(offset, group_size)
     q = quantize_groups(wg, scale, zero, bits, off, ste=True)
-    return ((q - zero) * scale).reshape(w.shape)
+    return from_groups((q - zero) * scale, w.shape[1])
 
 
 @torch.no_grad()
@@ -110,16 +123,16 @@ def quantize_weight(w: torch.Tensor, bits: int, group_size: int, sym: bool, offs
     off = None if offset is None else to_groups(offset.float(), group_size)
     q = quantize_groups(wg, scale, zero, bits, off)
     return QuantizedWeight(
-        codes=q.reshape(w.shape).to(torch.uint8),
+        codes=from_groups(q, w.shape[1]).to(torch.uint8),
         scale=scale.squeeze(-1).to(torch.float16),
         zero=zero.squeeze(-1).to(torch.uint8),
         bits=bits,
-        group_size=group_size,
+        group_size=group_size_for(w.shape[1], group_size),
     )
 
 
 def dequantize_weight(qw: QuantizedWeight, dtype=torch.float32) -> torch.Tensor:
     """(out, in) weight in `dtype` from codes, scales and zeros."""
-    codes = to_groups(qw.codes, qw.group_size).to(torch.float32)
+    codes = to_groups(qw.codes.to(torch.float32), qw.group_size)
     w = (codes - qw.zero.unsqueeze(-1).float()) * qw.scale.unsqueeze(-1).float()
-    return w.reshape(qw.codes.shape).to(dtype)
+    return from_groups(w, qw.codes.shape[1]).to(dtype)

@@ -1,0 +1,39 @@
+"""The measurement protocol of ../shared/data/README.md, so every benchmark measures the same way."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def _decode(raw: bytes) -> str:
+    """Two of the books are Latin-1; the protocol names no encoding, so UTF-8 first, then Latin-1."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+def gutenberg_calibration(tokenizer, nsamples: int = 128, seqlen: int = 512, data: Path = DATA) -> torch.Tensor:
+    """"gutenberg-128x512": books joined by a blank line in sorted name order, 4,000-character slices at
+    offsets from random.Random(0), each tokenized and cut to its first `seqlen` tokens."""
+    files = sorted((data / "gutenberg").glob("*.txt"))
+    text = "\n\n".join(_decode(f.read_bytes()) for f in files)
+    rng = random.Random(0)
+    rows = []
+    for _ in range(nsamples):
+        start = rng.randrange(0, len(text) - 4000)
+        ids = tokenizer(text[start : start + 4000], add_special_tokens=False)["input_ids"]
+        rows.append(ids[:seqlen])
+    return torch.tensor(rows)
+
+
+def wikitext_ids(tokenizer, max_tokens: int = 32768, data: Path = DATA) -> torch.Tensor:
+    """"wt2-32k": wikitext-2 test tokenized whole, no special tokens, first 32,768 tokens."""
+    from signround.evaluate import text_token_ids
+
+    return text_token_ids(tokenizer, data / "wikitext-2" / "test.txt", max_tokens)

@@ -1,0 +1,156 @@
+"""Perplexity of fp32 / RTN / SignRound (and auto-round's SignRound when the package is installed) on
+one model, with the protocol of ../shared/data/README.md. Rows already in the results JSON are reused,
+so an interrupted or partial run is completed by running the same command again.
+
+    python benchmarks/quality.py                       # full protocol: iters 200, batch 8, 3 schemes
+    python benchmarks/quality.py --iters 32 --layers 4 # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import protocol  # noqa: E402
+
+import signround  # noqa: E402
+from signround.evaluate import perplexity  # noqa: E402
+from signround.pipeline import cpu_has_fast_bf16  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+# auto-round 0.16 numbers recorded with this protocol (../shared/data/README.md), for when it is not installed here
+AUTOROUND_RECORDED = {("rtn", "W4A16"): 22.63, ("rtn", "W3A16"): 47.62, ("rtn", "W2A16G64"): 984791.0,
+                      ("signround", "W4A16"): 20.72, ("signround", "W3A16"): 31.43, ("signround", "W2A16G64"): 216.5}
+
+
+def truncate(model, layers: int | None):
+    if layers:
+        model.model.layers = model.model.layers[:layers]
+        model.config.num_hidden_layers = layers
+    return model
+
+
+def run_ours(base, tokenizer, method, scheme, calib, eval_ids, args) -> dict:
+    model = copy.deepcopy(base)
+    config = signround.QuantConfig(scheme=scheme, method=method, iters=args.iters, nsamples=args.nsamples, seqlen=args.seqlen,
+                                   batch_size=args.batch_size, seed=args.seed)
+    report = signround.quantize(model, config, tokenizer=tokenizer, calibration=calib)
+    row = {"ppl": perplexity(model, eval_ids), "tuning_s": report.tuning_seconds, "bits_per_weight": report.bits_per_weight,
+           "peak_rss_gib": report.peak_memory_bytes / 2**30, "block_losses": report.block_losses}
+    with tempfile.TemporaryDirectory() as tmp:
+        signround.save(model, Path(tmp) / "out", tokenizer)
+        reloaded = signround.load(Path(tmp) / "out")
+        row["reloaded_ppl"] = perplexity(reloaded, eval_ids)
+    return row
+
+
+def run_autoround(base, tokenizer, method, scheme, calib, eval_ids, args) -> dict:
+    from auto_round import AutoRound
+
+    s = signround.WeightScheme.preset(scheme)
+    model = copy.deepcopy(base)
+    iters = 0 if method == "rtn" else args.iters
+    ar = AutoRound(model, tokenizer, bits=s.bits, group_size=s.group_size, sym=s.sym, iters=iters, nsamples=args.nsamples,
+                   seqlen=args.seqlen, batch_size=args.batch_size, seed=args.seed,
+                   dataset=[{"input_ids": row.unsqueeze(0)} for row in calib])
+    start = time.perf_counter()
+    qmodel, _ = ar.quantize()
+    return {"ppl": perplexity(qmodel, eval_ids), "tuning_s": time.perf_counter() - start}
+
+
+def key(tool, method, scheme, args) -> str:
+    return f"{tool}|{method}|{scheme}|iters{args.iters}|n{args.nsamples}x{args.seqlen}|bs{args.batch_size}|layers{args.layers or 'all'}|seed{args.seed}"
+
+
+def write_table(results: dict, args, path: Path) -> None:
+    fp = results.get(key("fp32", "fp32", "-", args), {}).get("ppl")
+    lines = [
+        f"# Perplexity (wt2-32k) of {args.model}, calibration gutenberg-{args.nsamples}x{args.seqlen}",
+        "",
+        f"iters {args.iters}, batch {args.batch_size}, seed {args.seed}, layers {args.layers or 'all'}; "
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, bf16 autocast {'on' if cpu_has_fast_bf16() else 'off (no AMX/AVX512-BF16: fp32)'}",
+        "",
+        f"fp32 perplexity: {fp:.3f}" if fp else "fp32 perplexity: (not run)",
+        "",
+        "| scheme | method | ppl | reloaded ppl | reload diff | share of RTN's gap left | vs auto-round SignRound | bits/weight | tuning s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for scheme in args.schemes:
+        rtn = results.get(key("signround", "rtn", scheme, args), {}).get("ppl")
+        for tool, method in (("signround", "rtn"), ("signround", "signround"), ("auto-round", "rtn"), ("auto-round", "signround")):
+            row = results.get(key(tool, method, scheme, args))
+            if not row:
+                continue
+            ppl = row["ppl"]
+            reloaded = row.get("reloaded_ppl")
+            gap = f"{(ppl - fp) / (rtn - fp):.2f}" if fp and rtn and method == "signround" and rtn > fp else ""
+            ar = results.get(key("auto-round", "signround", scheme, args), {}).get("ppl") or AUTOROUND_RECORDED.get(("signround", scheme))
+            vs = f"{(ppl / ar - 1) * 100:+.1f}%" if tool == "signround" and method == "signround" and ar else ""
+            lines.append(f"| {scheme} | {tool} {method} | {ppl:.3f} | {reloaded:.3f} | {(reloaded / ppl - 1) * 100:+.2f}% | {gap} | {vs} | "
+                         f"{row.get('bits_per_weight', 0):.3f} | {row.get('tuning_s', 0):.0f} |" if reloaded else
+                         f"| {scheme} | {tool} {method} | {ppl:.3f} | | | {gap} | {vs} | | {row.get('tuning_s', 0):.0f} |")
+    lines += ["", "auto-round 0.16 reference (recorded with this protocol at iters 200, batch 8, ../shared/data/README.md): "
+              + ", ".join(f"{m} {s} {v:g}" for (m, s), v in AUTOROUND_RECORDED.items()),
+              f"", f"updated {datetime.datetime.now().isoformat(timespec='minutes')}"]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--schemes", default="W4A16,W3A16,W2A16G64", type=lambda s: s.split(","))
+    p.add_argument("--methods", default="rtn,signround", type=lambda s: s.split(","))
+    p.add_argument("--iters", type=int, default=200)
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--layers", type=int, help="truncate the model to its first N blocks")
+    p.add_argument("--eval-tokens", type=int, default=32768)
+    p.add_argument("--name", default="quality", help="results file stem in benchmarks/results/")
+    args = p.parse_args()
+
+    RESULTS.mkdir(exist_ok=True)
+    store = RESULTS / f"{args.name}.json"
+    results = json.loads(store.read_text()) if store.exists() else {}
+    base, tokenizer = signround.load_model(args.model)
+    truncate(base, args.layers)
+    calib = protocol.gutenberg_calibration(tokenizer, args.nsamples, args.seqlen)
+    eval_ids = protocol.wikitext_ids(tokenizer, args.eval_tokens)
+    try:
+        import auto_round  # noqa: F401
+        tools = ["signround", "auto-round"]
+    except ImportError:
+        tools = ["signround"]
+
+    def record(k, fn):
+        if k in results:
+            return
+        print(f"== {k}", flush=True)
+        results[k] = fn()
+        store.write_text(json.dumps(results, indent=1))
+        write_table(results, args, RESULTS / f"{args.name}.md")
+        print(f"   {k}: ppl {results[k]['ppl']:.3f}", flush=True)
+
+    record(key("fp32", "fp32", "-", args), lambda: {"ppl": perplexity(base, eval_ids)})
+    for method in args.methods:  # every cheap RTN row first, then the tuned ones
+        for scheme in args.schemes:
+            for tool in tools:
+                runner = run_ours if tool == "signround" else run_autoround
+                record(key(tool, method, scheme, args), lambda: runner(base, tokenizer, method, scheme, calib, eval_ids, args))
+    write_table(results, args, RESULTS / f"{args.name}.md")
+    print((RESULTS / f"{args.name}.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

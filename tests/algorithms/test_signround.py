@@ -1,0 +1,46 @@
+import pytest
+import torch
+
+import signround
+from signround import QuantConfig
+from tiny_models import calib_ids, make
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+@pytest.mark.parametrize("scheme", ["W2A16G32", "W3A16G32", "W4A16G32"])
+def test_signround_lowers_every_block_loss_below_rtn(arch, scheme):
+    model = make(arch)
+    config = QuantConfig(scheme=scheme, iters=60, nsamples=16, seqlen=32, batch_size=4)
+    report = signround.quantize(model, config, calibration=calib_ids(16, 32), progress=False)
+    for rtn_loss, tuned_loss in report.block_losses:
+        assert tuned_loss < rtn_loss, report.block_losses
+
+
+def test_same_seed_gives_identical_packed_weights():
+    states = []
+    for _ in range(2):
+        model = make("llama")
+        signround.quantize(model, QuantConfig(scheme="W4A16G32", iters=10, nsamples=8, seqlen=16, batch_size=4), calibration=calib_ids(8, 16), progress=False)
+        states.append({k: v for k, v in model.state_dict().items() if k.endswith(("qweight", "qzeros", "scales"))})
+    assert states[0].keys() == states[1].keys() and len(states[0]) == 3 * 14
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_signround_beats_rtn_on_model_output():
+    ids = calib_ids(16, 32)
+    reference = make("llama")
+    with torch.no_grad():
+        target = reference(ids).logits
+    errors = {}
+    for method in ("rtn", "signround"):
+        model = make("llama")
+        signround.quantize(model, QuantConfig(scheme="W3A16G32", method=method, iters=80, nsamples=16, seqlen=32, batch_size=4),
+                           calibration=ids, progress=False)
+        with torch.no_grad():
+            errors[method] = (model(ids).logits - target).pow(2).mean().item()
+    assert errors["signround"] < errors["rtn"] * 0.9, errors
+
+
+def test_unknown_method_is_refused():
+    with pytest.raises(signround.ConfigError, match="unknown method 'gptqq'"):
+        signround.quantize(make("llama"), QuantConfig(method="gptqq"), calibration=calib_ids(), progress=False)

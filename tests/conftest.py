@@ -1,0 +1,37 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED.is_dir():
+        pytest.fail(f"{SHARED} is missing: the real-model tests need ../shared/data beside the checkout")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    from transformers import AutoTokenizer
+
+    from signround.models import resolve
+
+    source = resolve("smollm2-135m")
+    return AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
+    """A tiny random LLaMA saved as an ordinary Hugging Face folder, with SmolLM2's real tokenizer."""
+    from tiny_models import make
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model = make("llama", vocab_size=len(smollm2_tokenizer))
+    model.save_pretrained(folder)
+    smollm2_tokenizer.save_pretrained(folder)
+    return folder

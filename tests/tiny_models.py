@@ -1,0 +1,37 @@
+"""Tiny randomly initialised decoder-only models, built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import torch
+import transformers as tf
+
+COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256)
+
+CONFIGS = {
+    "llama": lambda: tf.LlamaConfig(**COMMON),
+    "mistral": lambda: tf.MistralConfig(**COMMON, sliding_window=16),
+    "qwen2": lambda: tf.Qwen2Config(**COMMON),
+    "qwen3": lambda: tf.Qwen3Config(**COMMON, head_dim=16),
+    "gemma": lambda: tf.GemmaConfig(**COMMON, head_dim=16),
+    "gemma2": lambda: tf.Gemma2Config(**COMMON, head_dim=16, sliding_window=16),
+    "gemma3": lambda: tf.Gemma3TextConfig(**COMMON, head_dim=16, sliding_window=16),
+    "phi3": lambda: tf.Phi3Config(**{**COMMON, "num_key_value_heads": 4}, pad_token_id=0),
+    "gpt2": lambda: tf.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256),
+    "opt": lambda: tf.OPTConfig(vocab_size=128, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                                max_position_embeddings=256, word_embed_proj_dim=64),
+    "gpt_neox": lambda: tf.GPTNeoXConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, max_position_embeddings=256),
+}
+
+
+def make(arch: str, seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    config = CONFIGS[arch]()
+    for k, v in overrides.items():
+        setattr(config, k, v)
+    return tf.AutoModelForCausalLM.from_config(config).eval()
+
+
+def calib_ids(n: int = 16, seqlen: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 128, (n, seqlen), generator=torch.Generator().manual_seed(seed))
