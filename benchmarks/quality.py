@@ -64,7 +64,8 @@ def run_autoround(base, tokenizer, method, scheme, calib, eval_ids, args) -> dic
                    seqlen=args.seqlen, batch_size=args.batch_size, seed=args.seed,
                    dataset=[{"input_ids": row.unsqueeze(0)} for row in calib])
     start = time.perf_counter()
-    qmodel, _ = ar.quantize()
+    result = ar.quantize()  # fake-quantizes in place; returns (model, layer_config) in the versions we know
+    qmodel = result[0] if isinstance(result, tuple) else ar.model
     return {"ppl": perplexity(qmodel, eval_ids), "tuning_s": time.perf_counter() - start}
 
 

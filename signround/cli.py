@@ -59,12 +59,30 @@ def _add_generate(sub) -> None:
     p.add_argument("--device", default="cpu")
 
 
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity, zero-shot task accuracy and lm-eval tasks for any model or output folder")
+    p.add_argument("model", help="original model (folder, .gguf, hub id, built-in) or a signround output folder")
+    p.add_argument("--ppl", nargs="+", default=[], metavar="TEXT", help="text files (or hub datasets such as wikitext:wikitext-2-raw-v1 online)")
+    p.add_argument("--ppl-seqlen", type=int, default=2048)
+    p.add_argument("--ppl-tokens", type=int, default=32768, help="score the first N tokens (0: all)")
+    p.add_argument("--ppl-stride", type=int, help="overlapping windows that score only their last STRIDE tokens")
+    p.add_argument("--bos", action="store_true", help="prepend BOS to every perplexity window (for models trained to always see it)")
+    p.add_argument("--tasks", nargs="+", default=[], metavar="JSON", help="BIG-bench task.json files or folders of them")
+    p.add_argument("--lm-eval", nargs="+", default=[], metavar="TASK",
+                   help="lm-evaluation-harness tasks (hellaswag, arc_easy, ... online) or BIG-bench .json files run through lm-eval offline")
+    p.add_argument("--limit", type=int, help="at most N examples per task")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", help="write the results here (default: print only)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="signround", description="SignRound weight quantization for Hugging Face causal LMs")
     parser.add_argument("--version", action="version", version=f"signround {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_quantize(sub)
     _add_generate(sub)
+    _add_eval(sub)
     return parser
 
 
@@ -146,20 +164,45 @@ def cmd_generate(args) -> None:
     print(f"({time.perf_counter() - start:.1f} s, loaded from {args.path})", file=sys.stderr)
 
 
+def cmd_eval(args) -> None:
+    import json
+
+    from .evaluate import EvalSettings, format_record, read_eval_text, run_eval
+    from .models import load_any
+    from .tasks import find_tasks, load_task
+
+    for source in args.ppl:
+        if not Path(source).is_file() and ":" not in source:
+            read_eval_text(source)  # raises the one-line error before the model loads
+    for path in find_tasks(args.tasks):
+        load_task(path)
+    if not (args.ppl or args.tasks or args.lm_eval):
+        raise _usage("nothing to evaluate: give --ppl TEXT, --tasks JSON and/or --lm-eval TASK")
+    model, tokenizer = load_any(args.model, device=args.device)
+    settings = EvalSettings(ppl=args.ppl, ppl_seqlen=args.ppl_seqlen, ppl_tokens=args.ppl_tokens or None, ppl_stride=args.ppl_stride,
+                            bos=args.bos, tasks=args.tasks, limit=args.limit, batch_size=args.batch_size, lm_eval_tasks=args.lm_eval)
+    record = run_eval(model, tokenizer, settings, label=args.model)
+    print(format_record(record))
+    if args.json:
+        Path(args.json).write_text(json.dumps(record, indent=2, default=str))
+        print(f"wrote {args.json}")
+
+
 def main(argv=None) -> int:
     from .blocks import UnsupportedModelError
     from .calibration import DataError
     from .checkpoint import OutputExistsError
     from .config import ConfigError
     from .models import ModelNotFoundError
+    from .tasks import TaskFormatError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    handlers = {"quantize": cmd_quantize, "generate": cmd_generate}
+    handlers = {"quantize": cmd_quantize, "generate": cmd_generate, "eval": cmd_eval}
     try:
         handlers[args.command](args)
-    except (ConfigError, DataError, ModelNotFoundError, UnsupportedModelError, OutputExistsError, FileNotFoundError, _usage) as e:
+    except (ConfigError, DataError, ModelNotFoundError, UnsupportedModelError, OutputExistsError, FileNotFoundError, TaskFormatError, _usage) as e:
         print(f"signround: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -81,3 +81,25 @@ def load(spec: str, dtype: str | torch.dtype = "auto", trust_remote_code: bool =
         raise
     model.eval()
     return model, tokenizer
+
+
+def is_signround_output(spec: str) -> bool:
+    config = Path(spec) / "config.json"
+    if not config.is_file():
+        return False
+    import json
+
+    qcfg = json.loads(config.read_text()).get("quantization_config")
+    return isinstance(qcfg, dict) and qcfg.get("quant_method") == "signround"
+
+
+def load_any(spec: str, device: str = "cpu", trust_remote_code: bool = False):
+    """(model, tokenizer) for an original model or a signround output folder."""
+    if is_signround_output(spec):
+        from transformers import AutoTokenizer
+
+        from .checkpoint import load as load_checkpoint
+
+        return load_checkpoint(spec, device=device), AutoTokenizer.from_pretrained(spec)
+    model, tokenizer = load(spec, trust_remote_code=trust_remote_code)
+    return model.to(device), tokenizer

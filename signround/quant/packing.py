@@ -42,8 +42,12 @@ def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack_rows(packed: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
     """Inverse of `pack_rows`: (packed_rows, N) int32 -> (rows, N) uint8."""
     n = packed.shape[1]
-    words = (packed.to(torch.int64) & _MASK32).view(-1, bits, n)
     mask = (1 << bits) - 1
+    if 32 % bits == 0:  # 2/4/8 bit: each word holds whole values, so one broadcast shift unpacks them all
+        shifts = torch.arange(0, 32, bits, device=packed.device, dtype=torch.int32).view(1, -1, 1)
+        values = (packed.unsqueeze(1) >> shifts) & mask
+        return values.reshape(-1, n)[:rows].to(torch.uint8)
+    words = (packed.to(torch.int64) & _MASK32).view(-1, bits, n)
     values = torch.empty(words.shape[0], 32, n, dtype=torch.int64, device=packed.device)
     for j in range(32):
         start = j * bits
