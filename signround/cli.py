@@ -47,6 +47,7 @@ def _add_quantize(sub) -> None:
     p.add_argument("--eval-seqlen", type=int, default=2048)
     p.add_argument("--save-dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"], help="dtype of the unquantized tensors")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--report-json", help="also write the quantization report (block losses, time, memory) as JSON")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
@@ -76,6 +77,19 @@ def _add_eval(sub) -> None:
     p.add_argument("--json", help="write the results here (default: print only)")
 
 
+def _add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="quantize over a grid of methods x schemes, evaluate all, write a report with plots")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True, help="report folder (runs already in it are reused)")
+    p.add_argument("--methods", default="rtn,signround")
+    p.add_argument("--schemes", default="W2A16G64,W3A16,W4A16,W8A16")
+    p.add_argument("--ppl", nargs="+", default=[], metavar="TEXT")
+    p.add_argument("--ppl-tokens", type=int, default=32768)
+    p.add_argument("--tasks", nargs="+", default=[], metavar="JSON")
+    p.add_argument("--limit", type=int, help="at most N examples per task")
+    p.add_argument("--quantize-args", default="", help="extra flags for every quantize run, e.g. '--iters 50 --nsamples 32 --dataset books/'")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="signround", description="SignRound weight quantization for Hugging Face causal LMs")
     parser.add_argument("--version", action="version", version=f"signround {__version__}")
@@ -83,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quantize(sub)
     _add_generate(sub)
     _add_eval(sub)
+    _add_compare(sub)
     return parser
 
 
@@ -140,6 +155,10 @@ def cmd_quantize(args) -> None:
         print(f"perplexity after:  {_ppl(model, tokenizer, args):.3f}", flush=True)
     out = checkpoint.save(model, args.output, tokenizer, overwrite=args.overwrite, save_dtype=args.save_dtype)
     print(f"saved {out}")
+    if args.report_json:
+        import json
+
+        Path(args.report_json).write_text(json.dumps(report.to_dict(), indent=1))
 
 
 def _many_sources(sources):
@@ -188,6 +207,27 @@ def cmd_eval(args) -> None:
         print(f"wrote {args.json}")
 
 
+def cmd_compare(args) -> None:
+    import shlex
+
+    from .compare import GridSettings, run_grid, write_report
+    from .config import WeightScheme
+    from .evaluate import EvalSettings
+    from .models import resolve
+
+    resolve(args.model)
+    schemes = [s for s in args.schemes.split(",") if s]
+    for scheme in schemes:
+        WeightScheme.preset(scheme)
+    if not (args.ppl or args.tasks):
+        raise _usage("nothing to compare on: give --ppl TEXT and/or --tasks JSON")
+    grid = GridSettings(args.model, [m for m in args.methods.split(",") if m], schemes, shlex.split(args.quantize_args))
+    evaluation = EvalSettings(ppl=args.ppl, ppl_tokens=args.ppl_tokens or None, tasks=args.tasks, limit=args.limit)
+    report = write_report(run_grid(grid, evaluation, Path(args.output)), Path(args.output))
+    print(report.read_text())
+    print(f"wrote {report}")
+
+
 def main(argv=None) -> int:
     from .blocks import UnsupportedModelError
     from .calibration import DataError
@@ -199,7 +239,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    handlers = {"quantize": cmd_quantize, "generate": cmd_generate, "eval": cmd_eval}
+    handlers = {"quantize": cmd_quantize, "generate": cmd_generate, "eval": cmd_eval, "compare": cmd_compare}
     try:
         handlers[args.command](args)
     except (ConfigError, DataError, ModelNotFoundError, UnsupportedModelError, OutputExistsError, FileNotFoundError, TaskFormatError, _usage) as e:

@@ -8,6 +8,7 @@ on the compute device at a time.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import resource
 import time
@@ -68,6 +69,11 @@ class QuantizeReport:
     peak_memory_bytes: int = 0
     bits_per_weight: float = 0.0
     notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["quantized"] = {name: dataclasses.asdict(s) for name, s in self.quantized.items()}
+        return d
 
     def summary(self) -> str:
         lines = [
