@@ -24,12 +24,21 @@ def run(capsys, *argv):
     (["quantize", "{model}", "-o", "{out}", "--dataset", "missing.txt", "--iters", "1"], "calibration data 'missing.txt' not found"),
     (["quantize", "{model}", "-o", "{full}"], "not empty: choose another -o or pass --overwrite"),
     (["generate", "{out}"], "has no config.json"),
+    (["eval", "{model}"], "nothing to evaluate"),
+    (["eval", "{model}", "--ppl", "missing.txt"], "perplexity text missing.txt not found"),
+    (["eval", "{model}", "--tasks", "missing.json"], "task path missing.json not found"),
+    (["eval", "{model}", "--tasks", "{bad_task}"], "has no 'examples' list"),
+    (["eval", "no-such-model", "--tasks", "{bad_task}"], "has no 'examples' list"),
+    (["compare", "no-such-model", "-o", "{out}", "--ppl", "x.txt"], "unknown model 'no-such-model'"),
+    (["compare", "{model}", "-o", "{out}", "--schemes", "W9A16", "--ppl", "x.txt"], "unknown scheme 'W9A16'"),
 ])
 def test_bad_arguments_give_one_line_errors(capsys, tmp_path, tiny_model_dir, argv, message):
     full = tmp_path / "full"
     full.mkdir()
     (full / "x").write_text("keep")
-    argv = [a.format(model=tiny_model_dir, out=tmp_path / "out", full=full) for a in argv]
+    bad_task = tmp_path / "bad.json"
+    bad_task.write_text('{"name": "x"}')
+    argv = [a.format(model=tiny_model_dir, out=tmp_path / "out", full=full, bad_task=bad_task) for a in argv]
     code, out, err = run(capsys, *argv)
     assert code == 2
     last = err.strip().splitlines()[-1]  # transformers' own loading bar may precede it
@@ -52,3 +61,17 @@ def test_quantize_then_generate(capsys, tmp_path, tiny_model_dir):
     assert qcfg["tuning"]["iters"] == 3 and (out / "tokenizer.json").is_file()
     code, stdout, err = run(capsys, "generate", out, "The quick brown", "--max-new-tokens", 5)
     assert code == 0 and stdout.startswith("The quick brown") and len(stdout.strip()) > len("The quick brown")
+
+
+def test_eval_prints_table_and_writes_json(capsys, tmp_path, tiny_model_dir):
+    text = tmp_path / "t.txt"
+    text.write_text("a b c d e f g " * 50)
+    task = tmp_path / "task.json"
+    task.write_text(json.dumps({"name": "toy", "examples": [{"input": "x", "target_scores": {"a": 1, "b": 0}}] * 3}))
+    code, out, err = run(capsys, "eval", tiny_model_dir, "--ppl", text, "--ppl-tokens", 100, "--ppl-seqlen", 50, "--tasks", task,
+                         "--json", tmp_path / "r.json")
+    assert code == 0, err
+    assert "perplexity" in out and "toy" in out
+    record = json.loads((tmp_path / "r.json").read_text())
+    assert record["metrics"]["tasks"]["toy"]["n"] == 3 and record["metrics"]["perplexity"][str(text)]["tokens"] == 100
+    assert record["versions"]["signround"] and record["wall_seconds"] > 0

@@ -62,3 +62,33 @@ def test_cli_quantize_and_generate_smollm2(tmp_path, shared_data, capsys):
     assert main(["generate", str(out), "The capital of France is", "--max-new-tokens", "8"]) == 0
     text = capsys.readouterr().out
     assert "The capital of France is" in text
+
+
+@pytest.mark.slow
+def test_eval_cli_reproduces_protocol_perplexity(shared_data, capsys, tmp_path):
+    import json
+
+    from signround.cli import main
+
+    assert main(["eval", "smollm2-135m", "--ppl", str(shared_data / "wikitext-2" / "test.txt"), "--json", str(tmp_path / "r.json")]) == 0
+    record = json.loads((tmp_path / "r.json").read_text())
+    assert list(record["metrics"]["perplexity"].values())[0]["ppl"] == pytest.approx(18.30, abs=0.01)
+
+
+@pytest.mark.slow
+def test_tasks_above_chance_and_lm_eval_agrees_on_quantized(smollm2, shared_data):
+    from signround.lm_eval_adapter import evaluate_with_lm_eval
+    from signround.tasks import evaluate_task, find_tasks, load_task
+
+    model, tokenizer = smollm2
+    above = 0
+    for path in find_tasks([shared_data / "tasks"]):
+        r = evaluate_task(model, tokenizer, load_task(path), limit=150)
+        above += r.acc - r.chance > 2 * r.acc_stderr
+    assert above >= 3
+    quantized = _copy(model)
+    signround.quantize(quantized, signround.QuantConfig(method="rtn"), progress=False)
+    path = shared_data / "tasks" / "general_knowledge.json"
+    ours = evaluate_task(quantized, tokenizer, load_task(path))
+    theirs = evaluate_with_lm_eval(quantized, tokenizer, [str(path)])["signround_bigbench_general_knowledge"]
+    assert theirs["acc"] == pytest.approx(ours.acc, abs=0.01)
