@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import protocol  # noqa: E402
+import protocol
 
-import signround  # noqa: E402
-from signround.evaluate import perplexity  # noqa: E402
-from signround.pipeline import cpu_has_fast_bf16  # noqa: E402
+import signround
+from signround.evaluate import perplexity
+from signround.pipeline import cpu_has_fast_bf16
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # auto-round 0.16 numbers recorded with this protocol (../shared/data/README.md), for when it is not installed here
@@ -102,7 +102,7 @@ def write_table(results: dict, args, path: Path) -> None:
                          f"| {scheme} | {tool} {method} | {ppl:.3f} | | | {gap} | {vs} | | {row.get('tuning_s', 0):.0f} |")
     lines += ["", "auto-round 0.16 reference (recorded with this protocol at iters 200, batch 8, ../shared/data/README.md): "
               + ", ".join(f"{m} {s} {v:g}" for (m, s), v in AUTOROUND_RECORDED.items()),
-              f"", f"updated {datetime.datetime.now().isoformat(timespec='minutes')}"]
+              "", f"updated {datetime.datetime.now().isoformat(timespec='minutes')}"]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -134,11 +134,11 @@ def main() -> None:
     except ImportError:
         tools = ["signround"]
 
-    def record(k, fn):
+    def record(k, fn, *fn_args):
         if k in results:
             return
         print(f"== {k}", flush=True)
-        results[k] = fn()
+        results[k] = fn(*fn_args)
         store.write_text(json.dumps(results, indent=1))
         write_table(results, args, RESULTS / f"{args.name}.md")
         print(f"   {k}: ppl {results[k]['ppl']:.3f}", flush=True)
@@ -148,7 +148,7 @@ def main() -> None:
         for scheme in args.schemes:
             for tool in tools:
                 runner = run_ours if tool == "signround" else run_autoround
-                record(key(tool, method, scheme, args), lambda: runner(base, tokenizer, method, scheme, calib, eval_ids, args))
+                record(key(tool, method, scheme, args), runner, base, tokenizer, method, scheme, calib, eval_ids, args)
     write_table(results, args, RESULTS / f"{args.name}.md")
     print((RESULTS / f"{args.name}.md").read_text())
 

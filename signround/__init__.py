@@ -9,9 +9,9 @@
 
 __version__ = "0.1.0"
 
-from .config import ConfigError, QuantConfig, WeightScheme  # noqa: E402
-from .pipeline import QuantizeReport, quantize  # noqa: E402
-from .checkpoint import load, save  # noqa: E402
-from .models import load as load_model  # noqa: E402
+from .checkpoint import load, save
+from .config import ConfigError, QuantConfig, WeightScheme
+from .models import load as load_model
+from .pipeline import QuantizeReport, quantize
 
 __all__ = ["ConfigError", "QuantConfig", "QuantizeReport", "WeightScheme", "load", "load_model", "quantize", "save", "__version__"]

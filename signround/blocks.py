@@ -3,8 +3,9 @@ called with, and running a block on cached inputs. Nothing here knows about quan
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -81,7 +82,7 @@ class BlockCall:
     args: tuple = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
 
-    def to(self, device) -> "BlockCall":
+    def to(self, device) -> BlockCall:
         return BlockCall(_to_device(self.args, device), _to_device(self.kwargs, device))
 
 

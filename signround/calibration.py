@@ -8,8 +8,8 @@ import logging
 import math
 import random
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 

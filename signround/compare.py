@@ -45,7 +45,7 @@ def _quantize(model: str, method: str, scheme: str, extra: list[str], folder: Pa
     report = folder / "quantize-report.json"
     cmd = [sys.executable, "-m", "signround.cli", "quantize", model, "-o", str(folder / "model"), "--overwrite", "-q",
            "--method", method, "--scheme", scheme, "--report-json", str(report), *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"quantizing {method} {scheme} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
     return json.loads(report.read_text())

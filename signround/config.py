@@ -35,7 +35,7 @@ class WeightScheme:
             raise ConfigError(f"group_size={self.group_size!r} is not valid: use -1 (per channel) or a positive divisor of in_features")
 
     @classmethod
-    def preset(cls, name: str) -> "WeightScheme":
+    def preset(cls, name: str) -> WeightScheme:
         """`W4A16` (4 bit, group 128, symmetric) and friends; `W2A16G64` picks the group size.
         Presets follow auto-round's defaults: symmetric, except 2-bit which is asymmetric."""
         m = _PRESET.match(name.strip())
@@ -61,7 +61,7 @@ class WeightScheme:
         return f"W{self.bits}A16{g}{'' if self.sym == (self.bits != 2) else ('-sym' if self.sym else '-asym')}"
 
 
-def parse_scheme(spec: "str | WeightScheme | dict | None") -> "WeightScheme | None":
+def parse_scheme(spec: str | WeightScheme | dict | None) -> WeightScheme | None:
     """A scheme from a preset name, a dict of fields, or `fp16`/`none` (keep the layer unquantized)."""
     if spec is None or isinstance(spec, WeightScheme):
         return spec
@@ -149,6 +149,6 @@ class QuantConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
+    def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})

@@ -21,8 +21,17 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .algorithms import BlockData, LayerTask, get_algorithm
-from .blocks import (UnsupportedModelError, capture_block_inputs, find_blocks, find_linears, is_linear, linear_weight,
-                     move_except_blocks, run_block, set_submodule)
+from .blocks import (
+    UnsupportedModelError,
+    capture_block_inputs,
+    find_blocks,
+    find_linears,
+    is_linear,
+    linear_weight,
+    move_except_blocks,
+    run_block,
+    set_submodule,
+)
 from .calibration import DataError, calibration_ids
 from .config import ConfigError, QuantConfig, WeightScheme
 from .qlinear import QuantLinear

@@ -29,7 +29,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
 
     @classmethod
-    def from_quantized(cls, qw: QuantizedWeight, scheme: WeightScheme, bias: torch.Tensor | None) -> "QuantLinear":
+    def from_quantized(cls, qw: QuantizedWeight, scheme: WeightScheme, bias: torch.Tensor | None) -> QuantLinear:
         out_features, in_features = qw.shape
         layer = cls(in_features, out_features, scheme, bias is not None, device=qw.codes.device)
         layer.qweight.copy_(pack_qweight(qw.codes, scheme.bits))

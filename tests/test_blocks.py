@@ -1,8 +1,8 @@
 import pytest
 import torch
+from tiny_models import CONFIGS, calib_ids, make
 
 from signround.blocks import UnsupportedModelError, capture_block_inputs, find_blocks, find_linears, run_block
-from tiny_models import CONFIGS, calib_ids, make
 
 ARCHS = sorted(CONFIGS)
 

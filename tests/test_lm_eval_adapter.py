@@ -1,10 +1,10 @@
 import json
 
 import pytest
+from tiny_models import make
 
 from signround.lm_eval_adapter import evaluate_with_lm_eval, write_bigbench_task
 from signround.tasks import evaluate_task, load_task
-from tiny_models import make
 
 
 def test_bigbench_json_becomes_an_lm_eval_task(tmp_path):

@@ -2,11 +2,11 @@ import json
 
 import pytest
 import torch
+from tiny_models import calib_ids, make
 
 import signround
 from signround import QuantConfig
 from signround.qlinear import QuantLinear
-from tiny_models import calib_ids, make
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "phi3", "gpt2", "opt", "gpt_neox", "mistral"])

@@ -2,7 +2,6 @@
 The first runs by default; the rest are marked slow (`make test-all`)."""
 
 import pytest
-import torch
 
 import signround
 from signround.evaluate import perplexity, text_token_ids

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Algorithm, BlockData, BlockResult, LayerTask, available, get_algorithm, register
 from . import rtn, signround  # noqa: F401  (their @register calls fill the registry)
+from .base import Algorithm, BlockData, BlockResult, LayerTask, available, get_algorithm, register
 
 __all__ = ["Algorithm", "BlockData", "BlockResult", "LayerTask", "available", "get_algorithm", "register"]

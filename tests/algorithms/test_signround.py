@@ -1,9 +1,9 @@
 import pytest
 import torch
+from tiny_models import calib_ids, make
 
 import signround
 from signround import QuantConfig
-from tiny_models import calib_ids, make
 
 
 @pytest.mark.parametrize("arch", ["llama", "opt"])
