@@ -73,20 +73,31 @@ def key(tool, method, scheme, args) -> str:
     return f"{tool}|{method}|{scheme}|iters{args.iters}|n{args.nsamples}x{args.seqlen}|bs{args.batch_size}|layers{args.layers or 'all'}|seed{args.seed}"
 
 
+def cpu_name() -> str:
+    info = Path("/proc/cpuinfo")
+    if info.is_file():
+        for line in info.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def write_table(results: dict, args, path: Path) -> None:
     fp = results.get(key("fp32", "fp32", "-", args), {}).get("ppl")
     lines = [
         f"# Perplexity (wt2-32k) of {args.model}, calibration gutenberg-{args.nsamples}x{args.seqlen}",
         "",
         f"iters {args.iters}, batch {args.batch_size}, seed {args.seed}, layers {args.layers or 'all'}; "
-        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, bf16 autocast {'on' if cpu_has_fast_bf16() else 'off (no AMX/AVX512-BF16: fp32)'}",
+        f"machine: {cpu_name()}, {torch.get_num_threads()} threads, bf16 autocast {'on' if cpu_has_fast_bf16() else 'off (no AMX/AVX512-BF16: fp32)'}",
         "",
         f"fp32 perplexity: {fp:.3f}" if fp else "fp32 perplexity: (not run)",
         "",
         "| scheme | method | ppl | reloaded ppl | reload diff | share of RTN's gap left | vs auto-round SignRound | bits/weight | tuning s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for scheme in args.schemes:
+    suffix = key("", "", "", args).split("|", 3)[3]
+    stored = {k.split("|")[2] for k in results if k.endswith(suffix) and not k.startswith("fp32")}
+    for scheme in list(dict.fromkeys(args.schemes + sorted(stored))):
         rtn = results.get(key("signround", "rtn", scheme, args), {}).get("ppl")
         for tool, method in (("signround", "rtn"), ("signround", "signround"), ("auto-round", "rtn"), ("auto-round", "signround")):
             row = results.get(key(tool, method, scheme, args))
@@ -119,11 +130,16 @@ def main() -> None:
     p.add_argument("--layers", type=int, help="truncate the model to its first N blocks")
     p.add_argument("--eval-tokens", type=int, default=32768)
     p.add_argument("--name", default="quality", help="results file stem in benchmarks/results/")
+    p.add_argument("--table-only", action="store_true", help="rewrite the markdown table from the stored results and stop")
     args = p.parse_args()
 
     RESULTS.mkdir(exist_ok=True)
     store = RESULTS / f"{args.name}.json"
     results = json.loads(store.read_text()) if store.exists() else {}
+    if args.table_only:
+        write_table(results, args, RESULTS / f"{args.name}.md")
+        print((RESULTS / f"{args.name}.md").read_text())
+        return
     base, tokenizer = signround.load_model(args.model)
     truncate(base, args.layers)
     calib = protocol.gutenberg_calibration(tokenizer, args.nsamples, args.seqlen)
