@@ -92,3 +92,14 @@ def test_offline_default_falls_back_to_self_generated_text(monkeypatch):
     assert ids.shape == (3, 12)
     again = calibration_ids(None, model, tok, nsamples=3, seqlen=12, seed=0)
     assert torch.equal(ids, again)
+
+
+def test_parquet_source(tmp_path):
+    pa = pytest.importorskip("pyarrow", reason="pyarrow comes with the data extra")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["first doc", "second doc"], "id": [1, 2]}), tmp_path / "d.parquet")
+    assert documents_from(tmp_path / "d.parquet") == ["first doc", "second doc"]
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "e.parquet")
+    with pytest.raises(DataError, match="has no column 'text'"):
+        documents_from(tmp_path / "e.parquet")
