@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
+import socket
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -166,10 +168,21 @@ def self_generated(model, tokenizer, nsamples: int, seqlen: int, seed: int, batc
         for begin in range(0, nsamples, batch_size):
             n = min(batch_size, nsamples - begin)
             prompt = torch.full((n, 1), start, dtype=torch.long, device=device)
-            out = model.generate(prompt, do_sample=True, top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=seqlen - 1,
+            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=seqlen - 1,
                                  min_new_tokens=seqlen - 1, pad_token_id=tokenizer.eos_token_id)
             rows.append(out[:, :seqlen].cpu())
     return torch.cat(rows)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Cheap check before asking `datasets`, which would retry an unreachable hub for a while."""
+    if any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def calibration_ids(source, model, tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
@@ -185,6 +198,8 @@ def calibration_ids(source, model, tokenizer, nsamples: int, seqlen: int, seed: 
         ids = ids[:nsamples, :seqlen]
     elif source is None:
         try:
+            if not hub_reachable():
+                raise ConnectionError("the Hugging Face hub is not reachable from here")
             docs = _hub_documents(DEFAULT_DATASET, nsamples, seed)
         except Exception as e:  # offline, or the optional `datasets` package missing: fall back, loudly
             warnings.warn(f"default calibration dataset {DEFAULT_DATASET} unavailable ({type(e).__name__}: {str(e)[:120]}); "
