@@ -67,7 +67,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--ppl-seqlen", type=int, default=2048)
     p.add_argument("--ppl-tokens", type=int, default=32768, help="score the first N tokens (0: all)")
     p.add_argument("--ppl-stride", type=int, help="overlapping windows that score only their last STRIDE tokens")
-    p.add_argument("--bos", action="store_true", help="prepend BOS to every perplexity window (for models trained to always see it)")
+    p.add_argument("--bos", choices=["auto", "yes", "no"], default="auto",
+                   help="prepend BOS to every perplexity window: auto (default) does so when the model's tokenizer adds BOS itself")
     p.add_argument("--tasks", nargs="+", default=[], metavar="JSON", help="BIG-bench task.json files or folders of them")
     p.add_argument("--lm-eval", nargs="+", default=[], metavar="TASK",
                    help="lm-evaluation-harness tasks (hellaswag, arc_easy, ... online) or BIG-bench .json files run through lm-eval offline")

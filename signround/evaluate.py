@@ -66,13 +66,23 @@ def perplexity(model, ids: torch.Tensor, seqlen: int = 2048, stride: int | None 
     return math.exp(nll / count)
 
 
+def use_bos(tokenizer, mode: str) -> bool:
+    """Whether perplexity windows start with BOS: as the tokenizer itself does (auto), always, or never."""
+    if tokenizer.bos_token_id is None or mode == "no":
+        return False
+    if mode == "yes":
+        return True
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
 @dataclass
 class EvalSettings:
     ppl: list[str] = field(default_factory=list)
     ppl_seqlen: int = 2048
     ppl_tokens: int | None = 32768
     ppl_stride: int | None = None
-    bos: bool = False
+    bos: str = "auto"  # auto: prepend BOS exactly when the model's own tokenizer does; yes; no
     tasks: list[str] = field(default_factory=list)
     limit: int | None = None
     batch_size: int = 16
@@ -104,7 +114,7 @@ def run_eval(model, tokenizer, settings: EvalSettings, label: str = "") -> dict:
         "settings": {k: v for k, v in vars(settings).items()},
         "metrics": {"perplexity": {}, "tasks": {}, "lm_eval": {}},
     }
-    bos = tokenizer.bos_token_id if settings.bos else None
+    bos = tokenizer.bos_token_id if use_bos(tokenizer, settings.bos) else None
     for source in settings.ppl:
         ids = text_token_ids(tokenizer, source, settings.ppl_tokens)
         record["metrics"]["perplexity"][str(source)] = {

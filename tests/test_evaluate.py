@@ -110,3 +110,15 @@ def test_malformed_task_files_are_named(tmp_path, content, message):
 def test_missing_task_file():
     with pytest.raises(FileNotFoundError, match="task file nope.json not found"):
         load_task("nope.json")
+
+
+def test_bos_auto_follows_the_tokenizer():
+    from signround.evaluate import use_bos
+
+    class Adds(CharTokenizer):
+        def __call__(self, text, add_special_tokens=False):
+            ids = super().__call__(text)["input_ids"]
+            return {"input_ids": ([self.bos_token_id] if add_special_tokens else []) + ids}
+
+    assert use_bos(Adds(), "auto") and not use_bos(CharTokenizer(), "auto")
+    assert use_bos(CharTokenizer(), "yes") and not use_bos(Adds(), "no")
