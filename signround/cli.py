@@ -48,7 +48,8 @@ def _add_quantize(sub) -> None:
     p.add_argument("--save-dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"], help="dtype of the unquantized tensors")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--report-json", help="also write the quantization report (block losses, time, memory) as JSON")
-    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code (off by default)")
+    p.add_argument("--allow-pickle", action="store_true", help="accept .bin/.pt pickle checkpoints (they can run code when loaded)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
@@ -144,7 +145,7 @@ def cmd_quantize(args) -> None:
         check_source(source)
     if args.eval_text and not Path(args.eval_text).is_file():
         raise FileNotFoundError(f"--eval-text {args.eval_text} not found: give a UTF-8 text file")
-    model, tokenizer = models.load(args.model, trust_remote_code=args.trust_remote_code)
+    model, tokenizer = models.load(args.model, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
     if args.eval_text:
         print(f"perplexity before: {_ppl(model, tokenizer, args):.3f}", flush=True)
     calibration = None
@@ -234,7 +235,8 @@ def main(argv=None) -> int:
     from .calibration import DataError
     from .checkpoint import OutputExistsError
     from .config import ConfigError
-    from .models import ModelNotFoundError
+    from .models import ModelNotFoundError, UnsafeCheckpointError
+    from .pipeline import CorruptWeightsError
     from .tasks import TaskFormatError
 
     parser = build_parser()
@@ -243,7 +245,8 @@ def main(argv=None) -> int:
     handlers = {"quantize": cmd_quantize, "generate": cmd_generate, "eval": cmd_eval, "compare": cmd_compare}
     try:
         handlers[args.command](args)
-    except (ConfigError, DataError, ModelNotFoundError, UnsupportedModelError, OutputExistsError, FileNotFoundError, TaskFormatError, _usage) as e:
+    except (ConfigError, DataError, ModelNotFoundError, UnsupportedModelError, OutputExistsError, FileNotFoundError, TaskFormatError,
+            UnsafeCheckpointError, CorruptWeightsError, _usage) as e:
         print(f"signround: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

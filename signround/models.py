@@ -63,12 +63,29 @@ def resolve(spec: str) -> ModelSource:
     )
 
 
-def load(spec: str, dtype: str | torch.dtype = "auto", trust_remote_code: bool = False):
-    """(model, tokenizer) for a model spec, in eval mode on the CPU. GGUF weights are dequantized to fp32."""
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint that only exists as pickle (.bin/.pt), which can run code when loaded."""
+
+
+def _refuse_pickle(source: ModelSource, allow_pickle: bool) -> None:
+    if source.kind != "folder" or allow_pickle:
+        return
+    folder = Path(source.location)
+    if not any(folder.glob("*.safetensors")) and any(p for pattern in ("*.bin", "*.pt", "*.pth") for p in folder.glob(pattern)):
+        raise UnsafeCheckpointError(f"{folder} holds only pickle weights (.bin/.pt), which can run code when loaded: "
+                                    f"convert them to safetensors, or pass --allow-pickle if you trust the source")
+
+
+def load(spec: str, dtype: str | torch.dtype = "auto", trust_remote_code: bool = False, allow_pickle: bool = False):
+    """(model, tokenizer) for a model spec, in eval mode on the CPU. GGUF weights are dequantized to fp32;
+    folders and hub models load from safetensors only unless `allow_pickle`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve(spec)
+    _refuse_pickle(source, allow_pickle)
     kwargs = {"trust_remote_code": trust_remote_code}
+    if source.kind != "gguf" and not allow_pickle:
+        kwargs["use_safetensors"] = True
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
         dtype = torch.float32 if dtype == "auto" else dtype

@@ -66,6 +66,10 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if cpu_has_fast_bf16() else None
 
 
+class CorruptWeightsError(ValueError):
+    """A weight tensor holds NaN or Inf before quantization starts."""
+
+
 @dataclass
 class QuantizeReport:
     """What happened: which layers were quantized or skipped, block losses, cost."""
@@ -110,6 +114,8 @@ def plan_layers(model, blocks_name: str, blocks, config: QuantConfig, report: Qu
             full = f"{blocks_name}.{i}.{name}"
             scheme = config.scheme_for(full)
             in_features = linear_weight(module).shape[1]
+            if not torch.isfinite(module.weight).all():
+                raise CorruptWeightsError(f"{full}.weight holds NaN or Inf values: the model's weights are corrupt; re-download or re-convert it")
             if scheme is None:
                 report.skipped[full] = "kept 16-bit by a layer override"
             elif not scheme.fits(in_features, config.pad_groups):

@@ -27,3 +27,17 @@ def test_hub_id_offline_gives_one_line_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelNotFoundError, match="could not load 'some-org/surely-not-a-model' from the hub"):
         load("some-org/surely-not-a-model")
+
+
+def test_pickle_only_checkpoint_is_refused_unless_allowed(tmp_path):
+    from signround.models import UnsafeCheckpointError
+    from tiny_models import make
+
+    import torch
+
+    model = make("llama")
+    model.config.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    assert not list(tmp_path.glob("*.safetensors")) and list(tmp_path.glob("*.bin"))
+    with pytest.raises(UnsafeCheckpointError, match="--allow-pickle"):
+        load(str(tmp_path))

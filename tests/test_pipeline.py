@@ -95,3 +95,14 @@ def test_output_folder_is_refused_when_not_empty(tmp_path):
     with pytest.raises(FileExistsError, match="--overwrite"):
         signround.save(model, tmp_path)
     assert (tmp_path / "keep.txt").read_text() == "user data"
+
+
+def test_nan_weight_is_named_before_any_work():
+    from signround.pipeline import CorruptWeightsError
+
+    model = make("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+    with pytest.raises(CorruptWeightsError, match=r"model.layers.1.mlp.up_proj.weight holds NaN or Inf"):
+        signround.quantize(model, QuantConfig(method="rtn", scheme="W4A16G32"), progress=False)
+    assert isinstance(model.model.layers[0].mlp.up_proj, torch.nn.Linear)  # nothing was touched
