@@ -78,7 +78,8 @@ class QuantizeReport:
     skipped: dict[str, str] = field(default_factory=dict)
     block_losses: list[tuple[float | None, float | None]] = field(default_factory=list)
     calibration_shape: tuple[int, int] | None = None
-    tuning_seconds: float = 0.0
+    calibration_seconds: float = 0.0  # reading or sampling calibration text
+    tuning_seconds: float = 0.0       # capture, tuning and packing, block by block
     peak_memory_bytes: int = 0
     bits_per_weight: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -95,7 +96,7 @@ class QuantizeReport:
             f"tuning time: {self.tuning_seconds:.1f} s, peak memory: {self.peak_memory_bytes / 2**30:.2f} GiB",
         ]
         if self.calibration_shape:
-            lines.insert(0, f"calibration: {self.calibration_shape[0]} samples x {self.calibration_shape[1]} tokens")
+            lines.insert(0, f"calibration: {self.calibration_shape[0]} samples x {self.calibration_shape[1]} tokens ({self.calibration_seconds:.1f} s to prepare)")
         return "\n".join(lines + self.notes)
 
 
@@ -213,6 +214,8 @@ def quantize(model, config: QuantConfig | None = None, *, tokenizer=None, calibr
             raise DataError("calibration needs a tokenizer (or pass token ids as a tensor)")
         ids = calibration_ids(calibration, model, tokenizer, config.nsamples, seqlen, config.seed)
         report.calibration_shape = tuple(ids.shape)
+        report.calibration_seconds = time.perf_counter() - start
+        start = time.perf_counter()
         move_except_blocks(model, blocks, device)
         fp_in, calls = capture_block_inputs(model, blocks, ids, device, dtype=torch.float32)
         fp_in = q_in = fp_in.cpu() if device.type == "cpu" else fp_in
