@@ -73,7 +73,7 @@ def load_task(path: str | Path) -> Task:
         if not correct:
             raise TaskFormatError(f"task file {path}: examples[{i}] has no choice with a positive target score")
         parsed.append(Example(ex["input"].strip(), choices, correct))
-    return Task(data.get("name") or path.stem, parsed)
+    return Task(path.stem if path.stem != "task" else (data.get("name") or path.parent.name), parsed)  # BIG-bench names are sub-task names
 
 
 def find_tasks(paths: list[str | Path]) -> list[Path]:

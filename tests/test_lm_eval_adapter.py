@@ -8,7 +8,7 @@ from signround.tasks import evaluate_task, load_task
 
 
 def test_bigbench_json_becomes_an_lm_eval_task(tmp_path):
-    src = tmp_path / "t.json"
+    src = tmp_path / "My Task.json"
     src.write_text(json.dumps({"name": "My Task", "examples": [{"input": " Q? ", "target_scores": {"a": 0, "b": 1, "c": 1}}]}))
     name = write_bigbench_task(src, tmp_path)
     assert name == "signround_bigbench_my_task"

@@ -82,8 +82,8 @@ def test_tasks_above_chance_and_lm_eval_agrees_on_quantized(smollm2, shared_data
     model, tokenizer = smollm2
     above = 0
     for path in find_tasks([shared_data / "tasks"]):
-        r = evaluate_task(model, tokenizer, load_task(path), limit=150)
-        above += r.acc - r.chance > 2 * r.acc_stderr
+        r = evaluate_task(model, tokenizer, load_task(path), limit=300)
+        above += max(r.acc - r.chance - 2 * r.acc_stderr, r.acc_norm - r.chance - 2 * r.acc_norm_stderr) > 0
     assert above >= 3
     quantized = _copy(model)
     signround.quantize(quantized, signround.QuantConfig(method="rtn"), progress=False)
