@@ -187,6 +187,21 @@ def quantization_config_dict(config: QuantConfig, report: QuantizeReport) -> dic
     }
 
 
+def _calibration_inputs(model, blocks, config: QuantConfig, tokenizer, calibration, device, report: QuantizeReport):
+    """Hidden states entering block 0 (cached on the CPU unless computing on CUDA) and every block's call."""
+    max_len = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    seqlen = min(config.seqlen, max_len) if max_len else config.seqlen
+    if tokenizer is None and not isinstance(calibration, torch.Tensor):
+        raise DataError("calibration needs a tokenizer (or pass token ids as a tensor)")
+    start = time.perf_counter()
+    ids = calibration_ids(calibration, model, tokenizer, config.nsamples, seqlen, config.seed)
+    report.calibration_shape = tuple(ids.shape)
+    report.calibration_seconds = time.perf_counter() - start
+    move_except_blocks(model, blocks, device)
+    hidden, calls = capture_block_inputs(model, blocks, ids, device, dtype=torch.float32)
+    return (hidden.cpu() if device.type == "cpu" else hidden), calls
+
+
 def quantize(model, config: QuantConfig | None = None, *, tokenizer=None, calibration=None, progress: bool = True) -> QuantizeReport:
     """Quantize `model` in place: every linear layer of its decoder blocks becomes a packed QuantLinear.
 
@@ -205,47 +220,36 @@ def quantize(model, config: QuantConfig | None = None, *, tokenizer=None, calibr
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    start = time.perf_counter()
-    fp_in = q_in = call = None
+    fp_in = q_in = calls = None
     if algorithm.needs_calibration:
-        max_len = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-        seqlen = min(config.seqlen, max_len) if max_len else config.seqlen
-        if tokenizer is None and not isinstance(calibration, torch.Tensor):
-            raise DataError("calibration needs a tokenizer (or pass token ids as a tensor)")
-        ids = calibration_ids(calibration, model, tokenizer, config.nsamples, seqlen, config.seed)
-        report.calibration_shape = tuple(ids.shape)
-        report.calibration_seconds = time.perf_counter() - start
-        start = time.perf_counter()
-        move_except_blocks(model, blocks, device)
-        fp_in, calls = capture_block_inputs(model, blocks, ids, device, dtype=torch.float32)
-        fp_in = q_in = fp_in.cpu() if device.type == "cpu" else fp_in
-
+        fp_in, calls = _calibration_inputs(model, blocks, config, tokenizer, calibration, device, report)
+        q_in = fp_in
+    start = time.perf_counter()
     bar = tqdm(total=len(blocks), desc=f"{config.method} {config.scheme.name()}", disable=not progress, unit="block")
-    for i, block in enumerate(blocks):
-        original_dtype = next(block.parameters()).dtype
-        block.to(device=device, dtype=torch.float32)  # tuning masters stay fp32; autocast does the fast math
-        data = None
+    for i in range(len(blocks)):
+        original_dtype = next(blocks[i].parameters()).dtype
+        blocks[i].to(device=device, dtype=torch.float32)  # tuning masters stay fp32; autocast does the fast math
+        fp_out = data = None
         if algorithm.needs_calibration:
             call = calls[i].to(device)
-            fp_out = run_block(block, fp_in, call, config.batch_size, device, amp_dtype)
+            fp_out = run_block(blocks[i], fp_in, call, config.batch_size, device, amp_dtype)
             data = BlockData(q_in if config.quantized_inputs else fp_in, fp_out, call, device, amp_dtype, i)
-        result = algorithm.quantize_block(block, plan[i], data, config)
+        result = algorithm.quantize_block(blocks[i], plan[i], data, config)
         for task in plan[i]:
             _swap(model, f"{blocks_name}.{i}.", task, result.weights[task.name])
-        block = blocks[i]
         report.notes.extend(result.notes)
         loss_after = None
         if algorithm.needs_calibration:
-            q_out = run_block(block, q_in, call, config.batch_size, device, amp_dtype)
+            q_out = run_block(blocks[i], q_in, data.call, config.batch_size, device, amp_dtype)
             loss_after = F.mse_loss(q_out.float(), fp_out.float()).item()
             fp_in, q_in = fp_out, q_out
-        _restore_dtype(block, original_dtype)
+        _restore_dtype(blocks[i], original_dtype)
+        blocks[i].to("cpu")
         before = result.loss_before if result.loss_before is not None else loss_after
         report.block_losses.append((before, loss_after))
         if loss_after is not None:
             bar.set_postfix_str(f"loss {before:.3g} -> {loss_after:.3g}")
             log.info("block %d: loss %.4g -> %.4g", i, before, loss_after)
-        block.to("cpu")
         bar.update()
     bar.close()
     if config.quantize_lm_head:

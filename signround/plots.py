@@ -16,7 +16,7 @@ def ppl_vs_bits(results: list[dict], source: str, path: Path) -> Path:
     fig = _figure()
     ax = fig.add_subplot()
     methods = sorted({r["method"] for r in results if r["scheme"]})
-    for method in methods:
+    for index, method in enumerate(methods):
         points = sorted((r["quantization_report"]["bits_per_weight"], r["eval"]["metrics"]["perplexity"][source]["ppl"], r["scheme"])
                         for r in results if r["method"] == method and r["scheme"] and source in r["eval"]["metrics"]["perplexity"])
         if not points:
@@ -24,7 +24,7 @@ def ppl_vs_bits(results: list[dict], source: str, path: Path) -> Path:
         xs, ys, labels = zip(*points)
         ax.plot(xs, ys, marker="o", label=method)
         for x, y, label in points:
-            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4 - 11 * index), fontsize=7)
     original = [r for r in results if r["scheme"] is None and source in r["eval"]["metrics"]["perplexity"]]
     if original:
         ax.axhline(original[0]["eval"]["metrics"]["perplexity"][source]["ppl"], linestyle="--", color="gray", label="original")
