@@ -8,6 +8,7 @@ same prompt format as signround's own scorer, so the two can be compared offline
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import tempfile
@@ -55,6 +56,18 @@ def write_bigbench_task(json_path: str | Path, folder: str | Path) -> str:
     return name
 
 
+@contextlib.contextmanager
+def _without_quantization_config(config):
+    """HFLM hands a config's `quantization_config` to transformers, which knows no "signround" method; the
+    model is already built and runs its QuantLinear layers, so the entry is hidden while HFLM is set up."""
+    saved = config.__dict__.pop("quantization_config", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            config.quantization_config = saved
+
+
 def evaluate_with_lm_eval(model, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 16) -> dict[str, dict]:
     """{task: {metric: value}} from lm-eval's `simple_evaluate` on the given in-memory model."""
     try:
@@ -66,7 +79,8 @@ def evaluate_with_lm_eval(model, tokenizer, tasks: list[str], limit: int | None 
     with tempfile.TemporaryDirectory(prefix="signround-lm-eval-") as folder:
         names = [write_bigbench_task(t, folder) if t.endswith(".json") and Path(t).is_file() else t for t in tasks]
         device = str(next(model.parameters()).device)
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+        with _without_quantization_config(model.config):
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
         out = simple_evaluate(model=lm, tasks=names, task_manager=TaskManager(include_path=folder), limit=limit,
                               log_samples=False, bootstrap_iters=1000, verbosity="WARNING")
     results = {}
