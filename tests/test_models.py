@@ -30,10 +30,10 @@ def test_hub_id_offline_gives_one_line_error(monkeypatch):
 
 
 def test_pickle_only_checkpoint_is_refused_unless_allowed(tmp_path):
-    from signround.models import UnsafeCheckpointError
+    import torch
     from tiny_models import make
 
-    import torch
+    from signround.models import UnsafeCheckpointError
 
     model = make("llama")
     model.config.save_pretrained(tmp_path)
