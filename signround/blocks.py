@@ -110,7 +110,7 @@ class _Recorder(nn.Module):
         super().__init__()
         self.block = block
         self.keep_hidden, self.last = keep_hidden, last
-        self.calls: list[BlockCall] = []
+        self.call: BlockCall | None = None  # the first call; all rows share it
         self.hidden: list[torch.Tensor] = []
 
     def __getattr__(self, name):
@@ -124,8 +124,8 @@ class _Recorder(nn.Module):
             hidden, rest = args[0], args[1:]
         else:
             hidden, rest = kwargs.pop("hidden_states"), ()
-        if not self.calls:
-            self.calls.append(BlockCall(tuple(rest), {k: v for k, v in kwargs.items()}))
+        if self.call is None:
+            self.call = BlockCall(tuple(rest), dict(kwargs))
         if self.keep_hidden:
             self.hidden.append(hidden.detach())
         if self.last:
@@ -157,7 +157,7 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: tor
     hidden = torch.cat(recorders[0].hidden, dim=0)
     if dtype is not None:
         hidden = hidden.to(dtype)
-    return hidden, [r.calls[0] for r in recorders]
+    return hidden, [r.call for r in recorders]
 
 
 def block_output(out):

@@ -30,6 +30,10 @@ class OutputExistsError(FileExistsError):
     pass
 
 
+class NotACheckpointError(ValueError):
+    """A folder that is not a signround output (no signround `quantization_config`)."""
+
+
 def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
     out = Path(path)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
@@ -136,12 +140,14 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     config = AutoConfig.from_pretrained(folder)
     qcfg = getattr(config, "quantization_config", None)
     if not isinstance(qcfg, dict) or qcfg.get("quant_method") != "signround":
-        raise ValueError(f"{folder} is not a signround checkpoint (quantization_config.quant_method != 'signround')")
+        raise NotACheckpointError(f"{folder} is not a signround output folder (its config.json has no signround quantization_config): "
+                                  f"quantize it first, or use `signround eval` for original models")
     files = _shard_files(folder)
-    packed_layers = set()
+    state = {}
     for f in files:
         with safe_open(f, framework="pt") as reader:
-            packed_layers |= {k[: -len(".qweight")] for k in reader.keys() if k.endswith(".qweight")}
+            state.update({k: reader.get_tensor(k) for k in reader.keys()})
+    packed_layers = {k[: -len(".qweight")] for k in state if k.endswith(".qweight")}
     if dtype is None:  # fp16 matmuls are slow and lossy on CPUs: compute in fp32 there
         dtype = torch.float32 if torch.device(device).type == "cpu" else _stored_float_dtype(files)
     with no_init_weights():
@@ -152,10 +158,6 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
         in_features, out_features = (weight.shape[1], weight.shape[0]) if isinstance(linear, torch.nn.Linear) else weight.shape
         q = QuantLinear(in_features, out_features, _scheme(qcfg, name), getattr(linear, "bias", None) is not None, dtype=weight.dtype)
         set_submodule(model, name, q)
-    state = {}
-    for f in files:
-        with safe_open(f, framework="pt") as reader:
-            state.update({k: reader.get_tensor(k) for k in reader.keys()})
     missing, unexpected = model.load_state_dict(state, strict=False)
     model.tie_weights()
     tied = {n for n in missing if n.endswith("lm_head.weight") and getattr(config, "tie_word_embeddings", False)}

@@ -188,13 +188,12 @@ def cmd_generate(args) -> None:
 def cmd_eval(args) -> None:
     import json
 
-    from .evaluate import EvalSettings, format_record, read_eval_text, run_eval
+    from .evaluate import EvalSettings, check_eval_text, format_record, run_eval
     from .models import load_any
     from .tasks import find_tasks, load_task
 
     for source in args.ppl:
-        if not Path(source).is_file() and ":" not in source:
-            read_eval_text(source)  # raises the one-line error before the model loads
+        check_eval_text(source)
     for path in find_tasks(args.tasks):
         load_task(path)
     if not (args.ppl or args.tasks or args.lm_eval):
@@ -233,7 +232,7 @@ def cmd_compare(args) -> None:
 def main(argv=None) -> int:
     from .blocks import UnsupportedModelError
     from .calibration import DataError
-    from .checkpoint import OutputExistsError
+    from .checkpoint import NotACheckpointError, OutputExistsError
     from .config import ConfigError
     from .models import ModelNotFoundError, UnsafeCheckpointError
     from .pipeline import CorruptWeightsError
@@ -246,7 +245,7 @@ def main(argv=None) -> int:
     try:
         handlers[args.command](args)
     except (ConfigError, DataError, ModelNotFoundError, UnsupportedModelError, OutputExistsError, FileNotFoundError, TaskFormatError,
-            UnsafeCheckpointError, CorruptWeightsError, _usage) as e:
+            UnsafeCheckpointError, CorruptWeightsError, NotACheckpointError, _usage) as e:
         print(f"signround: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

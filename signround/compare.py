@@ -32,13 +32,9 @@ def _fingerprint(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _load_result(folder: Path, key: str) -> dict | None:
+def _stored_result(folder: Path) -> dict:
     f = folder / RESULT
-    if f.is_file():
-        result = json.loads(f.read_text())
-        if result.get("key") == key:
-            return result
-    return None
+    return json.loads(f.read_text()) if f.is_file() else {}
 
 
 def _quantize(model: str, method: str, scheme: str, extra: list[str], folder: Path) -> dict:
@@ -65,12 +61,11 @@ def run_grid(grid: GridSettings, evaluation: EvalSettings, out: Path, log=print)
         folder.mkdir(parents=True, exist_ok=True)
         quant_key = _fingerprint([grid.model, method, scheme, grid.quantize_args])
         key = _fingerprint([quant_key, eval_key])
-        result = _load_result(folder, key)
-        if result:
+        previous = _stored_result(folder)
+        if previous.get("key") == key:
             log(f"{name}: reusing {folder / RESULT}")
-            results.append(result)
+            results.append(previous)
             continue
-        previous = json.loads((folder / RESULT).read_text()) if (folder / RESULT).is_file() else {}
         quant = None
         if scheme is not None:
             if previous.get("quant_key") == quant_key and (folder / "model").is_dir():

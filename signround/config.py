@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from .quant.integer import num_groups
+
 
 class ConfigError(ValueError):
     """A setting that cannot work; the message names the setting and the fix."""
@@ -50,7 +52,7 @@ class WeightScheme:
         return self.group_size == -1 or pad_groups or in_features % self.group_size == 0
 
     def groups(self, in_features: int) -> int:
-        return 1 if self.group_size == -1 else -(-in_features // self.group_size)
+        return num_groups(in_features, self.group_size)
 
     def bits_per_weight(self, in_features: int) -> float:
         """Storage cost per weight: the code plus its group's fp16 scale and packed zero point."""
@@ -144,9 +146,7 @@ class QuantConfig:
         return chosen
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["layer_overrides"] = {p: (None if s is None else dataclasses.asdict(s)) for p, s in self.layer_overrides.items()}
-        return d
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QuantConfig:

@@ -18,18 +18,29 @@ import torch.nn.functional as F
 from . import __version__
 
 
+def is_hub_text(source: str | Path) -> bool:
+    """`name:subset` or `org/name` that is not a local file: a hub dataset's test split."""
+    path = Path(source)
+    return not path.is_file() and (":" in str(source) or "/" in str(source) and not path.suffix)
+
+
+def check_eval_text(source: str | Path) -> None:
+    """Fail fast, before a model is loaded, on a perplexity text that is neither a file nor a hub name."""
+    if not Path(source).is_file() and not is_hub_text(source):
+        raise FileNotFoundError(f"perplexity text {source} not found: give a UTF-8 text file (or a hub dataset name when online)")
+
+
 def read_eval_text(source: str | Path) -> str:
     """Text from a file, or the test split of a hub dataset (online), e.g. `wikitext:wikitext-2-raw-v1`."""
+    check_eval_text(source)
     path = Path(source)
     if path.is_file():
         return path.read_text(encoding="utf-8")
-    if ":" in str(source) or "/" in str(source) and not path.suffix:
-        import datasets  # optional extra: signround[data]
+    import datasets  # optional extra: signround[data]
 
-        name, _, subset = str(source).partition(":")
-        ds = datasets.load_dataset(name, subset or None, split="test")
-        return "\n\n".join(ds["text"])
-    raise FileNotFoundError(f"perplexity text {source} not found: give a UTF-8 text file (or a hub dataset name when online)")
+    name, _, subset = str(source).partition(":")
+    ds = datasets.load_dataset(name, subset or None, split="test")
+    return "\n\n".join(ds["text"])
 
 
 def text_token_ids(tokenizer, source: str | Path, max_tokens: int | None = 32768) -> torch.Tensor:

@@ -83,8 +83,5 @@ def evaluate_with_lm_eval(model, tokenizer, tasks: list[str], limit: int | None 
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
         out = simple_evaluate(model=lm, tasks=names, task_manager=TaskManager(include_path=folder), limit=limit,
                               log_samples=False, bootstrap_iters=1000, verbosity="WARNING")
-    results = {}
-    for name, metrics in out["results"].items():
-        clean = {k.split(",")[0] + ("_stderr" if "_stderr" in k else ""): v for k, v in metrics.items() if isinstance(v, float)}
-        results[name] = {k.replace("_stderr_stderr", "_stderr"): v for k, v in clean.items()}
-    return results
+    # lm-eval names metrics "acc,none", "acc_stderr,none" (metric, filter): keep the metric part
+    return {name: {k.split(",")[0]: v for k, v in metrics.items() if isinstance(v, float)} for name, metrics in out["results"].items()}

@@ -28,9 +28,6 @@ class ModelSource:
     location: str        # folder, directory holding the .gguf, or hub id
     gguf_file: str | None = None
 
-    def describe(self) -> str:
-        return f"{self.location}/{self.gguf_file}" if self.gguf_file else self.location
-
 
 def _builtin(name: str) -> ModelSource:
     package, filename, hint = BUILTIN_MODELS[name]

@@ -85,9 +85,7 @@ class QuantizeReport:
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["quantized"] = {name: dataclasses.asdict(s) for name, s in self.quantized.items()}
-        return d
+        return dataclasses.asdict(self)
 
     def summary(self) -> str:
         lines = [
@@ -169,8 +167,9 @@ def _quantize_lm_head(model, config: QuantConfig, report: QuantizeReport) -> Non
 def quantization_config_dict(config: QuantConfig, report: QuantizeReport) -> dict:
     """The `quantization_config` written to config.json: enough for `signround.load` to rebuild every layer."""
     default = config.scheme
-    extra = {name: {"bits": s.bits, "group_size": s.group_size, "sym": s.sym} for name, s in report.quantized.items() if s != default}
-    tuning = {k: v for k, v in config.to_dict().items() if k not in ("scheme", "layer_overrides", "device", "amp")}
+    settings = config.to_dict()
+    extra = {name: dataclasses.asdict(s) for name, s in report.quantized.items() if s != default}
+    tuning = {k: v for k, v in settings.items() if k not in ("scheme", "layer_overrides", "device", "amp")}
     return {
         "quant_method": "signround",
         "version": __version__,
@@ -180,7 +179,7 @@ def quantization_config_dict(config: QuantConfig, report: QuantizeReport) -> dic
         "sym": default.sym,
         "packing": "gptq-int32",          # qweight (in*bits/32, out), qzeros (groups, out*bits/32), scales (groups, out)
         "zero_point": "stored",           # qzeros hold the zero point itself (no GPTQ v1 minus-one)
-        "layer_overrides": config.to_dict()["layer_overrides"],
+        "layer_overrides": settings["layer_overrides"],
         "extra_config": extra,
         "modules_not_quantized": sorted(report.skipped),
         "tuning": tuning,

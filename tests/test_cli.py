@@ -24,6 +24,7 @@ def run(capsys, *argv):
     (["quantize", "{model}", "-o", "{out}", "--dataset", "missing.txt", "--iters", "1"], "calibration data 'missing.txt' not found"),
     (["quantize", "{model}", "-o", "{full}"], "not empty: choose another -o or pass --overwrite"),
     (["generate", "{out}"], "has no config.json"),
+    (["generate", "{model}"], "is not a signround output folder"),
     (["eval", "{model}"], "nothing to evaluate"),
     (["eval", "{model}", "--ppl", "missing.txt"], "perplexity text missing.txt not found"),
     (["eval", "{model}", "--tasks", "missing.json"], "task path missing.json not found"),

@@ -38,6 +38,10 @@ class _Tunables:
     def params(self):
         return [self.offset, self.min_scale, self.max_scale]
 
+    def initial_state(self):
+        """The round-to-nearest starting point: no offset, no clipping."""
+        return [torch.zeros_like(self.offset), torch.ones_like(self.min_scale), torch.ones_like(self.max_scale)]
+
     def fake_weight(self, initial: bool = False) -> torch.Tensor:
         s = self.task.scheme
         if initial:
@@ -103,9 +107,8 @@ class SignRound:
                         p.grad = None
 
         with torch.no_grad():
-            params = [p for t in tunables for p in t.params()]
             if best_state is None:  # no finite step: the RTN starting point
-                best_state = [torch.zeros_like(p) if i % 3 == 0 else torch.ones_like(p) for i, p in enumerate(params)]
-            for p, best in zip(params, best_state):
+                best_state = [s for t in tunables for s in t.initial_state()]
+            for p, best in zip((p for t in tunables for p in t.params()), best_state):
                 p.copy_(best)
         return BlockResult({t.task.name: t.final() for t in tunables}, loss_before=loss_before, notes=notes)

@@ -1,0 +1,45 @@
+import pytest
+
+from signround.config import ConfigError, QuantConfig, WeightScheme, parse_scheme
+
+
+def test_presets():
+    assert WeightScheme.preset("W4A16") == WeightScheme(4, 128, True)
+    assert WeightScheme.preset("w2a16g64") == WeightScheme(2, 64, False)
+    assert WeightScheme.preset("W8A16G-1") == WeightScheme(8, -1, True)
+
+
+def test_groups_allow_a_partial_last_group():
+    assert WeightScheme(4, 128, True).groups(576) == 5
+    assert WeightScheme(4, -1, True).groups(576) == 1
+    assert WeightScheme(4, 128, True).bits_per_weight(512) == pytest.approx(4 + 20 / 128)
+
+
+def test_layer_specs_and_override_order():
+    assert parse_scheme("bits=3,group_size=64,sym=false") == WeightScheme(3, 64, False)
+    assert parse_scheme("fp16") is None
+    config = QuantConfig(scheme="W4A16", layer_overrides={"mlp": "W8A16", r"mlp\.down": "fp16"})
+    assert config.scheme_for("model.layers.0.mlp.up_proj") == WeightScheme(8, 128, True)
+    assert config.scheme_for("model.layers.0.mlp.down_proj") is None
+    assert config.scheme_for("model.layers.0.self_attn.q_proj") == WeightScheme(4, 128, True)
+
+
+def test_config_round_trips_through_its_dict():
+    config = QuantConfig(scheme="W2A16G64", method="rtn", layer_overrides={"down": "W8A16", "q_proj": None}, iters=7, lr=0.01)
+    d = config.to_dict()
+    assert d["scheme"] == {"bits": 2, "group_size": 64, "sym": False}
+    assert d["layer_overrides"] == {"down": {"bits": 8, "group_size": 128, "sym": True}, "q_proj": None}
+    assert QuantConfig.from_dict(d) == config
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"iters": -1}, "iters=-1 is out of range"),
+    ({"batch_size": 0}, "batch_size=0 is out of range"),
+    ({"lr": 0.0}, "lr=0.0 must be positive"),
+    ({"amp": "int8"}, "amp='int8' is not one of"),
+    ({"scheme": "W1A16"}, "unknown scheme 'W1A16'"),
+    ({"layer_overrides": {"x": "bits=3,colour=red"}}, "unknown layer setting 'colour'"),
+])
+def test_bad_settings(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        QuantConfig(**kwargs)
