@@ -160,6 +160,26 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: tor
     return hidden, [r.call for r in recorders]
 
 
+@torch.no_grad()
+def check_causal(model: nn.Module, blocks: nn.ModuleList) -> None:
+    """Refuse encoders (BERT and kin, whose attention looks both ways): in a decoder block, changing the
+    last position's input leaves every earlier position's output unchanged. Runs only the embeddings
+    and block 0 on eight tokens."""
+    embed = model.get_input_embeddings()
+    ids = torch.arange(8, device=embed.weight.device).remainder(embed.weight.shape[0]).unsqueeze(0)
+    hidden, calls = capture_block_inputs(model, blocks, ids, embed.weight.device)
+    param = next(blocks[0].parameters())
+    hidden = hidden.to(param.device, param.dtype)
+    changed = hidden.clone()
+    changed[:, -1] += hidden.float().std().to(hidden.dtype) + 1
+    call = calls[0].to(param.device)
+    before = block_output(blocks[0](hidden, *call.args, **call.kwargs))[:, :-1].float()
+    after = block_output(blocks[0](changed, *call.args, **call.kwargs))[:, :-1].float()
+    if (after - before).abs().max() > 1e-3 * (before.abs().max() + 1e-6):
+        raise UnsupportedModelError(f"{type(model).__name__} is not a decoder (its blocks attend to later positions): signround quantizes "
+                                    f"decoder-only causal LMs (LLaMA, Qwen, Mistral, Gemma, Phi-3, GPT-2, OPT, GPT-NeoX, ...)")
+
+
 def block_output(out):
     """transformers 5 blocks return a tensor; older code returns a tuple with the hidden states first."""
     return out[0] if isinstance(out, (tuple, list)) else out

@@ -8,6 +8,7 @@ leaves a folder that looks complete.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -28,6 +29,53 @@ INDEX_FILE = "model.safetensors.index.json"
 
 class OutputExistsError(FileExistsError):
     pass
+
+
+class DiskFullError(OSError):
+    """The disk filled up (or there is too little room to start); the message says what was kept and what to do."""
+
+
+def disk_full_error(error: OSError, message: str) -> DiskFullError | None:
+    """A DiskFullError with `message` when `error` is a full disk or quota, else None."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFullError(error.errno, message)
+    return None
+
+
+def expected_sizes(model, config, seqlen: int) -> tuple[int, int]:
+    """Bytes of (the output folder, the resumable work state), estimated before quantizing: packed
+    layers at their bits per weight, everything else in 16 bit, and two sets of fp32 hidden states."""
+    from .blocks import find_blocks, find_linears, linear_weight
+
+    blocks_name, blocks = find_blocks(model)
+    packed = plain = 0
+    seen = set()
+    for i, block in enumerate(blocks):
+        for name, module in find_linears(block).items():
+            scheme = config.scheme_for(f"{blocks_name}.{i}.{name}")
+            out_features, in_features = linear_weight(module).shape
+            if scheme is not None and scheme.fits(in_features, config.pad_groups):
+                packed += int(module.weight.numel() * scheme.bits_per_weight(in_features) / 8)
+                seen.add(id(module.weight))
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            plain += p.numel() * 2
+    hidden = model.get_input_embeddings().weight.shape[1]
+    inputs = 2 * 2 * config.nsamples * seqlen * hidden * 4  # original and quantized streams; old and new file briefly
+    return packed + plain, packed + inputs
+
+
+def check_disk_space(folder: Path, needed_output: int, needed_work: int) -> None:
+    """Refuse to start a run whose output and work state will not fit on the disk."""
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if needed_output + needed_work > free:
+        gib = 2**30
+        raise DiskFullError(errno.ENOSPC, f"not enough disk space in {probe}: the output needs ~{needed_output / gib:.2f} GiB and the resumable work "
+                                          f"state ~{needed_work / gib:.2f} GiB, but {free / gib:.2f} GiB is free: free some space or choose another -o")
 
 
 class NotACheckpointError(ValueError):
@@ -105,6 +153,11 @@ def save(model, path: str | os.PathLike, tokenizer=None, *, overwrite: bool = Fa
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
+    except OSError as e:
+        full = disk_full_error(e, f"disk full while writing {out}: nothing was left there half-written; free some space and save again")
+        if full:
+            raise full from None
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -30,7 +31,7 @@ def _add_quantize(sub) -> None:
     p.add_argument("--quantize-lm-head", action="store_true", help="also quantize an untied lm_head (round-to-nearest)")
     p.add_argument("--iters", type=int, default=200)
     p.add_argument("--nsamples", type=int, default=128)
-    p.add_argument("--seqlen", type=int, default=2048, help="calibration tokens per sample (clamped to the model's maximum)")
+    p.add_argument("--seqlen", type=int, help="calibration tokens per sample (default 2048, or the model's maximum when shorter)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--lr", type=float, help="rounding-offset learning rate (default 1/iters)")
@@ -47,6 +48,10 @@ def _add_quantize(sub) -> None:
     p.add_argument("--eval-seqlen", type=int, default=2048)
     p.add_argument("--save-dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"], help="dtype of the unquantized tensors")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", dest="resume", action="store_const", const="force", default="auto",
+                       help="continue the saved state beside the output even if settings changed (by default it is continued only when they match)")
+    again.add_argument("--restart", dest="resume", action="store_const", const="never", help="discard any saved state and start over")
     p.add_argument("--report-json", help="also write the quantization report (block losses, time, memory) as JSON")
     p.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code (off by default)")
     p.add_argument("--allow-pickle", action="store_true", help="accept .bin/.pt pickle checkpoints (they can run code when loaded)")
@@ -132,11 +137,16 @@ def _ppl(model, tokenizer, args) -> float:
     return perplexity(model, text_token_ids(tokenizer, args.eval_text, args.eval_tokens), seqlen=args.eval_seqlen)
 
 
+class Interrupted(KeyboardInterrupt):
+    pass
+
+
 def cmd_quantize(args) -> None:
     from . import checkpoint, models
     from .algorithms import get_algorithm
     from .calibration import check_source
-    from .pipeline import quantize
+    from .pipeline import calibration_seqlen, quantize
+    from .resume import default_work_dir, describe
 
     config = config_from_args(args)
     get_algorithm(config.method)
@@ -146,16 +156,25 @@ def cmd_quantize(args) -> None:
     if args.eval_text and not Path(args.eval_text).is_file():
         raise FileNotFoundError(f"--eval-text {args.eval_text} not found: give a UTF-8 text file")
     model, tokenizer = models.load(args.model, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+    work = default_work_dir(args.output)
+    checkpoint.check_disk_space(work.parent, *checkpoint.expected_sizes(model, config, calibration_seqlen(model, config)))
     if args.eval_text:
         print(f"perplexity before: {_ppl(model, tokenizer, args):.3f}", flush=True)
     calibration = None
     if args.dataset:
         calibration = args.dataset[0] if len(args.dataset) == 1 else _many_sources(args.dataset)
-    report = quantize(model, config, tokenizer=tokenizer, calibration=calibration, progress=not args.quiet)
+    try:
+        report = quantize(model, config, tokenizer=tokenizer, calibration=calibration, progress=not args.quiet, work_dir=work, resume=args.resume)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted: {describe(work)}; run the same command again to resume") from None
     print(report.summary(), flush=True)
     if args.eval_text:
         print(f"perplexity after:  {_ppl(model, tokenizer, args):.3f}", flush=True)
-    out = checkpoint.save(model, args.output, tokenizer, overwrite=args.overwrite, save_dtype=args.save_dtype)
+    try:
+        out = checkpoint.save(model, args.output, tokenizer, overwrite=args.overwrite, save_dtype=args.save_dtype)
+    except checkpoint.DiskFullError as e:
+        raise checkpoint.DiskFullError(e.errno, f"{e.strerror}; the finished quantization is kept in {work}: the same command saves it without tuning again") from None
+    shutil.rmtree(work)
     print(f"saved {out}")
     if args.report_json:
         import json
@@ -232,10 +251,10 @@ def cmd_compare(args) -> None:
 def main(argv=None) -> int:
     from .blocks import UnsupportedModelError
     from .calibration import DataError
-    from .checkpoint import NotACheckpointError, OutputExistsError
+    from .checkpoint import DiskFullError, NotACheckpointError, OutputExistsError
     from .config import ConfigError
-    from .models import ModelNotFoundError, UnsafeCheckpointError
-    from .pipeline import CorruptWeightsError
+    from .models import CorruptModelError, ModelNotFoundError, UnsafeCheckpointError
+    from .pipeline import CorruptWeightsError, OutOfMemory
     from .tasks import TaskFormatError
 
     parser = build_parser()
@@ -245,11 +264,14 @@ def main(argv=None) -> int:
     try:
         handlers[args.command](args)
     except (ConfigError, DataError, ModelNotFoundError, UnsupportedModelError, OutputExistsError, FileNotFoundError, TaskFormatError,
-            UnsafeCheckpointError, CorruptWeightsError, NotACheckpointError, _usage) as e:
+            UnsafeCheckpointError, CorruptWeightsError, CorruptModelError, NotACheckpointError, OutOfMemory, _usage) as e:
         print(f"signround: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("signround: interrupted", file=sys.stderr)
+    except DiskFullError as e:
+        print(f"signround: error: {e.strerror}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        print(f"signround: {e or 'interrupted'}", file=sys.stderr)
         return 130
     return 0
 

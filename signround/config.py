@@ -103,7 +103,7 @@ class QuantConfig:
     # calibration and tuning
     iters: int = 200
     nsamples: int = 128
-    seqlen: int = 2048
+    seqlen: int | None = None        # None: 2048, or the model's maximum when that is shorter
     batch_size: int = 8
     grad_accum: int = 1
     lr: float | None = None          # None: 1 / iters, so the offsets can travel at most ±0.5
@@ -128,7 +128,7 @@ class QuantConfig:
             if getattr(self, name) < (0 if name == "iters" else 1):
                 raise ConfigError(f"{name}={getattr(self, name)} is out of range: use a value >= {0 if name == 'iters' else 1}")
         for name in ("nsamples", "seqlen", "batch_size"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} is out of range: use a positive value")
         for name in ("lr", "minmax_lr"):
             value = getattr(self, name)

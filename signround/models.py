@@ -75,6 +75,47 @@ def _refuse_pickle(source: ModelSource, allow_pickle: bool) -> None:
                                     f"convert them to safetensors, or pass --allow-pickle if you trust the source")
 
 
+class CorruptModelError(ValueError):
+    """A weights file that cannot be read: truncated or damaged."""
+
+
+def check_weight_files(source: ModelSource) -> None:
+    """Read every local weights file's header (safetensors) or tensor table (GGUF) before loading,
+    so a truncated download gets a clear error rather than one from deep inside the loader."""
+    if source.kind == "hub":
+        return
+    folder = Path(source.location)
+    files = [folder / source.gguf_file] if source.gguf_file else sorted(folder.glob("*.safetensors"))
+    for path in files:
+        try:
+            if path.suffix == ".gguf":
+                import gguf
+
+                gguf.GGUFReader(path)
+            else:
+                from safetensors import safe_open
+
+                with safe_open(path, framework="pt") as reader:
+                    reader.keys()
+        except Exception as e:  # each reader has its own error types; all mean the same to the user
+            raise CorruptModelError(f"{path} is corrupt or truncated ({str(e).splitlines()[0][:120]}): re-download or re-convert it") from None
+
+
+def _check_causal_lm(source: ModelSource, trust_remote_code: bool) -> None:
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from .blocks import UnsupportedModelError
+
+    if source.kind == "hub" or trust_remote_code:
+        return
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    config = AutoConfig.from_pretrained(source.location, **kwargs)
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise UnsupportedModelError(f"{source.location} holds a {config.model_type!r} model, which is not a causal LM transformers can load: "
+                                    f"signround quantizes decoder-only causal LMs (LLaMA, Qwen, Mistral, Gemma, Phi-3, GPT-2, OPT, GPT-NeoX, ...)")
+
+
 def load(spec: str, dtype: str | torch.dtype = "auto", trust_remote_code: bool = False, allow_pickle: bool = False):
     """(model, tokenizer) for a model spec, in eval mode on the CPU. GGUF weights are dequantized to fp32;
     folders and hub models load from safetensors only unless `allow_pickle`."""
@@ -82,6 +123,8 @@ def load(spec: str, dtype: str | torch.dtype = "auto", trust_remote_code: bool =
 
     source = resolve(spec)
     _refuse_pickle(source, allow_pickle)
+    check_weight_files(source)
+    _check_causal_lm(source, trust_remote_code)
     if source.kind == "hub" and not hub_reachable():
         raise ModelNotFoundError(f"could not load {spec!r} from the hub (not reachable from here): check your connection, or pass a local folder or .gguf file")
     kwargs = {"trust_remote_code": trust_remote_code}

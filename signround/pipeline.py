@@ -24,6 +24,7 @@ from .algorithms import BlockData, LayerTask, get_algorithm
 from .blocks import (
     UnsupportedModelError,
     capture_block_inputs,
+    check_causal,
     find_blocks,
     find_linears,
     is_linear,
@@ -36,6 +37,7 @@ from .calibration import DataError, calibration_ids
 from .config import ConfigError, QuantConfig, WeightScheme
 from .qlinear import QuantLinear
 from .quant.integer import quantize_weight
+from .resume import WorkState, fingerprint
 
 log = logging.getLogger("signround")
 
@@ -186,26 +188,61 @@ def quantization_config_dict(config: QuantConfig, report: QuantizeReport) -> dic
     }
 
 
-def _calibration_inputs(model, blocks, config: QuantConfig, tokenizer, calibration, device, report: QuantizeReport):
-    """Hidden states entering block 0 (cached on the CPU unless computing on CUDA) and every block's call."""
+DEFAULT_SEQLEN = 2048
+
+
+def calibration_seqlen(model, config: QuantConfig) -> int:
+    """`config.seqlen`, or 2048 clamped to the model's context when unset; longer than the context is an error."""
     max_len = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    seqlen = min(config.seqlen, max_len) if max_len else config.seqlen
+    if config.seqlen is None:
+        return min(DEFAULT_SEQLEN, max_len) if max_len else DEFAULT_SEQLEN
+    if max_len and config.seqlen > max_len:
+        raise ConfigError(f"seqlen={config.seqlen} is longer than the model allows ({max_len} positions): use --seqlen {max_len} or less")
+    return config.seqlen
+
+
+def _calibration_token_ids(model, config: QuantConfig, tokenizer, calibration, report: QuantizeReport) -> torch.Tensor:
     if tokenizer is None and not isinstance(calibration, torch.Tensor):
         raise DataError("calibration needs a tokenizer (or pass token ids as a tensor)")
     start = time.perf_counter()
-    ids = calibration_ids(calibration, model, tokenizer, config.nsamples, seqlen, config.seed)
-    report.calibration_shape = tuple(ids.shape)
+    ids = calibration_ids(calibration, model, tokenizer, config.nsamples, calibration_seqlen(model, config), config.seed)
     report.calibration_seconds = time.perf_counter() - start
-    move_except_blocks(model, blocks, device)
-    hidden, calls = capture_block_inputs(model, blocks, ids, device, dtype=torch.float32)
-    return (hidden.cpu() if device.type == "cpu" else hidden), calls
+    return ids
 
 
-def quantize(model, config: QuantConfig | None = None, *, tokenizer=None, calibration=None, progress: bool = True) -> QuantizeReport:
+def _restore_block(model, prefix: str, tasks: list[LayerTask], tensors: dict[str, torch.Tensor]) -> None:
+    """Put a finished block's packed layers, read back from the work state, in place of its linears."""
+    for task in tasks:
+        own = {k[len(task.name) + 1:]: v for k, v in tensors.items() if k.startswith(f"{task.name}.")}
+        out_features, in_features = linear_weight(task.module).shape
+        bias = own.get("bias")
+        layer = QuantLinear(in_features, out_features, task.scheme, bias is not None, dtype=bias.dtype if bias is not None else torch.float16)
+        layer.load_state_dict(own)
+        set_submodule(model, f"{prefix}{task.name}", layer)
+
+
+def _packed_tensors(block, tasks: list[LayerTask]) -> dict[str, torch.Tensor]:
+    return {f"{t.name}.{k}": v for t in tasks for k, v in block.get_submodule(t.name).state_dict().items()}
+
+
+class OutOfMemory(MemoryError):
+    """Tuning ran out of memory; the message names the knobs that lower it."""
+
+
+def _out_of_memory(index: int, device, config: QuantConfig, state: WorkState | None) -> OutOfMemory:
+    saved = f"; blocks 0-{index - 1} are saved in {state.folder} and the same command resumes after them" if state and index else ""
+    return OutOfMemory(f"out of memory ({device.type}) while quantizing block {index}: lower --batch-size (now {config.batch_size}; "
+                       f"--grad-accum keeps the effective batch), --nsamples ({config.nsamples}) or --seqlen{saved}")
+
+
+def quantize(model, config: QuantConfig | None = None, *, tokenizer=None, calibration=None, progress: bool = True,
+             work_dir=None, resume: str = "auto") -> QuantizeReport:
     """Quantize `model` in place: every linear layer of its decoder blocks becomes a packed QuantLinear.
 
     `calibration`: token ids (n, seqlen), a list of texts, a file/folder path or a hub dataset name;
     None uses the default dataset, or self-generated text when offline. Needs `tokenizer` unless ids are given.
+    `work_dir`: keep each finished block there, so that running the same call again after a crash
+    continues after the last finished block (`resume`: "auto", "force" despite changed settings, "never").
     """
     config = config or QuantConfig()
     algorithm = get_algorithm(config.method)
@@ -214,48 +251,62 @@ def quantize(model, config: QuantConfig | None = None, *, tokenizer=None, calibr
     blocks_name, blocks = find_blocks(model)
     report = QuantizeReport()
     plan = plan_layers(model, blocks_name, blocks, config, report)
+    check_causal(model, blocks)
     if report.skipped:
         warnings.warn(f"{len(report.skipped)} layers stay unquantized: " + "; ".join(f"{n} ({why})" for n, why in report.skipped.items()))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    if algorithm.needs_calibration:
+        calibration_seqlen(model, config)  # a bad seqlen fails before any state is touched
+
+    state = WorkState.open(work_dir, fingerprint(model, config, tokenizer, calibration), resume) if work_dir is not None else None
+    done = state.finished if state else 0
+    for i in range(done):
+        _restore_block(model, f"{blocks_name}.{i}.", plan[i], state.block_tensors(i))
+    if state:
+        report.block_losses = [tuple(pair) for pair in state.block_losses]
+        report.notes.extend(state.notes)
 
     fp_in = q_in = calls = None
     if algorithm.needs_calibration:
-        fp_in, calls = _calibration_inputs(model, blocks, config, tokenizer, calibration, device, report)
-        q_in = fp_in
+        ids = state.calibration() if state else None
+        if ids is None:
+            ids = _calibration_token_ids(model, config, tokenizer, calibration, report)
+            if state:
+                state.save_calibration(ids)
+        report.calibration_shape = tuple(ids.shape)
+        if done < len(blocks):
+            move_except_blocks(model, blocks, device)
+            fp_in, calls = capture_block_inputs(model, blocks, ids, device, dtype=torch.float32)
+            cache_device = fp_in.device if device.type == "cuda" else torch.device("cpu")
+            fp_in = q_in = fp_in.to(cache_device)
+            if done:
+                fp_in, q_in = state.inputs(cache_device)
+    earlier_seconds = state.tuning_seconds if state else 0.0  # blocks finished by an interrupted run
     start = time.perf_counter()
-    bar = tqdm(total=len(blocks), desc=f"{config.method} {config.scheme.name()}", disable=not progress, unit="block")
-    for i in range(len(blocks)):
-        original_dtype = next(blocks[i].parameters()).dtype
-        blocks[i].to(device=device, dtype=torch.float32)  # tuning masters stay fp32; autocast does the fast math
-        fp_out = data = None
-        if algorithm.needs_calibration:
-            call = calls[i].to(device)
-            fp_out = run_block(blocks[i], fp_in, call, config.batch_size, device, amp_dtype)
-            data = BlockData(q_in if config.quantized_inputs else fp_in, fp_out, call, device, amp_dtype, i)
-        result = algorithm.quantize_block(blocks[i], plan[i], data, config)
-        for task in plan[i]:
-            _swap(model, f"{blocks_name}.{i}.", task, result.weights[task.name])
-        report.notes.extend(result.notes)
-        loss_after = None
-        if algorithm.needs_calibration:
-            q_out = run_block(blocks[i], q_in, data.call, config.batch_size, device, amp_dtype)
-            loss_after = F.mse_loss(q_out.float(), fp_out.float()).item()
-            fp_in, q_in = fp_out, q_out
-        _restore_dtype(blocks[i], original_dtype)
-        blocks[i].to("cpu")
-        before = result.loss_before if result.loss_before is not None else loss_after
-        report.block_losses.append((before, loss_after))
-        if loss_after is not None:
-            bar.set_postfix_str(f"loss {before:.3g} -> {loss_after:.3g}")
-            log.info("block %d: loss %.4g -> %.4g", i, before, loss_after)
+    bar = tqdm(total=len(blocks), initial=done, desc=f"{config.method} {config.scheme.name()}", disable=not progress, unit="block")
+    for i in range(done, len(blocks)):
+        block_start = time.perf_counter()
+        try:
+            fp_in, q_in, losses, notes = _quantize_one(model, blocks_name, blocks, i, plan[i], algorithm, config, fp_in, q_in, calls, device, amp_dtype)
+        except (torch.OutOfMemoryError, MemoryError) as e:
+            if isinstance(e, OutOfMemory):
+                raise
+            raise _out_of_memory(i, device, config, state) from None
+        report.block_losses.append(losses)
+        report.notes.extend(notes)
+        if state:
+            state.save_block(i, _packed_tensors(blocks[i], plan[i]), fp_in, q_in, losses, notes, time.perf_counter() - block_start)
+        if losses[1] is not None:
+            bar.set_postfix_str(f"loss {losses[0]:.3g} -> {losses[1]:.3g}")
+            log.info("block %d: loss %.4g -> %.4g", i, *losses)
         bar.update()
     bar.close()
     if config.quantize_lm_head:
         _quantize_lm_head(model, config, report)
     model.to("cpu")
 
-    report.tuning_seconds = time.perf_counter() - start
+    report.tuning_seconds = earlier_seconds + time.perf_counter() - start
     report.peak_memory_bytes = peak_memory_bytes(device)
     sizes = {}
     for name, scheme in report.quantized.items():
@@ -265,3 +316,26 @@ def quantize(model, config: QuantConfig | None = None, *, tokenizer=None, calibr
     report.bits_per_weight = sum(n * b for n, b in sizes.values()) / total
     model.config.quantization_config = quantization_config_dict(config, report)
     return report
+
+
+def _quantize_one(model, blocks_name, blocks, i, tasks, algorithm, config, fp_in, q_in, calls, device, amp_dtype):
+    """Tune and pack block i; returns the next block's (original, quantized) inputs, (loss before, after) and notes."""
+    original_dtype = next(blocks[i].parameters()).dtype
+    blocks[i].to(device=device, dtype=torch.float32)  # tuning masters stay fp32; autocast does the fast math
+    fp_out = data = None
+    if algorithm.needs_calibration:
+        call = calls[i].to(device)
+        fp_out = run_block(blocks[i], fp_in, call, config.batch_size, device, amp_dtype)
+        data = BlockData(q_in if config.quantized_inputs else fp_in, fp_out, call, device, amp_dtype, i)
+    result = algorithm.quantize_block(blocks[i], tasks, data, config)
+    for task in tasks:
+        _swap(model, f"{blocks_name}.{i}.", task, result.weights[task.name])
+    loss_after = None
+    if algorithm.needs_calibration:
+        q_out = run_block(blocks[i], q_in, data.call, config.batch_size, device, amp_dtype)
+        loss_after = F.mse_loss(q_out.float(), fp_out.float()).item()
+        fp_in, q_in = fp_out, q_out
+    _restore_dtype(blocks[i], original_dtype)
+    blocks[i].to("cpu")
+    before = result.loss_before if result.loss_before is not None else loss_after
+    return fp_in, q_in, (before, loss_after), result.notes

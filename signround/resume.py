@@ -1,0 +1,192 @@
+"""Work state of a running quantization, so that a crash, `kill -9` or Ctrl-C costs at most one block.
+
+A work folder (the CLI puts it beside the output) holds:
+
+    state.json                what was run (its fingerprint), how many blocks are finished, their losses and notes
+    calibration.safetensors   the calibration token ids, so a resumed run neither re-reads nor re-samples text
+    block-00007.safetensors   block 7's packed layers (qweight, qzeros, scales, bias)
+    inputs-00008.safetensors  what enters block 8: the original model's and the quantized model's hidden states
+
+Every file is written under a temporary name and renamed into place, and state.json is replaced last,
+so whenever the process dies the folder describes a consistent set of finished blocks. Blocks are
+tuned with a generator seeded by (seed, block index), so a resumed run writes the same bytes as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .checkpoint import disk_full_error
+
+log = logging.getLogger("signround")
+
+STATE_FILE = "state.json"
+RESUME_MODES = ("auto", "force", "never")
+
+
+def _sha(*parts: bytes) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p)
+    return h.hexdigest()[:16]
+
+
+def model_digest(model) -> str:
+    """Config plus every tensor's name, shape, dtype and a strided sample of its values: cheap even
+    for large models, and different for a different or re-converted checkpoint."""
+    config = {k: v for k, v in model.config.to_dict().items() if k not in ("quantization_config", "_name_or_path")}
+    parts = [json.dumps(config, sort_keys=True, default=str).encode()]
+    for name, tensor in model.state_dict().items():
+        parts.append(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        if tensor.device.type != "meta" and tensor.numel():
+            flat = tensor.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 4096)]
+            parts.append(sample.to(torch.float64 if sample.is_floating_point() else torch.int64).cpu().numpy().tobytes())
+    return _sha(*parts)
+
+
+def calibration_digest(calibration) -> str:
+    """Identity of a calibration source: file names, sizes and modification times for paths; content for texts and ids."""
+    if calibration is None:
+        return "default"
+    if isinstance(calibration, torch.Tensor):
+        return _sha(str(tuple(calibration.shape)).encode(), calibration.cpu().numpy().tobytes())
+    if isinstance(calibration, (str, os.PathLike)):
+        path = Path(calibration)
+        if not path.exists():
+            return f"name:{calibration}"
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        return _sha(*(f"{p.resolve()}|{p.stat().st_size}|{p.stat().st_mtime_ns}".encode() for p in files))
+    return _sha(*(str(doc).encode() + b"\x00" for doc in calibration))
+
+
+def fingerprint(model, config, tokenizer, calibration) -> dict:
+    """Everything that decides the result; a saved state is only resumed when all of it matches."""
+    settings = json.loads(json.dumps(config.to_dict(), default=str))
+    return {
+        "signround": __version__,
+        "model": model_digest(model),
+        "tokenizer": _sha(json.dumps([type(tokenizer).__name__, len(tokenizer)] if tokenizer is not None else None).encode()),
+        "calibration": calibration_digest(calibration),
+        **{f"setting.{k}": v for k, v in settings.items()},
+    }
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    return sorted(k.removeprefix("setting.") for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        full = disk_full_error(e, f"disk full while writing {path}: the blocks finished before it are kept in {path.parent}; "
+                                  f"free some space and run the same command again to resume")
+        if full:
+            raise full from None
+        raise
+
+
+class WorkState:
+    """Finished blocks of one quantization run, stored in `folder`."""
+
+    def __init__(self, folder: Path, fingerprint: dict, finished: int = 0, block_losses=None, notes=None, tuning_seconds: float = 0.0):
+        self.folder = folder
+        self.fingerprint = fingerprint
+        self.finished = finished
+        self.block_losses: list = block_losses or []
+        self.notes: list[str] = notes or []
+        self.tuning_seconds = tuning_seconds
+
+    @classmethod
+    def open(cls, folder: str | os.PathLike, fingerprint: dict, resume: str = "auto") -> WorkState:
+        """Continue the state in `folder` when it was made by the same run (`resume="auto"`), or
+        whatever made it (`"force"`); otherwise start over in an emptied folder."""
+        if resume not in RESUME_MODES:
+            raise ValueError(f"resume={resume!r} is not one of {', '.join(RESUME_MODES)}")
+        folder = Path(folder)
+        saved = json.loads((folder / STATE_FILE).read_text()) if (folder / STATE_FILE).is_file() else None
+        if saved and resume != "never":
+            changed = _differences(saved["fingerprint"], fingerprint)
+            if not changed or resume == "force":
+                if changed:
+                    log.warning("resuming %s although the run differs in: %s (forced)", folder, ", ".join(changed))
+                state = cls(folder, fingerprint, saved["finished"], saved["block_losses"], saved["notes"], saved["tuning_seconds"])
+                state._write_state()  # forced: from now on the state belongs to this run
+                if state.finished:
+                    log.warning("resuming from %s: %d blocks already finished", folder, state.finished)
+                return state
+            log.warning("%s holds the state of a different run (it differs in: %s): starting over (--resume continues it anyway)",
+                        folder, ", ".join(changed))
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        state = cls(folder, fingerprint)
+        state._write_state()
+        return state
+
+    def _write_state(self) -> None:
+        record = {"fingerprint": self.fingerprint, "finished": self.finished, "block_losses": self.block_losses,
+                  "notes": self.notes, "tuning_seconds": self.tuning_seconds}
+        _atomic_write(self.folder / STATE_FILE, lambda p: p.write_text(json.dumps(record, indent=1)))
+
+    def _save(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        _atomic_write(self.folder / name, lambda p: save_file(tensors, p))
+
+    def calibration(self) -> torch.Tensor | None:
+        path = self.folder / "calibration.safetensors"
+        return load_file(path)["input_ids"] if path.is_file() else None
+
+    def save_calibration(self, ids: torch.Tensor) -> None:
+        self._save("calibration.safetensors", {"input_ids": ids})
+
+    def save_block(self, index: int, tensors: dict[str, torch.Tensor], fp_next: torch.Tensor | None, q_next: torch.Tensor | None,
+                   losses: tuple, notes: list[str], seconds: float) -> None:
+        """Record block `index` as finished: its packed tensors, the inputs of the next block, then the state."""
+        self._save(f"block-{index:05d}.safetensors", tensors)
+        if fp_next is not None:
+            self._save(f"inputs-{index + 1:05d}.safetensors", {"fp": fp_next, "q": q_next})
+        self.finished = index + 1
+        self.block_losses.append(list(losses))
+        self.notes.extend(notes)
+        self.tuning_seconds += seconds
+        self._write_state()
+        (self.folder / f"inputs-{index:05d}.safetensors").unlink(missing_ok=True)
+
+    def block_tensors(self, index: int) -> dict[str, torch.Tensor]:
+        return load_file(self.folder / f"block-{index:05d}.safetensors")
+
+    def inputs(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(original, quantized) hidden states entering the first unfinished block."""
+        saved = load_file(self.folder / f"inputs-{self.finished:05d}.safetensors")
+        return saved["fp"].to(device), saved["q"].to(device)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=False)
+
+
+def describe(folder: str | os.PathLike) -> str:
+    """One line on what an interrupted run left in `folder`."""
+    path = Path(folder) / STATE_FILE
+    finished = json.loads(path.read_text())["finished"] if path.is_file() else 0
+    return f"{finished} finished block{'s' if finished != 1 else ''} kept in {folder}"
+
+
+def default_work_dir(output: str | os.PathLike) -> Path:
+    """Where the CLI keeps the state of a run writing to `output`: beside it, named after it."""
+    out = Path(output).resolve()
+    return out.parent / f"{out.name}.signround-work"

@@ -1,0 +1,155 @@
+"""Resume: a run stopped after block k and started again writes exactly what an uninterrupted run writes."""
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_models import calib_ids, make
+
+import signround
+from signround.algorithms.signround import SignRound
+from signround.config import QuantConfig
+
+CONFIG = dict(scheme="W4A16G32", iters=6, nsamples=8, seqlen=16, batch_size=4)
+
+
+def packed(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_identical(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+def stop_at_block(monkeypatch, k: int) -> None:
+    original = SignRound.quantize_block
+
+    def interrupted(self, block, layers, data, config):
+        if data.index == k:
+            raise KeyboardInterrupt
+        return original(self, block, layers, data, config)
+
+    monkeypatch.setattr(SignRound, "quantize_block", interrupted)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_interrupted_run_resumes_to_identical_weights(monkeypatch, tmp_path, k):
+    reference = make("llama", num_hidden_layers=4)
+    ref_report = signround.quantize(reference, QuantConfig(**CONFIG), calibration=calib_ids(), progress=False)
+
+    work = tmp_path / "work"
+    with monkeypatch.context() as patch:
+        stop_at_block(patch, k)
+        with pytest.raises(KeyboardInterrupt):
+            signround.quantize(make("llama", num_hidden_layers=4), QuantConfig(**CONFIG), calibration=calib_ids(), progress=False, work_dir=work)
+    assert json.loads((work / "state.json").read_text())["finished"] == k
+
+    calls = []
+    original = SignRound.quantize_block
+    monkeypatch.setattr(SignRound, "quantize_block", lambda self, *a: calls.append(a[2].index) or original(self, *a))
+    resumed = make("llama", num_hidden_layers=4)
+    report = signround.quantize(resumed, QuantConfig(**CONFIG), calibration=calib_ids(), progress=False, work_dir=work)
+    assert calls == list(range(k, 4))  # finished blocks are not tuned again
+    assert_identical(packed(resumed), packed(reference))
+    assert report.block_losses == ref_report.block_losses and report.calibration_shape == ref_report.calibration_shape
+
+
+def test_changed_settings_start_over_unless_forced(monkeypatch, tmp_path, caplog):
+    work = tmp_path / "work"
+    with monkeypatch.context() as patch:
+        stop_at_block(patch, 2)
+        with pytest.raises(KeyboardInterrupt):
+            signround.quantize(make("llama", num_hidden_layers=4), QuantConfig(**CONFIG), calibration=calib_ids(), progress=False, work_dir=work)
+    changed = QuantConfig(**{**CONFIG, "iters": 7})
+
+    with monkeypatch.context() as patch:
+        stop_at_block(patch, 1)
+        with caplog.at_level(logging.WARNING, logger="signround"), pytest.raises(KeyboardInterrupt):
+            signround.quantize(make("llama", num_hidden_layers=4), changed, calibration=calib_ids(), progress=False, work_dir=work)
+    assert "differs in: iters): starting over" in caplog.text
+    assert json.loads((work / "state.json").read_text())["finished"] == 1
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="signround"):
+        model = make("llama", num_hidden_layers=4)
+        signround.quantize(model, QuantConfig(**CONFIG), calibration=calib_ids(), progress=False, work_dir=work, resume="force")
+    assert "although the run differs in: iters (forced)" in caplog.text
+    assert json.loads((work / "state.json").read_text())["finished"] == 4
+
+    other_data = calib_ids(seed=1)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="signround"):
+        signround.quantize(make("llama", num_hidden_layers=4), QuantConfig(**CONFIG), calibration=other_data, progress=False, work_dir=work)
+    assert "differs in: calibration)" in caplog.text
+
+
+def test_restart_discards_saved_state(monkeypatch, tmp_path):
+    work = tmp_path / "work"
+    with monkeypatch.context() as patch:
+        stop_at_block(patch, 2)
+        with pytest.raises(KeyboardInterrupt):
+            signround.quantize(make("llama", num_hidden_layers=4), QuantConfig(**CONFIG), calibration=calib_ids(), progress=False, work_dir=work)
+    calls = []
+    original = SignRound.quantize_block
+    monkeypatch.setattr(SignRound, "quantize_block", lambda self, *a: calls.append(a[2].index) or original(self, *a))
+    signround.quantize(make("llama", num_hidden_layers=4), QuantConfig(**CONFIG), calibration=calib_ids(), progress=False, work_dir=work, resume="never")
+    assert calls == [0, 1, 2, 3]
+
+
+def _cli(out: Path, model: Path, text: Path) -> list[str]:
+    return [sys.executable, "-m", "signround.cli", "quantize", str(model), "-o", str(out), "--scheme", "W4A16G32", "--iters", "60",
+            "--nsamples", "8", "--seqlen", "64", "--batch-size", "4", "--dataset", str(text), "-q"]
+
+
+@pytest.fixture(scope="module")
+def deep_model(tmp_path_factory, smollm2_tokenizer):
+    folder = tmp_path_factory.mktemp("tiny-llama-6")
+    make("llama", num_hidden_layers=6, vocab_size=len(smollm2_tokenizer)).save_pretrained(folder)
+    smollm2_tokenizer.save_pretrained(folder)
+    text = folder / "calib.txt"
+    text.write_text("It was the best of times, it was the worst of times, it was the age of wisdom. " * 100)
+    return folder, text
+
+
+def _finished(work: Path) -> int:
+    try:
+        return json.loads((work / "state.json").read_text())["finished"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return 0
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_sigkill_mid_run_then_same_command_gives_identical_output(tmp_path, deep_model, k):
+    model, text = deep_model
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    reference = tmp_path / "reference"
+    subprocess.run(_cli(reference, model, text), check=True, env=env, capture_output=True)
+
+    out = tmp_path / "out"
+    work = out.parent / "out.signround-work"
+    proc = subprocess.Popen(_cli(out, model, text), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while _finished(work) < k and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = _finished(work)
+    assert k <= killed_at < 6 and not out.exists(), "the kill must land mid-run"
+
+    result = subprocess.run(_cli(out, model, text), env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert f"resuming from {work}: {killed_at} blocks already finished" in result.stderr
+    assert not work.exists()
+    assert load_file(out / "model.safetensors").keys() == load_file(reference / "model.safetensors").keys()
+    assert (out / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
+    assert (out / "config.json").read_text() == (reference / "config.json").read_text()
