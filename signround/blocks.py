@@ -15,6 +15,9 @@ class UnsupportedModelError(ValueError):
     """The model has no decoder-block list or no linear layers to quantize."""
 
 
+SUPPORTED = "signround quantizes decoder-only causal LMs (LLaMA, Qwen, Mistral, Gemma, Phi-3, GPT-2, OPT, GPT-NeoX, ...)"
+
+
 def _conv1d_type():
     from transformers.pytorch_utils import Conv1D
 
@@ -58,7 +61,7 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
             candidates.append((name.count("."), -len(module), name, module))
     if not candidates:
         kind = type(model).__name__
-        raise UnsupportedModelError(f"{kind} has no list of decoder blocks with linear layers: signround quantizes decoder-only causal LMs (LLaMA, Qwen, Mistral, Gemma, Phi-3, GPT-2, OPT, GPT-NeoX, ...)")
+        raise UnsupportedModelError(f"{kind} has no list of decoder blocks with linear layers: {SUPPORTED}")
     _, _, name, module = min(candidates, key=lambda c: c[:3])
     return name, module
 
@@ -176,8 +179,7 @@ def check_causal(model: nn.Module, blocks: nn.ModuleList) -> None:
     before = block_output(blocks[0](hidden, *call.args, **call.kwargs))[:, :-1].float()
     after = block_output(blocks[0](changed, *call.args, **call.kwargs))[:, :-1].float()
     if (after - before).abs().max() > 1e-3 * (before.abs().max() + 1e-6):
-        raise UnsupportedModelError(f"{type(model).__name__} is not a decoder (its blocks attend to later positions): signround quantizes "
-                                    f"decoder-only causal LMs (LLaMA, Qwen, Mistral, Gemma, Phi-3, GPT-2, OPT, GPT-NeoX, ...)")
+        raise UnsupportedModelError(f"{type(model).__name__} is not a decoder (its blocks attend to later positions): {SUPPORTED}")
 
 
 def block_output(out):

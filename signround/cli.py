@@ -173,7 +173,8 @@ def cmd_quantize(args) -> None:
     try:
         out = checkpoint.save(model, args.output, tokenizer, overwrite=args.overwrite, save_dtype=args.save_dtype)
     except checkpoint.DiskFullError as e:
-        raise checkpoint.DiskFullError(e.errno, f"{e.strerror}; the finished quantization is kept in {work}: the same command saves it without tuning again") from None
+        kept = f"the finished quantization is kept in {work}: the same command saves it without tuning again"
+        raise checkpoint.DiskFullError(e.errno, f"{e.strerror}; {kept}") from None
     shutil.rmtree(work)
     print(f"saved {out}")
     if args.report_json:

@@ -105,15 +105,14 @@ def _check_causal_lm(source: ModelSource, trust_remote_code: bool) -> None:
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    from .blocks import UnsupportedModelError
+    from .blocks import SUPPORTED, UnsupportedModelError
 
     if source.kind == "hub" or trust_remote_code:
         return
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     config = AutoConfig.from_pretrained(source.location, **kwargs)
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise UnsupportedModelError(f"{source.location} holds a {config.model_type!r} model, which is not a causal LM transformers can load: "
-                                    f"signround quantizes decoder-only causal LMs (LLaMA, Qwen, Mistral, Gemma, Phi-3, GPT-2, OPT, GPT-NeoX, ...)")
+        raise UnsupportedModelError(f"{source.location} holds a {config.model_type!r} model, which is not a causal LM transformers can load: {SUPPORTED}")
 
 
 def load(spec: str, dtype: str | torch.dtype = "auto", trust_remote_code: bool = False, allow_pickle: bool = False):
@@ -138,7 +137,8 @@ def load(spec: str, dtype: str | torch.dtype = "auto", trust_remote_code: bool =
         model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **kwargs)
     except OSError as e:
         if source.kind == "hub":
-            raise ModelNotFoundError(f"could not load {spec!r} from the hub ({str(e).splitlines()[0][:160]}): check the id and your connection, or pass a local folder") from None
+            raise ModelNotFoundError(f"could not load {spec!r} from the hub ({str(e).splitlines()[0][:160]}): "
+                                     f"check the id and your connection, or pass a local folder") from None
         raise
     model.eval()
     return model, tokenizer

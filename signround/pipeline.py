@@ -96,7 +96,8 @@ class QuantizeReport:
             f"tuning time: {self.tuning_seconds:.1f} s, peak memory: {self.peak_memory_bytes / 2**30:.2f} GiB",
         ]
         if self.calibration_shape:
-            lines.insert(0, f"calibration: {self.calibration_shape[0]} samples x {self.calibration_shape[1]} tokens ({self.calibration_seconds:.1f} s to prepare)")
+            n, length = self.calibration_shape
+            lines.insert(0, f"calibration: {n} samples x {length} tokens ({self.calibration_seconds:.1f} s to prepare)")
         return "\n".join(lines + self.notes)
 
 
@@ -127,7 +128,8 @@ def plan_layers(model, blocks_name: str, blocks, config: QuantConfig, report: Qu
         plan.append(tasks)
     if not report.quantized:
         if report.skipped:
-            raise ConfigError(f"no layer can be quantized with this scheme ({next(iter(report.skipped.values()))}): choose a group size that divides the layers' input size, or -1")
+            why = next(iter(report.skipped.values()))
+            raise ConfigError(f"no layer can be quantized with this scheme ({why}): choose a group size that divides the layers' input size, or -1")
         raise UnsupportedModelError(f"{type(model).__name__} has no linear layers in its blocks to quantize")
     return plan
 
