@@ -144,15 +144,13 @@ class Interrupted(KeyboardInterrupt):
 def cmd_quantize(args) -> None:
     from . import checkpoint, models
     from .algorithms import get_algorithm
-    from .calibration import check_source
     from .pipeline import calibration_seqlen, quantize
     from .resume import default_work_dir, describe
 
     config = config_from_args(args)
     get_algorithm(config.method)
     checkpoint.check_output_dir(args.output, args.overwrite)
-    for source in args.dataset or []:
-        check_source(source)
+    calibration = _calibration_source(args.dataset) if args.dataset else None
     if args.eval_text and not Path(args.eval_text).is_file():
         raise FileNotFoundError(f"--eval-text {args.eval_text} not found: give a UTF-8 text file")
     model, tokenizer = models.load(args.model, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
@@ -160,9 +158,6 @@ def cmd_quantize(args) -> None:
     checkpoint.check_disk_space(work.parent, *checkpoint.expected_sizes(model, config, calibration_seqlen(model, config)))
     if args.eval_text:
         print(f"perplexity before: {_ppl(model, tokenizer, args):.3f}", flush=True)
-    calibration = None
-    if args.dataset:
-        calibration = args.dataset[0] if len(args.dataset) == 1 else _many_sources(args.dataset)
     try:
         report = quantize(model, config, tokenizer=tokenizer, calibration=calibration, progress=not args.quiet, work_dir=work, resume=args.resume)
     except KeyboardInterrupt:
@@ -183,10 +178,18 @@ def cmd_quantize(args) -> None:
         Path(args.report_json).write_text(json.dumps(report.to_dict(), indent=1))
 
 
-def _many_sources(sources):
-    from .calibration import documents_from
+def _calibration_source(sources: list[str]):
+    """Local files are read now, so an unusable one fails before the model loads; a hub dataset is read later."""
+    from .calibration import DataError, check_source, documents_from, is_hub_name
 
-    return [doc for s in sources for doc in documents_from(s)]
+    for source in sources:
+        check_source(source)
+    if len(sources) == 1 and is_hub_name(sources[0]):
+        return sources[0]
+    docs = [doc for source in sources for doc in documents_from(source)]
+    if not any(doc.strip() for doc in docs):
+        raise DataError(f"calibration data {', '.join(sources)} is empty: give files with text in them")
+    return docs
 
 
 def cmd_generate(args) -> None:

@@ -126,12 +126,26 @@ def plan_layers(model, blocks_name: str, blocks, config: QuantConfig, report: Qu
                 tasks.append(LayerTask(name, module, scheme))
                 report.quantized[full] = scheme
         plan.append(tasks)
+    _check_group_sizes([t for tasks in plan for t in tasks])
     if not report.quantized:
         if report.skipped:
             why = next(iter(report.skipped.values()))
             raise ConfigError(f"no layer can be quantized with this scheme ({why}): choose a group size that divides the layers' input size, or -1")
         raise UnsupportedModelError(f"{type(model).__name__} has no linear layers in its blocks to quantize")
     return plan
+
+
+def _check_group_sizes(tasks: list[LayerTask]) -> None:
+    """A partial last group is fine where a group size divides some layers (SmolLM2's 576-wide inputs at
+    g128); one that divides none of its layers is a mistake, refused before any work."""
+    widths: dict[int, set[int]] = {}
+    for t in tasks:
+        if t.scheme.group_size != -1:
+            widths.setdefault(t.scheme.group_size, set()).add(linear_weight(t.module).shape[1])
+    for group, sizes in widths.items():
+        if all(w % group for w in sizes):
+            raise ConfigError(f"group_size={group} divides none of the layers' input sizes ({', '.join(map(str, sorted(sizes)))}): "
+                              f"choose a divisor of them (e.g. 32, 64, 128) or -1 for one group per output channel")
 
 
 def _swap(model, prefix: str, task: LayerTask, qw) -> None:
@@ -232,7 +246,7 @@ class OutOfMemory(MemoryError):
 
 
 def _out_of_memory(index: int, device, config: QuantConfig, state: WorkState | None) -> OutOfMemory:
-    saved = f"; blocks 0-{index - 1} are saved in {state.folder} and the same command resumes after them" if state and index else ""
+    saved = f"; finished blocks (0 to {index - 1}) are saved in {state.folder}: the same command resumes from block {index}" if state and index else ""
     return OutOfMemory(f"out of memory ({device.type}) while quantizing block {index}: lower --batch-size (now {config.batch_size}; "
                        f"--grad-accum keeps the effective batch), --nsamples ({config.nsamples}) or --seqlen{saved}")
 
