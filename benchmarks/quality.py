@@ -1,6 +1,7 @@
 """Perplexity of fp32 / RTN / SignRound (and auto-round's SignRound when the package is installed) on
 one model, with the protocol of ../shared/data/README.md. Rows already in the results JSON are reused,
-so an interrupted or partial run is completed by running the same command again.
+and a SignRound row keeps its finished blocks in results/work/, so an interrupted run (even one cut
+off in the middle of a scheme) is completed by running the same command again.
 
     python benchmarks/quality.py                       # full protocol: iters 200, batch 8, 3 schemes
     python benchmarks/quality.py --iters 32 --layers 4 # a quick look
@@ -13,6 +14,7 @@ import copy
 import datetime
 import json
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -44,13 +46,15 @@ def run_ours(base, tokenizer, method, scheme, calib, eval_ids, args) -> dict:
     model = copy.deepcopy(base)
     config = signround.QuantConfig(scheme=scheme, method=method, iters=args.iters, nsamples=args.nsamples, seqlen=args.seqlen,
                                    batch_size=args.batch_size, seed=args.seed)
-    report = signround.quantize(model, config, tokenizer=tokenizer, calibration=calib)
+    work = RESULTS / "work" / key("signround", method, scheme, args).replace("|", "_")  # survives a session's end: the run resumes
+    report = signround.quantize(model, config, tokenizer=tokenizer, calibration=calib, work_dir=work)
     row = {"ppl": perplexity(model, eval_ids), "tuning_s": report.tuning_seconds, "bits_per_weight": report.bits_per_weight,
            "peak_rss_gib": report.peak_memory_bytes / 2**30, "block_losses": report.block_losses}
     with tempfile.TemporaryDirectory() as tmp:
         signround.save(model, Path(tmp) / "out", tokenizer)
         reloaded = signround.load(Path(tmp) / "out")
         row["reloaded_ppl"] = perplexity(reloaded, eval_ids)
+    shutil.rmtree(work)
     return row
 
 

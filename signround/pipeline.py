@@ -252,13 +252,14 @@ def _out_of_memory(index: int, device, config: QuantConfig, state: WorkState | N
 
 
 def quantize(model, config: QuantConfig | None = None, *, tokenizer=None, calibration=None, progress: bool = True,
-             work_dir=None, resume: str = "auto") -> QuantizeReport:
+             work_dir=None, resume: str = "auto", on_block_done=None) -> QuantizeReport:
     """Quantize `model` in place: every linear layer of its decoder blocks becomes a packed QuantLinear.
 
     `calibration`: token ids (n, seqlen), a list of texts, a file/folder path or a hub dataset name;
     None uses the default dataset, or self-generated text when offline. Needs `tokenizer` unless ids are given.
     `work_dir`: keep each finished block there, so that running the same call again after a crash
     continues after the last finished block (`resume`: "auto", "force" despite changed settings, "never").
+    `on_block_done(index, report)` is called after each block is finished (and saved).
     """
     config = config or QuantConfig()
     algorithm = get_algorithm(config.method)
@@ -317,6 +318,8 @@ def quantize(model, config: QuantConfig | None = None, *, tokenizer=None, calibr
             bar.set_postfix_str(f"loss {losses[0]:.3g} -> {losses[1]:.3g}")
             log.info("block %d: loss %.4g -> %.4g", i, *losses)
         bar.update()
+        if on_block_done:
+            on_block_done(i, report)
     bar.close()
     if config.quantize_lm_head:
         _quantize_lm_head(model, config, report)
