@@ -55,7 +55,7 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
-        if not any(is_linear(m) for m in module[0].modules()):
+        if not any(is_linear(m) or hasattr(m, "qweight") for m in module[0].modules()):  # qweight: already packed
             continue
         if expected is None or len(module) == expected:
             candidates.append((name.count("."), -len(module), name, module))

@@ -8,6 +8,8 @@ leaves a folder that looks complete.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import errno
 import json
 import os
@@ -97,7 +99,7 @@ def _save_dtype(model, save_dtype: str | torch.dtype) -> torch.dtype:
     return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[save_dtype]
 
 
-def _state_for_saving(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def state_for_saving(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The state dict with tied duplicates dropped and unquantized float tensors in `dtype`
     (the packed layers' fp16 scales stay fp16)."""
     scales = {f"{n}.scales" for n, m in model.named_modules() if isinstance(m, QuantLinear)}
@@ -135,21 +137,15 @@ def _write_shards(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes:
     (folder / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
-def save(model, path: str | os.PathLike, tokenizer=None, *, overwrite: bool = False, save_dtype: str | torch.dtype = "auto",
-         max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
-    """Write a quantized model (and its tokenizer) to `path` atomically."""
-    if not isinstance(getattr(model.config, "quantization_config", None), dict):
-        raise ValueError("the model has not been quantized by signround: run signround.quantize first")
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike, overwrite: bool = False):
+    """Yield a temporary folder beside `path` and rename it to `path` when the block succeeds, so an
+    interrupted write never leaves a folder that looks complete; a full disk becomes DiskFullError."""
     out = check_output_dir(path, overwrite).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        model.config.save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        _write_shards(_state_for_saving(model, _save_dtype(model, save_dtype)), tmp, max_shard_bytes)
+        yield tmp
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -161,7 +157,30 @@ def save(model, path: str | os.PathLike, tokenizer=None, *, overwrite: bool = Fa
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-    return out
+
+
+def write_hf_folder(folder: Path, model, tokenizer, state: dict[str, torch.Tensor], quantization_config: dict | None,
+                    max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """config.json (with `quantization_config`), generation config, tokenizer and safetensors shards."""
+    config = copy.deepcopy(model.config)
+    config.quantization_config = quantization_config
+    config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    _write_shards(state, folder, max_shard_bytes)
+
+
+def save(model, path: str | os.PathLike, tokenizer=None, *, overwrite: bool = False, save_dtype: str | torch.dtype = "auto",
+         max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """Write a quantized model (and its tokenizer) to `path` atomically, in the tool's own format."""
+    if not isinstance(getattr(model.config, "quantization_config", None), dict):
+        raise ValueError("the model has not been quantized by signround: run signround.quantize first")
+    with atomic_folder(path, overwrite) as tmp:
+        state = state_for_saving(model, _save_dtype(model, save_dtype))
+        write_hf_folder(tmp, model, tokenizer, state, model.config.quantization_config, max_shard_bytes)
+    return Path(path).resolve()
 
 
 def _shard_files(folder: Path) -> list[Path]:

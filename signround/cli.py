@@ -47,6 +47,8 @@ def _add_quantize(sub) -> None:
     p.add_argument("--eval-tokens", type=int, default=32768, help="tokens of --eval-text to score (default 32768)")
     p.add_argument("--eval-seqlen", type=int, default=2048)
     p.add_argument("--save-dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"], help="dtype of the unquantized tensors")
+    p.add_argument("--format", nargs="+", default=["signround"], metavar="F",
+                   help="output format(s): signround (default), auto_round, gptq, compressed-tensors; several write OUT/<format>/ each")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", dest="resume", action="store_const", const="force", default="auto",
@@ -56,6 +58,14 @@ def _add_quantize(sub) -> None:
     p.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code (off by default)")
     p.add_argument("--allow-pickle", action="store_true", help="accept .bin/.pt pickle checkpoints (they can run code when loaded)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="write a signround output folder in another format")
+    p.add_argument("path", help="a signround output folder")
+    p.add_argument("--format", required=True, help="auto_round, gptq or compressed-tensors")
+    p.add_argument("-o", "--output", required=True, help="folder to write (must be new or empty unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true")
 
 
 def _add_generate(sub) -> None:
@@ -102,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"signround {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_quantize(sub)
+    _add_export(sub)
     _add_generate(sub)
     _add_eval(sub)
     _add_compare(sub)
@@ -144,6 +155,7 @@ class Interrupted(KeyboardInterrupt):
 def cmd_quantize(args) -> None:
     from . import checkpoint, models
     from .algorithms import get_algorithm
+    from .export import NATIVE, check_formats, export, get_format
     from .pipeline import calibration_seqlen, quantize
     from .resume import default_work_dir, describe
 
@@ -153,7 +165,10 @@ def cmd_quantize(args) -> None:
     calibration = _calibration_source(args.dataset) if args.dataset else None
     if args.eval_text and not Path(args.eval_text).is_file():
         raise FileNotFoundError(f"--eval-text {args.eval_text} not found: give a UTF-8 text file")
+    for name in set(args.format) - {NATIVE}:
+        get_format(name)
     model, tokenizer = models.load(args.model, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+    check_formats(args.format, model, config)
     work = default_work_dir(args.output)
     checkpoint.check_disk_space(work.parent, *checkpoint.expected_sizes(model, config, calibration_seqlen(model, config)))
     if args.eval_text:
@@ -166,12 +181,18 @@ def cmd_quantize(args) -> None:
     if args.eval_text:
         print(f"perplexity after:  {_ppl(model, tokenizer, args):.3f}", flush=True)
     try:
-        out = checkpoint.save(model, args.output, tokenizer, overwrite=args.overwrite, save_dtype=args.save_dtype)
+        if args.format == [NATIVE]:
+            written = [checkpoint.save(model, args.output, tokenizer, overwrite=args.overwrite, save_dtype=args.save_dtype)]
+        else:
+            with checkpoint.atomic_folder(args.output, args.overwrite) as tmp:
+                written = [export(model, tokenizer, tmp / name, name) for name in args.format]
+            written = [Path(args.output).resolve() / name for name in args.format]
     except checkpoint.DiskFullError as e:
         kept = f"the finished quantization is kept in {work}: the same command saves it without tuning again"
         raise checkpoint.DiskFullError(e.errno, f"{e.strerror}; {kept}") from None
     shutil.rmtree(work)
-    print(f"saved {out}")
+    for out in written:
+        print(f"saved {out}")
     if args.report_json:
         import json
 
@@ -190,6 +211,19 @@ def _calibration_source(sources: list[str]):
     if not any(doc.strip() for doc in docs):
         raise DataError(f"calibration data {', '.join(sources)} is empty: give files with text in them")
     return docs
+
+
+def cmd_export(args) -> None:
+    from transformers import AutoTokenizer
+
+    from . import checkpoint
+    from .export import export, get_format
+
+    get_format(args.format)
+    checkpoint.check_output_dir(args.output, args.overwrite)
+    model = checkpoint.load(args.path)
+    out = export(model, AutoTokenizer.from_pretrained(args.path), args.output, args.format, overwrite=args.overwrite)
+    print(f"saved {out}")
 
 
 def cmd_generate(args) -> None:
@@ -264,7 +298,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    handlers = {"quantize": cmd_quantize, "generate": cmd_generate, "eval": cmd_eval, "compare": cmd_compare}
+    handlers = {"quantize": cmd_quantize, "export": cmd_export, "generate": cmd_generate, "eval": cmd_eval, "compare": cmd_compare}
     try:
         handlers[args.command](args)
     except (ConfigError, DataError, ModelNotFoundError, UnsupportedModelError, OutputExistsError, FileNotFoundError, TaskFormatError,

@@ -1,0 +1,112 @@
+"""Each export format, loaded by its real consumer (transformers with auto-round or compressed-tensors),
+gives the logits of signround's own packed model within fp16 tolerance."""
+
+import json
+
+import pytest
+import torch
+import transformers as tf
+from tiny_models import calib_ids, make
+
+import signround
+from signround.cli import main
+from signround.export import FormatError, check_formats, export
+
+
+def consumer_load(folder, fmt: str, asym: bool = False):
+    """The runtime's own loader: transformers plus the format's package, never signround's code."""
+    kwargs = {}
+    if fmt == "gptq":  # transformers' GPTQ path needs optimum + gptqmodel; auto-round's loader reads GPTQ checkpoints on CPU
+        kwargs["quantization_config"] = tf.AutoRoundConfig()
+    if fmt == "compressed-tensors" and asym:  # transformers cannot place packed zero points in its compressed layout
+        kwargs["quantization_config"] = tf.CompressedTensorsConfig(dequantize=True)
+    return tf.AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
+
+
+def quantized(scheme: str, method: str = "rtn", **config):
+    model = make("llama", vocab_size=256)
+    signround.quantize(model, signround.QuantConfig(scheme=scheme, method=method, iters=3, nsamples=4, seqlen=16, **config),
+                       calibration=calib_ids(4, 16), progress=False)
+    return model
+
+
+def assert_same_logits(ours, theirs):
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = ours(ids).logits, theirs(ids).logits
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.float(), want.float(), atol=3e-3, rtol=3e-3)
+
+
+@pytest.mark.parametrize("fmt, scheme", [
+    ("auto_round", "W4A16G32"), ("auto_round", "W3A16G32"), ("auto_round", "W2A16G32"), ("auto_round", "W8A16G32"),
+    ("gptq", "W4A16G32"), ("gptq", "W3A16G32"), ("gptq", "W8A16G32"),
+    ("compressed-tensors", "W4A16G32"), ("compressed-tensors", "W3A16G32"), ("compressed-tensors", "W2A16G32"),
+    ("compressed-tensors", "W4A16"),  # group wider than the 64-wide tiny layers: written per channel
+])
+def test_consumer_reproduces_our_logits(tmp_path, fmt, scheme):
+    model = quantized(scheme, method="signround")
+    export(model, None, tmp_path / "out", fmt)
+    assert_same_logits(model, consumer_load(tmp_path / "out", fmt, asym="W2" in scheme))
+
+
+@pytest.mark.parametrize("fmt", ["auto_round", "gptq", "compressed-tensors"])
+def test_mixed_schemes_and_16_bit_layers_survive(tmp_path, fmt):
+    model = quantized("W4A16G32", layer_overrides={"down_proj": "W8A16G32", r"layers\.1\.self_attn\.q_proj": "fp16"})
+    export(model, None, tmp_path / "out", fmt)
+    qcfg = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    listed = json.dumps(qcfg).replace("\\\\", "")
+    assert "layers.0.mlp.down_proj" in listed and "layers.1.self_attn.q_proj" in listed
+    assert_same_logits(model, consumer_load(tmp_path / "out", fmt))
+
+
+def test_export_from_a_saved_folder_through_the_cli(tmp_path, capsys, tiny_model_dir):
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 100)
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_model_dir), "-o", str(out), "--scheme", "W4A16G32", "--iters", "2", "--nsamples", "4",
+                 "--seqlen", "32", "--batch-size", "2", "--dataset", str(text), "-q"]) == 0
+    assert main(["export", str(out), "--format", "gptq", "-o", str(tmp_path / "gptq")]) == 0
+    ours = signround.load(out)
+    assert_same_logits_vocab(ours, consumer_load(tmp_path / "gptq", "gptq"), ours.config.vocab_size)
+    assert (tmp_path / "gptq" / "tokenizer.json").is_file()
+
+
+def assert_same_logits_vocab(ours, theirs, vocab):
+    ids = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits.float(), ours(ids).logits.float(), atol=3e-3, rtol=3e-3)
+
+
+def test_several_formats_at_once_each_in_its_folder(tmp_path, capsys, tiny_model_dir):
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 100)
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_model_dir), "-o", str(out), "--scheme", "W4A16G32", "--method", "rtn",
+                 "--format", "signround", "auto_round", "compressed-tensors"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["auto_round", "compressed-tensors", "signround"]
+    ours = signround.load(out / "signround")
+    for fmt in ("auto_round", "compressed-tensors"):
+        assert_same_logits_vocab(ours, consumer_load(out / fmt, fmt), ours.config.vocab_size)
+
+
+@pytest.mark.parametrize("fmt, scheme, hidden, reason", [
+    ("gptq", "W4A16G64", 96, "96 % 64 != 0"),
+    ("auto_round", "W4A16G64", 96, "96 % 64 != 0"),
+    ("compressed-tensors", "W4A16G64", 96, "96 % 64 != 0"),
+    ("gptq", "W4A16", 64, "64 < 128"),
+    ("auto_round", "bits=5,group_size=32,sym=true", 64, "take 2, 3, 4 or 8 bits, not 5"),
+])
+def test_unrepresentable_scheme_is_refused_before_tuning(fmt, scheme, hidden, reason):
+    model = make("llama", hidden_size=hidden)
+    config = signround.QuantConfig(scheme=signround.config.parse_scheme(scheme))
+    with pytest.raises(FormatError, match=reason.replace("(", r"\(")) as e:
+        check_formats([fmt], model, config)
+    assert f"{fmt} takes" in str(e.value)
+
+
+def test_cli_refuses_a_format_before_loading_work(tmp_path, capsys, tiny_model_dir):
+    code = main(["quantize", str(tiny_model_dir), "-o", str(tmp_path / "o"), "--format", "gptq", "--bits", "5", "--group-size", "32"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and "format gptq cannot hold" in err and "not 5" in err
+    assert not (tmp_path / "o.signround-work").exists()
