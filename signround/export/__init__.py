@@ -52,7 +52,7 @@ def get_format(name: str) -> Format:
 
 
 def _load_builtin() -> None:
-    from . import auto_round, compressed_tensors, gptq  # noqa: F401  (each registers itself)
+    from . import auto_round, compressed_tensors, gguf, gptq  # noqa: F401  (each registers itself)
 
 
 def quantized_layers(model) -> dict[str, QuantLinear]:
@@ -66,6 +66,9 @@ def check_formats(names: list[str], model, config: QuantConfig) -> None:
         if name == NATIVE:
             continue
         fmt = get_format(name)
+        reason = getattr(fmt, "model_refusal", lambda m: None)(model)
+        if reason:
+            raise FormatError(f"format {name} cannot hold this model: {reason}")
         for i, block in enumerate(blocks):
             for layer, module in find_linears(block).items():
                 full = f"{blocks_name}.{i}.{layer}"
@@ -84,6 +87,9 @@ def export(model, tokenizer, path: str | os.PathLike, name: str, overwrite: bool
     if name == NATIVE:
         return save(model, path, tokenizer, overwrite=overwrite)
     fmt = get_format(name)
+    reason = getattr(fmt, "model_refusal", lambda m: None)(model)
+    if reason:
+        raise FormatError(f"format {name} cannot hold this model: {reason}")
     layers = quantized_layers(model)
     if not layers:
         raise ConfigError("the model holds no quantized layers: run signround.quantize first")

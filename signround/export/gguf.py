@@ -1,0 +1,181 @@
+"""llama.cpp's GGUF file (`OUT/model.gguf`) for LLaMA-architecture models, with the tuned codes
+written into the legacy block types that hold them exactly:
+
+    4-bit sym  -> Q4_0  (q - 8) * d          4-bit asym -> Q4_1  q * d + m   (m = -zero * scale, in fp16)
+    5-bit sym  -> Q5_0  (q - 16) * d         5-bit asym -> Q5_1  q * d + m
+    8-bit sym  -> Q8_0  q * d  (q = code - 128)
+
+Every block is 32 weights along the input dimension with its own fp16 scale, so only group-32 schemes
+fit. Query and key rows are reordered as llama.cpp's converter does (its rotary layout); rows carry
+their groups along, so the codes move unchanged. Embeddings and the untied output layer are written
+in F16, norms in F32, and the tokenizer (vocabulary, merges, special tokens, chat template) is carried
+over so that llama.cpp and transformers' GGUF loader rebuild it.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..blocks import find_blocks
+from . import quantized_layers, register_format
+
+FILE_NAME = "model.gguf"
+_ARCHITECTURES = ("llama", "mistral")
+
+
+def _types():
+    from gguf import GGMLQuantizationType as T
+
+    return {(4, True): T.Q4_0, (4, False): T.Q4_1, (5, True): T.Q5_0, (5, False): T.Q5_1, (8, True): T.Q8_0}
+
+
+def _f16_bytes(x: torch.Tensor) -> np.ndarray:
+    return x.to(torch.float16).contiguous().numpy().view(np.uint8).reshape(*x.shape, 2)
+
+
+def encode_blocks(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, sym: bool) -> np.ndarray:
+    """(out, in) codes with (out, in/32) fp16 scales and zero points -> (out, in/32 * block bytes) uint8,
+    laid out as ggml's block_q4_0 / q4_1 / q5_0 / q5_1 / q8_0."""
+    out_features, in_features = codes.shape
+    q = codes.to(torch.int32).reshape(out_features, in_features // 32, 32)
+    parts = [_f16_bytes(scale)]
+    if not sym:
+        parts.append(_f16_bytes(-(zero.float() * scale.float())))
+    if bits == 8:
+        parts.append((q - 128).to(torch.int8).numpy().view(np.uint8))
+    else:
+        low = q & 0xF
+        if bits == 5:
+            high = (q >> 4) & 1
+            qh = (high << torch.arange(32, dtype=torch.int32)).sum(-1, dtype=torch.int64).to(torch.int32)
+            parts.append(qh.unsqueeze(-1).numpy().view(np.uint8).reshape(out_features, in_features // 32, 4))
+        parts.append((low[..., :16] | (low[..., 16:] << 4)).to(torch.uint8).numpy())
+    return np.concatenate(parts, axis=-1).reshape(out_features, -1)
+
+
+def llama_row_order(rows: int, heads: int) -> torch.Tensor:
+    """The row permutation llama.cpp's converter applies to q_proj/k_proj (per head: interleave the
+    two rotary halves). Row i of the GGUF tensor is row order[i] of the Hugging Face one."""
+    idx = torch.arange(rows).reshape(heads, 2, rows // heads // 2)
+    return idx.transpose(1, 2).reshape(rows)
+
+
+@register_format
+class GGUFFormat:
+    name = "gguf"
+    fits = "group-32 schemes of 4 bit (Q4_0 sym, Q4_1 asym), 5 bit (Q5_0, Q5_1) or 8 bit sym (Q8_0), on LLaMA-architecture models"
+
+    def refusal(self, scheme, in_features):
+        if scheme.group_size != 32:
+            return f"its legacy quant blocks hold 32 weights each, not groups of {scheme.group_size}"
+        if (scheme.bits, scheme.sym) not in _types():
+            return f"no GGUF block type holds {scheme.bits}-bit {'symmetric' if scheme.sym else 'asymmetric'} codes"
+        if in_features % 32:
+            return f"the layer's width {in_features} is not a multiple of 32"
+        return None
+
+    def model_refusal(self, model) -> str | None:
+        if model.config.model_type not in _ARCHITECTURES:
+            return f"the GGUF export writes LLaMA-architecture models ({', '.join(_ARCHITECTURES)}), not {model.config.model_type!r}"
+        return None
+
+    def write(self, model, tokenizer, folder):
+        import gguf
+
+        if tokenizer is None:
+            raise ValueError("the GGUF export needs the tokenizer: llama.cpp reads it from the file")
+        cfg = model.config
+        blocks_name, blocks = find_blocks(model)
+        heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        writer = gguf.GGUFWriter(folder / FILE_NAME, "llama")
+        writer.add_name(Path(str(getattr(cfg, "_name_or_path", "") or "model")).name)
+        writer.add_context_length(cfg.max_position_embeddings)
+        writer.add_embedding_length(cfg.hidden_size)
+        writer.add_block_count(len(blocks))
+        writer.add_feed_forward_length(cfg.intermediate_size)
+        writer.add_head_count(heads)
+        writer.add_head_count_kv(kv_heads)
+        writer.add_rope_dimension_count(head_dim)
+        writer.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or (cfg.rope_parameters or {}).get("rope_theta", 10000.0)))
+        writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+        writer.add_vocab_size(cfg.vocab_size)
+        types = _types()
+        layers = quantized_layers(model)
+        kinds = {types[(m.scheme.bits, m.scheme.sym)] for m in layers.values()}
+        file_type = {types[(4, True)]: gguf.LlamaFileType.MOSTLY_Q4_0, types[(4, False)]: gguf.LlamaFileType.MOSTLY_Q4_1,
+                     types[(5, True)]: gguf.LlamaFileType.MOSTLY_Q5_0, types[(5, False)]: gguf.LlamaFileType.MOSTLY_Q5_1,
+                     types[(8, True)]: gguf.LlamaFileType.MOSTLY_Q8_0}
+        writer.add_file_type(file_type[next(iter(kinds))] if len(kinds) == 1 else gguf.LlamaFileType.MOSTLY_F16)
+        _add_tokenizer(writer, tokenizer, cfg.vocab_size)
+
+        names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, len(blocks))
+        for hf_name, tensor in _tensors(model, layers):
+            base, _, suffix = hf_name.rpartition(".")
+            gguf_name = names.get_name(base)
+            if gguf_name is None:
+                raise ValueError(f"no GGUF tensor name for {hf_name}: the GGUF export writes LLaMA-architecture models")
+            heads_here = heads if gguf_name.endswith("attn_q") else kv_heads if gguf_name.endswith("attn_k") else None
+            if base in layers:
+                layer = layers[base]
+                qw = layer.quantized_weight()
+                codes, scale, zero = qw.codes, qw.scale, qw.zero
+                if heads_here:
+                    order = llama_row_order(layer.out_features, heads_here)
+                    codes, scale, zero = codes[order], scale[order], zero[order]
+                data = encode_blocks(codes, scale, zero, layer.scheme.bits, layer.scheme.sym)
+                writer.add_tensor(f"{gguf_name}.weight", data, raw_dtype=types[(layer.scheme.bits, layer.scheme.sym)])
+                continue
+            if heads_here and tensor.dim() == 2:
+                tensor = tensor[llama_row_order(tensor.shape[0], heads_here)]
+            dtype = np.float32 if tensor.dim() == 1 else np.float16
+            writer.add_tensor(f"{gguf_name}.{suffix}", tensor.detach().float().numpy().astype(dtype))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+
+def _tensors(model, layers):
+    """Every tensor to write, by Hugging Face name: packed layers once (by layer name), tied weights once."""
+    seen = set()
+    for name, tensor in model.state_dict().items():
+        base = name.rpartition(".")[0]
+        if base in layers:
+            if base not in seen and name.endswith(".qweight"):
+                seen.add(base)
+                yield name.replace(".qweight", ".weight"), None
+            continue
+        if name == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False):
+            continue
+        yield name, tensor
+
+
+def _add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
+    """Vocabulary, merges, special token ids and chat template, read back from the saved tokenizer by
+    the gguf package's own readers (GPT-2 style BPE tokenizers, as llama.cpp's converter handles them)."""
+    import gguf
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        try:
+            vocab = gguf.BpeVocab(Path(tmp))
+        except FileNotFoundError:
+            raise ValueError("the GGUF export carries over GPT-2 style BPE tokenizers (tokenizer.json with a ByteLevel BPE model); "
+                             f"{type(tokenizer).__name__} is not one") from None
+        tokens, types = [], []
+        for text, _score, kind in vocab.all_tokens():
+            tokens.append(text)
+            types.append(kind)
+        for i in range(len(tokens), vocab_size):  # embedding rows beyond the tokenizer: padding tokens
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        writer.add_tokenizer_model(vocab.tokenizer_model)
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        gguf.SpecialVocab(Path(tmp), load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)

@@ -1,0 +1,88 @@
+"""GGUF export: transformers' GGUF loader and the gguf package's own dequantization both read back
+exactly the weights signround tuned, and the tokenizer survives the trip."""
+
+import numpy as np
+import pytest
+import torch
+import transformers as tf
+from gguf import GGUFReader
+from gguf.quants import dequantize
+from tiny_models import make
+
+import signround
+from signround.config import parse_scheme
+from signround.export import FormatError, check_formats, export
+from signround.export.gguf import FILE_NAME, llama_row_order
+
+SCHEMES = {  # scheme -> the ggml block type it must be written as
+    "bits=4,group_size=32,sym=true": "Q4_0",
+    "bits=4,group_size=32,sym=false": "Q4_1",
+    "bits=5,group_size=32,sym=true": "Q5_0",
+    "bits=5,group_size=32,sym=false": "Q5_1",
+    "bits=8,group_size=32,sym=true": "Q8_0",
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """A small GPT-2 style byte-level BPE (as SmolLM2's), trained here so that GGUF round trips stay fast."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    text = ["The capital of France is Paris, said the assistant. " * 20, "Quantization keeps the model small and fast. " * 20]
+    bpe.train_from_iterator(text, vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    return tf.PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<|endoftext|>")
+
+
+def quantized(tokenizer, scheme: str):
+    model = make("llama", vocab_size=len(tokenizer))
+    signround.quantize(model, signround.QuantConfig(scheme=parse_scheme(scheme), method="rtn"), progress=False)
+    return model
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_transformers_gguf_loader_reproduces_our_logits(tmp_path, tokenizer, scheme):
+    model = quantized(tokenizer, scheme)
+    export(model, tokenizer, tmp_path / "out", "gguf")
+    theirs = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out", gguf_file=FILE_NAME).eval()
+    ids = torch.randint(0, len(tokenizer), (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits.float(), model(ids).logits.float(), atol=3e-3, rtol=3e-3)
+    text = "The capital of France is Paris, said the <|im_start|> assistant."
+    reread = tf.AutoTokenizer.from_pretrained(tmp_path / "out", gguf_file=FILE_NAME)
+    assert reread(text).input_ids == tokenizer(text).input_ids
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_gguf_package_dequantizes_to_our_weights(tmp_path, tokenizer, scheme):
+    model = quantized(tokenizer, scheme)
+    export(model, tokenizer, tmp_path / "out", "gguf")
+    tensors = {t.name: t for t in GGUFReader(tmp_path / "out" / FILE_NAME).tensors}
+    cfg = model.config
+    for hf, name, heads in (("self_attn.q_proj", "attn_q", cfg.num_attention_heads), ("self_attn.k_proj", "attn_k", cfg.num_key_value_heads),
+                            ("mlp.down_proj", "ffn_down", None)):
+        layer = model.model.layers[1].get_submodule(hf)
+        t = tensors[f"blk.1.{name}.weight"]
+        assert t.tensor_type.name == SCHEMES[scheme]
+        got = torch.from_numpy(np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)).reshape(layer.out_features, layer.in_features)
+        want = layer.dequantized_weight()
+        if heads:
+            want = want[llama_row_order(layer.out_features, heads)]
+        exact = "sym=true" in scheme  # asym blocks store the offset -zero*scale rounded to fp16
+        torch.testing.assert_close(got, want, atol=0 if exact else 2e-3 * want.abs().max().item(), rtol=0 if exact else 1e-3)
+    assert tensors["token_embd.weight"].tensor_type.name == "F16" and tensors["blk.0.attn_norm.weight"].tensor_type.name == "F32"
+
+
+@pytest.mark.parametrize("scheme, reason", [
+    ("W4A16", "hold 32 weights each, not groups of 128"),
+    ("W3A16G32", "no GGUF block type holds 3-bit symmetric codes"),
+    ("bits=8,group_size=32,sym=false", "no GGUF block type holds 8-bit asymmetric codes"),
+])
+def test_unrepresentable_scheme_is_refused(scheme, reason):
+    with pytest.raises(FormatError, match=reason):
+        check_formats(["gguf"], make("llama"), signround.QuantConfig(scheme=parse_scheme(scheme)))
+
+
+def test_other_architectures_are_refused():
+    with pytest.raises(FormatError, match="writes LLaMA-architecture models"):
+        check_formats(["gguf"], make("gpt2"), signround.QuantConfig(scheme="W4A16G32"))
