@@ -1,0 +1,24 @@
+"""SmolLM2-135M in every export format, loaded by each consumer: perplexity within 0.5% of ours and
+size on disk within 3% of the format's theoretical bits per weight (benchmarks/exports.py checks both)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_every_export_of_smollm2_matches_our_perplexity_and_size(tmp_path, shared_data):
+    out = tmp_path / "exports.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "exports.py"), "--tokens", "2048", "--json", str(out)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert {(r["scheme"], r["format"]) for r in rows} >= {("W4A16G64", f) for f in ("gptq", "auto_round", "compressed-tensors")}
+    assert sum(r["format"] == "gguf" for r in rows) == 2  # Q4_0 and Q4_1
+    for r in rows:
+        assert abs(r["ppl_diff"]) <= 0.005 and abs(r["size_diff"]) <= 0.03, r
