@@ -134,6 +134,17 @@ def partial_group(scheme: WeightScheme, in_features: int, wider_ok: bool = False
     return None
 
 
+class GPTQLayout:
+    """What formats built on GPTQ's int32 layout (gptq, auto_round) accept: 2/3/4/8 bits, whole groups."""
+
+    fits = "integer schemes of 2, 3, 4 or 8 bits whose group size divides every layer's width (or -1)"
+
+    def refusal(self, scheme: WeightScheme, in_features: int) -> str | None:
+        if scheme.bits not in (2, 3, 4, 8):
+            return f"its GPTQ-layout kernels take 2, 3, 4 or 8 bits, not {scheme.bits}"
+        return partial_group(scheme, in_features)
+
+
 def default_scheme(model) -> WeightScheme:
     qcfg = model.config.quantization_config
     return WeightScheme(qcfg["bits"], qcfg["group_size"], qcfg["sym"])

@@ -14,18 +14,12 @@ import torch
 from ..config import ConfigError
 from ..quant.integer import group_size_for
 from ..quant.packing import pack_qzeros
-from . import default_scheme, partial_group, quantized_layers, register_format, unquantized_block_linears, write_packed_folder
+from . import GPTQLayout, default_scheme, quantized_layers, register_format, unquantized_block_linears, write_packed_folder
 
 
 @register_format
-class GPTQFormat:
+class GPTQFormat(GPTQLayout):
     name = "gptq"
-    fits = "integer schemes of 2, 3, 4 or 8 bits whose group size divides every layer's width (or -1)"
-
-    def refusal(self, scheme, in_features):
-        if scheme.bits not in (2, 3, 4, 8):
-            return f"GPTQ kernels take 2, 3, 4 or 8 bits, not {scheme.bits}"
-        return partial_group(scheme, in_features)
 
     def write(self, model, tokenizer, folder):
         layers = quantized_layers(model)
