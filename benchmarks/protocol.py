@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import random
 from pathlib import Path
 
@@ -37,3 +38,12 @@ def wikitext_ids(tokenizer, max_tokens: int = 32768, data: Path = DATA) -> torch
     from signround.evaluate import text_token_ids
 
     return text_token_ids(tokenizer, data / "wikitext-2" / "test.txt", max_tokens)
+
+
+def cpu_name() -> str:
+    info = Path("/proc/cpuinfo")
+    if info.is_file():
+        for line in info.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()

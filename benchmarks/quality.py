@@ -13,7 +13,6 @@ import argparse
 import copy
 import datetime
 import json
-import platform
 import shutil
 import sys
 import tempfile
@@ -27,7 +26,7 @@ import protocol
 
 import signround
 from signround.evaluate import perplexity
-from signround.pipeline import cpu_has_fast_bf16
+from signround.hardware import cpu_has_fast_bf16
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # auto-round 0.16 numbers recorded with this protocol (../shared/data/README.md), for when it is not installed here
@@ -77,22 +76,13 @@ def key(tool, method, scheme, args) -> str:
     return f"{tool}|{method}|{scheme}|iters{args.iters}|n{args.nsamples}x{args.seqlen}|bs{args.batch_size}|layers{args.layers or 'all'}|seed{args.seed}"
 
 
-def cpu_name() -> str:
-    info = Path("/proc/cpuinfo")
-    if info.is_file():
-        for line in info.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def write_table(results: dict, args, path: Path) -> None:
     fp = results.get(key("fp32", "fp32", "-", args), {}).get("ppl")
     lines = [
         f"# Perplexity (wt2-32k) of {args.model}, calibration gutenberg-{args.nsamples}x{args.seqlen}",
         "",
         f"iters {args.iters}, batch {args.batch_size}, seed {args.seed}, layers {args.layers or 'all'}; "
-        f"machine: {cpu_name()}, {torch.get_num_threads()} threads, bf16 autocast {'on' if cpu_has_fast_bf16() else 'off (no AMX/AVX512-BF16: fp32)'}",
+        f"machine: {protocol.cpu_name()}, {torch.get_num_threads()} threads, bf16 autocast {'on' if cpu_has_fast_bf16() else 'off (no AMX/AVX512-BF16: fp32)'}",
         "",
         f"fp32 perplexity: {fp:.3f}" if fp else "fp32 perplexity: (not run)",
         "",

@@ -74,6 +74,8 @@ def _add_generate(sub) -> None:
     p.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
+                   help="compute dtype; bfloat16 (default) runs 4-bit layers through torch's int4 kernel on CPU, float32 is exact")
 
 
 def _add_eval(sub) -> None:
@@ -233,7 +235,7 @@ def cmd_generate(args) -> None:
     from . import checkpoint
 
     start = time.perf_counter()
-    model = checkpoint.load(args.path, device=args.device)
+    model = checkpoint.load(args.path, device=args.device, dtype=getattr(torch, args.dtype))
     tokenizer = AutoTokenizer.from_pretrained(args.path)
     ids = tokenizer(args.prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(args.device)
     with torch.no_grad():

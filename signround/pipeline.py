@@ -35,6 +35,7 @@ from .blocks import (
 )
 from .calibration import DataError, calibration_ids
 from .config import ConfigError, QuantConfig, WeightScheme
+from .hardware import cpu_has_fast_bf16
 from .qlinear import QuantLinear
 from .quant.integer import quantize_weight
 from .resume import WorkState, fingerprint
@@ -49,11 +50,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} requested but CUDA is not available: use --device cpu")
     return device
-
-
-def cpu_has_fast_bf16() -> bool:
-    """AMX or AVX512-BF16: only then is bf16 autocast faster than fp32 on a CPU (elsewhere it is ~8x slower)."""
-    return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
 
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import WeightScheme
+from .hardware import cpu_has_fast_bf16
 from .quant.integer import QuantizedWeight, dequantize_weight, group_size_for
 from .quant.packing import pack_qweight, pack_qzeros, packed_rows, unpack_qweight, unpack_qzeros
 
@@ -54,7 +55,49 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self._int4_fits(x):
+            return self._int4_forward(x, bias)
+        if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and not cpu_has_fast_bf16():
+            # 16-bit matmuls are emulated on such CPUs (several times slower than fp32): compute in fp32
+            return F.linear(x.float(), self.dequantized_weight(torch.float32), None if bias is None else bias.float()).to(x.dtype)
         return F.linear(x, self.dequantized_weight(x.dtype), bias)
+
+    # Fast CPU path for 4-bit layers: torch's packed int4 weight-only matmul (bf16 activations). It wins
+    # for a few rows at a time (decoding); for long prompts dequantizing once and one dense matmul is faster.
+    INT4_MAX_ROWS = 32
+
+    def _int4_fits(self, x: torch.Tensor) -> bool:
+        return (self.scheme.bits == 4 and x.device.type == "cpu" and x.dtype == torch.bfloat16
+                and x.numel() // self.in_features <= self.INT4_MAX_ROWS and self.out_features % 16 == 0
+                and group_size_for(self.in_features, self.scheme.group_size) in (32, 64, 128, 256)
+                and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"))
+
+    def _int4_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        packed, scales_zeros, padded_in = self._int4_weights()
+        rows = x.reshape(-1, self.in_features)
+        if padded_in != self.in_features:  # a partial last group: zero inputs meet the padded codes
+            rows = F.pad(rows, (0, padded_in - self.in_features))
+        group = group_size_for(self.in_features, self.scheme.group_size)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows.contiguous(), packed, group, scales_zeros)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if bias is None else y + bias
+
+    def _int4_weights(self):
+        """Codes repacked for the kernel, with (groups, out, 2) bf16 scale and offset: it computes
+        (q - 8) * scale + offset, so offset = (8 - zero) * scale. Built on first use, not saved."""
+        cached = self.__dict__.get("_int4_cache")
+        if cached is None:
+            qw = self.quantized_weight()
+            group = group_size_for(self.in_features, self.scheme.group_size)
+            padded_in = -(-self.in_features // group) * group
+            codes = torch.zeros(self.out_features, padded_in, dtype=torch.int32)
+            codes[:, : self.in_features] = qw.codes.cpu().to(torch.int32)
+            scale = qw.scale.float().cpu()
+            offset = (8 - qw.zero.float().cpu()) * scale
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+            cached = (packed, torch.stack([scale.t(), offset.t()], dim=-1).to(torch.bfloat16).contiguous(), padded_in)
+            self.__dict__["_int4_cache"] = cached
+        return cached
 
     def extra_repr(self) -> str:
         s = self.scheme

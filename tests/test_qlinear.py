@@ -1,0 +1,39 @@
+"""QuantLinear's fast 4-bit CPU path (torch's packed int4 matmul) agrees with its dequantize path."""
+
+import pytest
+import torch
+
+from signround.config import WeightScheme
+from signround.qlinear import QuantLinear
+from signround.quant.integer import quantize_weight
+
+
+def layer(out_features, in_features, group, sym, bits=4):
+    w = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(0))
+    qw = quantize_weight(w, bits, group, sym)
+    return QuantLinear.from_quantized(qw, WeightScheme(bits, group, sym), torch.randn(out_features))
+
+
+@pytest.mark.parametrize("out_features, in_features, group, sym", [
+    (192, 576, 128, True),   # SmolLM2's k_proj at g128: a partial last group, padded for the kernel
+    (192, 576, 64, False),
+    (64, 64, 32, True),
+    (48, 256, 256, False),
+])
+def test_int4_kernel_matches_the_dequantized_matmul(out_features, in_features, group, sym):
+    q = layer(out_features, in_features, group, sym)
+    x = torch.randn(1, 5, in_features, dtype=torch.bfloat16)
+    fast = q(x)
+    assert q.__dict__.get("_int4_cache") is not None, "the int4 kernel was not used"
+    exact = torch.nn.functional.linear(x.float(), q.dequantized_weight(torch.float32), q.bias.float())
+    torch.testing.assert_close(fast.float(), exact, atol=0.02 * exact.abs().max().item(), rtol=0.02)
+
+
+def test_long_inputs_other_widths_and_fp32_take_the_dequantize_path():
+    q = layer(64, 64, 32, True)
+    q(torch.randn(1, QuantLinear.INT4_MAX_ROWS + 1, 64, dtype=torch.bfloat16))
+    q(torch.randn(1, 3, 64))  # fp32 activations: exact dequantized weights
+    assert q.__dict__.get("_int4_cache") is None
+    q3 = layer(64, 64, 32, True, bits=3)
+    q3(torch.randn(1, 3, 64, dtype=torch.bfloat16))
+    assert q3.__dict__.get("_int4_cache") is None
