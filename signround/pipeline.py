@@ -272,7 +272,7 @@ def quantize(model, config: QuantConfig | None = None, *, tokenizer=None, calibr
     if algorithm.needs_calibration:
         calibration_seqlen(model, config)  # a bad seqlen fails before any state is touched
 
-    state = WorkState.open(work_dir, fingerprint(model, config, tokenizer, calibration), resume) if work_dir is not None else None
+    state = WorkState.open(work_dir, fingerprint(model, config, tokenizer, calibration, f"{device}/{amp_dtype}"), resume) if work_dir is not None else None
     done = state.finished if state else 0
     for i in range(done):
         _restore_block(model, f"{blocks_name}.{i}.", plan[i], state.block_tensors(i))

@@ -70,11 +70,14 @@ def calibration_digest(calibration) -> str:
     return _sha(*(str(doc).encode() + b"\x00" for doc in calibration))
 
 
-def fingerprint(model, config, tokenizer, calibration) -> dict:
-    """Everything that decides the result; a saved state is only resumed when all of it matches."""
+def fingerprint(model, config, tokenizer, calibration, compute: str = "") -> dict:
+    """Everything that decides the result, down to the resolved device and autocast dtype (`compute`)
+    and the torch version; a saved state is only resumed when all of it matches."""
     settings = json.loads(json.dumps(config.to_dict(), default=str))
     return {
         "signround": __version__,
+        "torch": torch.__version__,
+        "compute": compute,
         "model": model_digest(model),
         "tokenizer": _sha(json.dumps([type(tokenizer).__name__, len(tokenizer)] if tokenizer is not None else None).encode()),
         "calibration": calibration_digest(calibration),
