@@ -122,6 +122,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--layers", type=int, help="truncate the model to its first N blocks")
+    p.add_argument("--tools", default="signround,auto-round", type=lambda s: s.split(","),
+                   help="whose rows to run: signround and/or auto-round (when installed), with the same calibration ids")
     p.add_argument("--eval-tokens", type=int, default=32768)
     p.add_argument("--name", default="quality", help="results file stem in benchmarks/results/")
     p.add_argument("--table-only", action="store_true", help="rewrite the markdown table from the stored results and stop")
@@ -138,11 +140,13 @@ def main() -> None:
     truncate(base, args.layers)
     calib = protocol.gutenberg_calibration(tokenizer, args.nsamples, args.seqlen)
     eval_ids = protocol.wikitext_ids(tokenizer, args.eval_tokens)
-    try:
-        import auto_round  # noqa: F401
-        tools = ["signround", "auto-round"]
-    except ImportError:
-        tools = ["signround"]
+    tools = args.tools
+    if "auto-round" in tools:
+        try:
+            import auto_round  # noqa: F401
+        except ImportError:
+            print("auto-round is not installed (pip install 'signround[bench]'): its rows are skipped", flush=True)
+            tools = [t for t in tools if t != "auto-round"]
 
     def record(k, fn, *fn_args):
         if k in results:
