@@ -44,27 +44,18 @@ def disk_full_error(error: OSError, message: str) -> DiskFullError | None:
     return None
 
 
-def expected_sizes(model, config, seqlen: int) -> tuple[int, int]:
-    """Bytes of (the output folder, the resumable work state), estimated before quantizing: packed
-    layers at their bits per weight, everything else in 16 bit, and two sets of fp32 hidden states."""
-    from .blocks import find_blocks, find_linears, linear_weight
+def expected_sizes(model, planned: dict, nsamples: int, seqlen: int) -> tuple[int, int]:
+    """Bytes of (the output folder, the resumable work state), estimated before quantizing: the
+    `planned` layers (`pipeline.planned_layers`) at their bits per weight, everything else in 16 bit,
+    and two sets of fp32 hidden states of `seqlen` tokens per sample (0 for methods that calibrate on nothing)."""
+    from .blocks import linear_weight
 
-    blocks_name, blocks = find_blocks(model)
-    packed = plain = 0
-    seen = set()
-    for i, block in enumerate(blocks):
-        for name, module in find_linears(block).items():
-            scheme = config.scheme_for(f"{blocks_name}.{i}.{name}")
-            out_features, in_features = linear_weight(module).shape
-            if scheme is not None and scheme.fits(in_features, config.pad_groups):
-                packed += int(module.weight.numel() * scheme.bits_per_weight(in_features) / 8)
-                seen.add(id(module.weight))
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            plain += p.numel() * 2
+    tasks = planned.values()
+    packed = sum(int(t.module.weight.numel() * t.scheme.bits_per_weight(linear_weight(t.module).shape[1]) / 8) for t in tasks)
+    quantized = {id(t.module.weight) for t in tasks}
+    plain = sum(p.numel() * 2 for p in {id(p): p for p in model.parameters()}.values() if id(p) not in quantized)
     hidden = model.get_input_embeddings().weight.shape[1]
-    inputs = 2 * 2 * config.nsamples * seqlen * hidden * 4  # original and quantized streams; old and new file briefly
+    inputs = 2 * 2 * nsamples * seqlen * hidden * 4  # original and quantized streams; old and new file briefly
     return packed + plain, packed + inputs
 
 

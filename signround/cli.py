@@ -158,11 +158,11 @@ def cmd_quantize(args) -> None:
     from . import checkpoint, models
     from .algorithms import get_algorithm
     from .export import NATIVE, check_formats, export, get_format
-    from .pipeline import calibration_seqlen, quantize
+    from .pipeline import calibration_seqlen, planned_layers, quantize
     from .resume import default_work_dir, describe
 
     config = config_from_args(args)
-    get_algorithm(config.method)
+    calibrates = get_algorithm(config.method).needs_calibration
     checkpoint.check_output_dir(args.output, args.overwrite)
     calibration = _calibration_source(args.dataset) if args.dataset else None
     if args.eval_text and not Path(args.eval_text).is_file():
@@ -170,9 +170,11 @@ def cmd_quantize(args) -> None:
     for name in set(args.format) - {NATIVE}:
         get_format(name)
     model, tokenizer = models.load(args.model, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
-    check_formats(args.format, model, config)
+    planned = planned_layers(model, config)
+    check_formats(args.format, model, config, planned)
     work = default_work_dir(args.output)
-    checkpoint.check_disk_space(work.parent, *checkpoint.expected_sizes(model, config, calibration_seqlen(model, config)))
+    seqlen = calibration_seqlen(model, config) if calibrates else 0
+    checkpoint.check_disk_space(work.parent, *checkpoint.expected_sizes(model, planned, config.nsamples, seqlen))
     if args.eval_text:
         print(f"perplexity before: {_ppl(model, tokenizer, args):.3f}", flush=True)
     try:
@@ -187,7 +189,8 @@ def cmd_quantize(args) -> None:
             written = [checkpoint.save(model, args.output, tokenizer, overwrite=args.overwrite, save_dtype=args.save_dtype)]
         else:
             with checkpoint.atomic_folder(args.output, args.overwrite) as tmp:
-                written = [export(model, tokenizer, tmp / name, name) for name in args.format]
+                for name in args.format:
+                    export(model, tokenizer, tmp / name, name)
             written = [Path(args.output).resolve() / name for name in args.format]
     except checkpoint.DiskFullError as e:
         kept = f"the finished quantization is kept in {work}: the same command saves it without tuning again"

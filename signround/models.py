@@ -107,10 +107,9 @@ def _check_causal_lm(source: ModelSource, trust_remote_code: bool) -> None:
 
     from .blocks import SUPPORTED, UnsupportedModelError
 
-    if source.kind == "hub" or trust_remote_code:
+    if source.kind != "folder" or trust_remote_code:  # GGUF: transformers only maps decoder architectures (and parsing it again costs seconds)
         return
-    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    config = AutoConfig.from_pretrained(source.location, **kwargs)
+    config = AutoConfig.from_pretrained(source.location)
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise UnsupportedModelError(f"{source.location} holds a {config.model_type!r} model, which is not a causal LM transformers can load: {SUPPORTED}")
 

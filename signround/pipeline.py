@@ -131,6 +131,14 @@ def plan_layers(model, blocks_name: str, blocks, config: QuantConfig, report: Qu
     return plan
 
 
+def planned_layers(model, config: QuantConfig) -> dict[str, LayerTask]:
+    """Every linear layer `quantize` would pack, by full name, with its scheme: the same rules as
+    `plan_layers`, for checks made before tuning (disk space, export formats)."""
+    blocks_name, blocks = find_blocks(model)
+    plan = plan_layers(model, blocks_name, blocks, config, QuantizeReport())
+    return {f"{blocks_name}.{i}.{t.name}": t for i, tasks in enumerate(plan) for t in tasks}
+
+
 def _check_group_sizes(tasks: list[LayerTask]) -> None:
     """A partial last group is fine where a group size divides some layers (SmolLM2's 576-wide inputs at
     g128); one that divides none of its layers is a mistake, refused before any work."""
@@ -302,9 +310,7 @@ def quantize(model, config: QuantConfig | None = None, *, tokenizer=None, calibr
         block_start = time.perf_counter()
         try:
             fp_in, q_in, losses, notes = _quantize_one(model, blocks_name, blocks, i, plan[i], algorithm, config, fp_in, q_in, calls, device, amp_dtype)
-        except (torch.OutOfMemoryError, MemoryError) as e:
-            if isinstance(e, OutOfMemory):
-                raise
+        except (torch.OutOfMemoryError, MemoryError):
             raise _out_of_memory(i, device, config, state) from None
         report.block_losses.append(losses)
         report.notes.extend(notes)

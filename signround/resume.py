@@ -178,9 +178,6 @@ class WorkState:
         saved = load_file(self.folder / f"inputs-{self.finished:05d}.safetensors")
         return saved["fp"].to(device), saved["q"].to(device)
 
-    def remove(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=False)
-
 
 def describe(folder: str | os.PathLike) -> str:
     """One line on what an interrupted run left in `folder`."""

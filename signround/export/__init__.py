@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Protocol
 
 from ..blocks import find_blocks, find_linears, linear_weight
 from ..config import ConfigError, QuantConfig, WeightScheme
@@ -19,15 +18,24 @@ class FormatError(ConfigError):
     """The chosen scheme cannot be written in the chosen format; the message says which schemes can."""
 
 
-class Format(Protocol):
+class Format:
+    """A format: which schemes (and models) it can hold, and how it writes them. Subclasses set
+    `name` and `fits` (the schemes it takes, in words, for error messages) and implement the rest."""
+
     name: str
-    fits: str  # the schemes it represents, in words, for error messages
+    fits: str
 
     def refusal(self, scheme: WeightScheme, in_features: int) -> str | None:
         """Why a layer with this scheme and input width cannot be written, or None."""
+        raise NotImplementedError
+
+    def model_refusal(self, model) -> str | None:
+        """Why this model cannot be written at all (e.g. an architecture the format has no names for), or None."""
+        return None
 
     def write(self, model, tokenizer, folder: Path) -> None:
         """Write the whole model into the (empty, temporary) `folder`."""
+        raise NotImplementedError
 
 
 _REGISTRY: dict[str, Format] = {}
@@ -59,25 +67,27 @@ def quantized_layers(model) -> dict[str, QuantLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
-def check_formats(names: list[str], model, config: QuantConfig) -> None:
-    """Refuse, before tuning, a format that cannot represent the scheme some layer will get."""
-    blocks_name, blocks = find_blocks(model)
-    for name in names:
-        if name == NATIVE:
-            continue
-        fmt = get_format(name)
-        reason = getattr(fmt, "model_refusal", lambda m: None)(model)
+def _refuse(fmt: Format, model, layers: dict[str, tuple[WeightScheme, int]]) -> None:
+    """Raise FormatError for the model or the first layer (name -> (scheme, in_features)) `fmt` cannot hold."""
+    reason = fmt.model_refusal(model)
+    if reason:
+        raise FormatError(f"format {fmt.name} cannot hold this model: {reason}")
+    for layer_name, (scheme, in_features) in layers.items():
+        reason = fmt.refusal(scheme, in_features)
         if reason:
-            raise FormatError(f"format {name} cannot hold this model: {reason}")
-        for i, block in enumerate(blocks):
-            for layer, module in find_linears(block).items():
-                full = f"{blocks_name}.{i}.{layer}"
-                scheme = config.scheme_for(full)
-                if scheme is None:
-                    continue
-                reason = fmt.refusal(scheme, linear_weight(module).shape[1])
-                if reason:
-                    raise FormatError(f"format {name} cannot hold {full} as {scheme.name()}: {reason}; {name} takes {fmt.fits}")
+            raise FormatError(f"format {fmt.name} cannot hold {layer_name} as {scheme.name()}: {reason}; {fmt.name} takes {fmt.fits}")
+
+
+def check_formats(names: list[str], model, config: QuantConfig, planned: dict | None = None) -> None:
+    """Refuse, before tuning, a format that cannot represent the scheme some layer will get
+    (`planned`: `pipeline.planned_layers(model, config)` when the caller has it already)."""
+    from ..pipeline import planned_layers
+
+    planned = planned if planned is not None else planned_layers(model, config)
+    layers = {name: (task.scheme, linear_weight(task.module).shape[1]) for name, task in planned.items()}
+    for name in names:
+        if name != NATIVE:
+            _refuse(get_format(name), model, layers)
 
 
 def export(model, tokenizer, path: str | os.PathLike, name: str, overwrite: bool = False) -> Path:
@@ -87,16 +97,10 @@ def export(model, tokenizer, path: str | os.PathLike, name: str, overwrite: bool
     if name == NATIVE:
         return save(model, path, tokenizer, overwrite=overwrite)
     fmt = get_format(name)
-    reason = getattr(fmt, "model_refusal", lambda m: None)(model)
-    if reason:
-        raise FormatError(f"format {name} cannot hold this model: {reason}")
     layers = quantized_layers(model)
     if not layers:
         raise ConfigError("the model holds no quantized layers: run signround.quantize first")
-    for layer_name, layer in layers.items():
-        reason = fmt.refusal(layer.scheme, layer.in_features)
-        if reason:
-            raise FormatError(f"format {name} cannot hold {layer_name} as {layer.scheme.name()}: {reason}; {name} takes {fmt.fits}")
+    _refuse(fmt, model, {layer_name: (layer.scheme, layer.in_features) for layer_name, layer in layers.items()})
     with atomic_folder(path, overwrite) as tmp:
         fmt.write(model, tokenizer, tmp)
     return Path(path).resolve()
@@ -134,7 +138,7 @@ def partial_group(scheme: WeightScheme, in_features: int, wider_ok: bool = False
     return None
 
 
-class GPTQLayout:
+class GPTQLayout(Format):
     """What formats built on GPTQ's int32 layout (gptq, auto_round) accept: 2/3/4/8 bits, whole groups."""
 
     fits = "integer schemes of 2, 3, 4 or 8 bits whose group size divides every layer's width (or -1)"

@@ -16,7 +16,7 @@ import re
 import torch
 
 from ..quant.packing import pack_rows
-from . import partial_group, quantized_layers, register_format, unquantized_block_linears, write_packed_folder
+from . import Format, partial_group, quantized_layers, register_format, unquantized_block_linears, write_packed_folder
 
 
 def _dense(values: torch.Tensor, bits: int) -> torch.Tensor:
@@ -31,7 +31,7 @@ def _weights_args(bits: int, sym: bool, group_size: int | None) -> dict:
 
 
 @register_format
-class CompressedTensorsFormat:
+class CompressedTensorsFormat(Format):
     name = "compressed-tensors"
     fits = "integer schemes of 2-8 bits whose group size divides every layer's width (or -1)"
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..blocks import find_blocks
-from . import quantized_layers, register_format
+from . import Format, quantized_layers, register_format
 
 FILE_NAME = "model.gguf"
 _ARCHITECTURES = ("llama", "mistral")
@@ -65,7 +65,7 @@ def llama_row_order(rows: int, heads: int) -> torch.Tensor:
 
 
 @register_format
-class GGUFFormat:
+class GGUFFormat(Format):
     name = "gguf"
     fits = "group-32 schemes of 4 bit (Q4_0 sym, Q4_1 asym), 5 bit (Q5_0, Q5_1) or 8 bit sym (Q8_0), on LLaMA-architecture models"
 
