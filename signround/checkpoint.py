@@ -102,29 +102,43 @@ def state_for_saving(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         seen.add(key)
         if tensor.is_floating_point() and name not in scales:
             tensor = tensor.to(dtype)
-        state[name] = tensor.detach().cpu().contiguous()
+        state[name] = tensor.detach() if tensor.is_meta else tensor.detach().cpu().contiguous()
     return state
 
 
-def _write_shards(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int) -> None:
-    shards, current, size = [], {}, 0
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _write_shards(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int, weights=None) -> None:
+    """Safetensors shards of at most `max_shard_bytes`. Meta tensors in `state` are placeholders read
+    from `weights` one shard at a time, so a model streamed to disk block by block is saved without
+    ever being whole in memory."""
+    shards, current, size = [], [], 0
     for name, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if current and size + nbytes > max_shard_bytes:
+        if current and size + _nbytes(tensor) > max_shard_bytes:
             shards.append(current)
-            current, size = {}, 0
-        current[name] = tensor
-        size += nbytes
+            current, size = [], 0
+        current.append(name)
+        size += _nbytes(tensor)
     shards.append(current)
+    lazy = [n for n, t in state.items() if t.is_meta]
+    if lazy and weights is None:
+        raise ValueError(f"{lazy[0]} is not in memory: pass the source of the finished blocks (weights=finished_blocks(work_dir))")
+
+    def shard_tensors(names: list[str]) -> dict[str, torch.Tensor]:
+        read = weights.tensors([n for n in names if state[n].is_meta]) if lazy else {}
+        return {n: read[n].to(state[n].dtype).contiguous() if state[n].is_meta else state[n] for n in names}
+
     if len(shards) == 1:
-        save_file(shards[0], folder / "model.safetensors", metadata={"format": "pt"})
+        save_file(shard_tensors(shards[0]), folder / "model.safetensors", metadata={"format": "pt"})
         return
     weight_map = {}
-    for i, shard in enumerate(shards, 1):
+    for i, names in enumerate(shards, 1):
         filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, folder / filename, metadata={"format": "pt"})
-        weight_map.update({name: filename for name in shard})
-    total = sum(t.numel() * t.element_size() for t in state.values())
+        save_file(shard_tensors(names), folder / filename, metadata={"format": "pt"})
+        weight_map.update({name: filename for name in names})
+    total = sum(_nbytes(t) for t in state.values())
     (folder / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
@@ -151,7 +165,7 @@ def atomic_folder(path: str | os.PathLike, overwrite: bool = False):
 
 
 def write_hf_folder(folder: Path, model, tokenizer, state: dict[str, torch.Tensor], quantization_config: dict | None,
-                    max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+                    max_shard_bytes: int = MAX_SHARD_BYTES, weights=None) -> None:
     """config.json (with `quantization_config`), generation config, tokenizer and safetensors shards."""
     config = copy.deepcopy(model.config)
     config.quantization_config = quantization_config
@@ -160,17 +174,19 @@ def write_hf_folder(folder: Path, model, tokenizer, state: dict[str, torch.Tenso
         model.generation_config.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
-    _write_shards(state, folder, max_shard_bytes)
+    _write_shards(state, folder, max_shard_bytes, weights)
 
 
 def save(model, path: str | os.PathLike, tokenizer=None, *, overwrite: bool = False, save_dtype: str | torch.dtype = "auto",
-         max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
-    """Write a quantized model (and its tokenizer) to `path` atomically, in the tool's own format."""
+         max_shard_bytes: int = MAX_SHARD_BYTES, weights=None) -> Path:
+    """Write a quantized model (and its tokenizer) to `path` atomically, in the tool's own format.
+    `weights` supplies the tensors of blocks that are on the meta device (a streamed run's finished
+    blocks: `resume.finished_blocks(work_dir, ...)`)."""
     if not isinstance(getattr(model.config, "quantization_config", None), dict):
         raise ValueError("the model has not been quantized by signround: run signround.quantize first")
     with atomic_folder(path, overwrite) as tmp:
         state = state_for_saving(model, _save_dtype(model, save_dtype))
-        write_hf_folder(tmp, model, tokenizer, state, model.config.quantization_config, max_shard_bytes)
+        write_hf_folder(tmp, model, tokenizer, state, model.config.quantization_config, max_shard_bytes, weights)
     return Path(path).resolve()
 
 

@@ -57,6 +57,9 @@ def _add_quantize(sub) -> None:
     p.add_argument("--report-json", help="also write the quantization report (block losses, time, memory) as JSON")
     p.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code (off by default)")
     p.add_argument("--allow-pickle", action="store_true", help="accept .bin/.pt pickle checkpoints (they can run code when loaded)")
+    p.add_argument("--no-stream", action="store_true",
+                   help="load the whole model first; by default a local safetensors folder or LLaMA GGUF is read one block at a time "
+                        "and finished blocks go to disk, so memory holds about one block (--eval-text also loads it whole)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
@@ -150,6 +153,21 @@ def _ppl(model, tokenizer, args) -> float:
     return perplexity(model, text_token_ids(tokenizer, args.eval_text, args.eval_tokens), seqlen=args.eval_seqlen)
 
 
+def _open_model(args, stream: bool):
+    """(model, tokenizer, weights): lazily opened (blocks read from `weights` one at a time) where the
+    checkpoint allows it and `stream` is set, else loaded whole (weights None)."""
+    from . import models
+    from .weights import StreamingUnsupported, open_lazy
+
+    if stream:
+        try:
+            return open_lazy(args.model, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+        except StreamingUnsupported as e:
+            logging.getLogger("signround").info("loading %s whole: %s", args.model, e)
+    model, tokenizer = models.load(args.model, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+    return model, tokenizer, None
+
+
 class Interrupted(KeyboardInterrupt):
     pass
 
@@ -159,7 +177,9 @@ def cmd_quantize(args) -> None:
     from .algorithms import get_algorithm
     from .export import NATIVE, check_formats, export, get_format
     from .pipeline import calibration_seqlen, planned_layers, quantize
-    from .resume import default_work_dir, describe
+    from .blocks import find_blocks
+    from .resume import default_work_dir, describe, finished_blocks
+    from .weights import materialize
 
     config = config_from_args(args)
     calibrates = get_algorithm(config.method).needs_calibration
@@ -169,7 +189,7 @@ def cmd_quantize(args) -> None:
         raise FileNotFoundError(f"--eval-text {args.eval_text} not found: give a UTF-8 text file")
     for name in set(args.format) - {NATIVE}:
         get_format(name)
-    model, tokenizer = models.load(args.model, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+    model, tokenizer, weights = _open_model(args, stream=not (args.no_stream or args.eval_text))
     planned = planned_layers(model, config)
     check_formats(args.format, model, config, planned)
     work = default_work_dir(args.output)
@@ -178,15 +198,23 @@ def cmd_quantize(args) -> None:
     if args.eval_text:
         print(f"perplexity before: {_ppl(model, tokenizer, args):.3f}", flush=True)
     try:
-        report = quantize(model, config, tokenizer=tokenizer, calibration=calibration, progress=not args.quiet, work_dir=work, resume=args.resume)
+        report = quantize(model, config, tokenizer=tokenizer, calibration=calibration, progress=not args.quiet, work_dir=work, resume=args.resume,
+                          weights=weights)
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted: {describe(work)}; run the same command again to resume") from None
     print(report.summary(), flush=True)
+    finished = None
+    if weights is not None:  # the finished blocks are on disk, in the work state
+        blocks_name, blocks = find_blocks(model)
+        finished = finished_blocks(work, blocks_name)
+        if args.format != [NATIVE]:  # exporters work on the packed model in memory
+            for i, block in enumerate(blocks):
+                materialize(block, f"{blocks_name}.{i}.", finished)
     if args.eval_text:
         print(f"perplexity after:  {_ppl(model, tokenizer, args):.3f}", flush=True)
     try:
         if args.format == [NATIVE]:
-            written = [checkpoint.save(model, args.output, tokenizer, overwrite=args.overwrite, save_dtype=args.save_dtype)]
+            written = [checkpoint.save(model, args.output, tokenizer, overwrite=args.overwrite, save_dtype=args.save_dtype, weights=finished)]
         else:
             with checkpoint.atomic_folder(args.output, args.overwrite) as tmp:
                 for name in args.format:

@@ -114,15 +114,20 @@ def _check_causal_lm(source: ModelSource, trust_remote_code: bool) -> None:
         raise UnsupportedModelError(f"{source.location} holds a {config.model_type!r} model, which is not a causal LM transformers can load: {SUPPORTED}")
 
 
+def check_loadable(source: ModelSource, trust_remote_code: bool = False, allow_pickle: bool = False) -> None:
+    """The checks every load makes first: no pickle-only folder, readable weight files, a causal LM."""
+    _refuse_pickle(source, allow_pickle)
+    check_weight_files(source)
+    _check_causal_lm(source, trust_remote_code)
+
+
 def load(spec: str, dtype: str | torch.dtype = "auto", trust_remote_code: bool = False, allow_pickle: bool = False):
     """(model, tokenizer) for a model spec, in eval mode on the CPU. GGUF weights are dequantized to fp32;
     folders and hub models load from safetensors only unless `allow_pickle`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve(spec)
-    _refuse_pickle(source, allow_pickle)
-    check_weight_files(source)
-    _check_causal_lm(source, trust_remote_code)
+    check_loadable(source, trust_remote_code, allow_pickle)
     if source.kind == "hub" and not hub_reachable():
         raise ModelNotFoundError(f"could not load {spec!r} from the hub (not reachable from here): check your connection, or pass a local folder or .gguf file")
     kwargs = {"trust_remote_code": trust_remote_code}

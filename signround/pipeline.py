@@ -39,6 +39,7 @@ from .hardware import cpu_has_fast_bf16
 from .qlinear import QuantLinear
 from .quant.integer import quantize_weight
 from .resume import WorkState, fingerprint
+from .weights import is_lazy, materialize
 
 log = logging.getLogger("signround")
 
@@ -112,8 +113,7 @@ def plan_layers(model, blocks_name: str, blocks, config: QuantConfig, report: Qu
             full = f"{blocks_name}.{i}.{name}"
             scheme = config.scheme_for(full)
             in_features = linear_weight(module).shape[1]
-            if not torch.isfinite(module.weight).all():
-                raise CorruptWeightsError(f"{full}.weight holds NaN or Inf values: the model's weights are corrupt; re-download or re-convert it")
+            _check_finite(full, module)
             if scheme is None:
                 report.skipped[full] = "kept 16-bit by a layer override"
             elif not scheme.fits(in_features, config.pad_groups):
@@ -129,6 +129,20 @@ def plan_layers(model, blocks_name: str, blocks, config: QuantConfig, report: Qu
             raise ConfigError(f"no layer can be quantized with this scheme ({why}): choose a group size that divides the layers' input size, or -1")
         raise UnsupportedModelError(f"{type(model).__name__} has no linear layers in its blocks to quantize")
     return plan
+
+
+def _check_finite(name: str, module) -> None:
+    if not module.weight.is_meta and not torch.isfinite(module.weight).all():
+        raise CorruptWeightsError(f"{name}.weight holds NaN or Inf values: the model's weights are corrupt; re-download or re-convert it")
+
+
+def _load_block(blocks_name: str, blocks, i: int, tasks: list[LayerTask], weights) -> None:
+    """Read block i's weights from the checkpoint when the model was opened lazily (`weights.open_lazy`)."""
+    if weights is None or not is_lazy(blocks[i]):
+        return
+    materialize(blocks[i], f"{blocks_name}.{i}.", weights)
+    for task in tasks:
+        _check_finite(f"{blocks_name}.{i}.{task.name}", task.module)
 
 
 def planned_layers(model, config: QuantConfig) -> dict[str, LayerTask]:
@@ -230,19 +244,23 @@ def _calibration_token_ids(model, config: QuantConfig, tokenizer, calibration, r
     return ids
 
 
-def _restore_block(model, prefix: str, tasks: list[LayerTask], tensors: dict[str, torch.Tensor]) -> None:
-    """Put a finished block's packed layers, read back from the work state, in place of its linears."""
+def _restore_block(model, prefix: str, tasks: list[LayerTask], tensors: dict[str, torch.Tensor] | None) -> None:
+    """Put a finished block, read back from the work state, in place: packed layers for its linears and
+    its other tensors (norms). With `tensors` None (a lazily opened model) only the structure is rebuilt,
+    on the meta device: the tensors stay on disk until the model is saved."""
+    device = "meta" if tensors is None else None
     for task in tasks:
-        own = {k[len(task.name) + 1:]: v for k, v in tensors.items() if k.startswith(f"{task.name}.")}
         out_features, in_features = linear_weight(task.module).shape
-        bias = own.get("bias")
-        layer = QuantLinear(in_features, out_features, task.scheme, bias is not None, dtype=bias.dtype if bias is not None else torch.float16)
-        layer.load_state_dict(own)
+        bias = getattr(task.module, "bias", None)
+        layer = QuantLinear(in_features, out_features, task.scheme, bias is not None, dtype=bias.dtype if bias is not None else torch.float16, device=device)
         set_submodule(model, f"{prefix}{task.name}", layer)
+    if tensors is not None:
+        model.get_submodule(prefix.rstrip(".")).load_state_dict(tensors, strict=False)
 
 
-def _packed_tensors(block, tasks: list[LayerTask]) -> dict[str, torch.Tensor]:
-    return {f"{t.name}.{k}": v for t in tasks for k, v in block.get_submodule(t.name).state_dict().items()}
+def _block_tensors(block) -> dict[str, torch.Tensor]:
+    """Everything a finished block holds (packed layers and norms): enough to rebuild it from disk."""
+    return dict(block.state_dict())
 
 
 class OutOfMemory(MemoryError):
@@ -256,7 +274,7 @@ def _out_of_memory(index: int, device, config: QuantConfig, state: WorkState | N
 
 
 def quantize(model, config: QuantConfig | None = None, *, tokenizer=None, calibration=None, progress: bool = True,
-             work_dir=None, resume: str = "auto", on_block_done=None) -> QuantizeReport:
+             work_dir=None, resume: str = "auto", on_block_done=None, weights=None) -> QuantizeReport:
     """Quantize `model` in place: every linear layer of its decoder blocks becomes a packed QuantLinear.
 
     `calibration`: token ids (n, seqlen), a list of texts, a file/folder path or a hub dataset name;
@@ -264,6 +282,8 @@ def quantize(model, config: QuantConfig | None = None, *, tokenizer=None, calibr
     `work_dir`: keep each finished block there, so that running the same call again after a crash
     continues after the last finished block (`resume`: "auto", "force" despite changed settings, "never").
     `on_block_done(index, report)` is called after each block is finished (and saved).
+    `weights`: the source of a model opened by `weights.open_lazy`, whose blocks are read one at a time;
+    with a `work_dir` each finished block also leaves memory (save with `save(..., weights=finished_blocks(work_dir))`).
     """
     config = config or QuantConfig()
     algorithm = get_algorithm(config.method)
@@ -272,6 +292,7 @@ def quantize(model, config: QuantConfig | None = None, *, tokenizer=None, calibr
     blocks_name, blocks = find_blocks(model)
     report = QuantizeReport()
     plan = plan_layers(model, blocks_name, blocks, config, report)
+    _load_block(blocks_name, blocks, 0, plan[0], weights)
     check_causal(model, blocks)
     if report.skipped:
         warnings.warn(f"{len(report.skipped)} layers stay unquantized: " + "; ".join(f"{n} ({why})" for n, why in report.skipped.items()))
@@ -280,10 +301,14 @@ def quantize(model, config: QuantConfig | None = None, *, tokenizer=None, calibr
     if algorithm.needs_calibration:
         calibration_seqlen(model, config)  # a bad seqlen fails before any state is touched
 
-    state = WorkState.open(work_dir, fingerprint(model, config, tokenizer, calibration, f"{device}/{amp_dtype}"), resume) if work_dir is not None else None
+    source_digest = weights.digest() if weights is not None else None
+    state = WorkState.open(work_dir, fingerprint(model, config, tokenizer, calibration, f"{device}/{amp_dtype}", source_digest), resume) if work_dir is not None else None
+    streaming = weights is not None and state is not None  # finished blocks leave memory; they are on disk
     done = state.finished if state else 0
     for i in range(done):
-        _restore_block(model, f"{blocks_name}.{i}.", plan[i], state.block_tensors(i))
+        if streaming:
+            blocks[i].to("meta")
+        _restore_block(model, f"{blocks_name}.{i}.", plan[i], None if streaming else state.block_tensors(i))
     if state:
         report.block_losses = [tuple(pair) for pair in state.block_losses]
         report.notes.extend(state.notes)
@@ -308,6 +333,7 @@ def quantize(model, config: QuantConfig | None = None, *, tokenizer=None, calibr
     bar = tqdm(total=len(blocks), initial=done, desc=f"{config.method} {config.scheme.name()}", disable=not progress, unit="block")
     for i in range(done, len(blocks)):
         block_start = time.perf_counter()
+        _load_block(blocks_name, blocks, i, plan[i], weights)
         try:
             fp_in, q_in, losses, notes = _quantize_one(model, blocks_name, blocks, i, plan[i], algorithm, config, fp_in, q_in, calls, device, amp_dtype)
         except (torch.OutOfMemoryError, MemoryError):
@@ -315,7 +341,9 @@ def quantize(model, config: QuantConfig | None = None, *, tokenizer=None, calibr
         report.block_losses.append(losses)
         report.notes.extend(notes)
         if state:
-            state.save_block(i, _packed_tensors(blocks[i], plan[i]), fp_in, q_in, losses, notes, time.perf_counter() - block_start)
+            state.save_block(i, _block_tensors(blocks[i]), fp_in, q_in, losses, notes, time.perf_counter() - block_start)
+        if streaming:
+            blocks[i].to("meta")
         if losses[1] is not None:
             bar.set_postfix_str(f"loss {losses[0]:.3g} -> {losses[1]:.3g}")
             log.info("block %d: loss %.4g -> %.4g", i, *losses)
@@ -325,7 +353,7 @@ def quantize(model, config: QuantConfig | None = None, *, tokenizer=None, calibr
     bar.close()
     if config.quantize_lm_head:
         _quantize_lm_head(model, config, report)
-    model.to("cpu")
+    model._apply(lambda t: t if t.is_meta else t.to("cpu"))
 
     report.tuning_seconds = earlier_seconds + time.perf_counter() - start
     report.peak_memory_bytes = peak_memory_bytes(device)

@@ -70,11 +70,13 @@ def calibration_digest(calibration) -> str:
     return _sha(*(str(doc).encode() + b"\x00" for doc in calibration))
 
 
-def fingerprint(model, config, tokenizer, calibration, compute: str = "") -> dict:
+def fingerprint(model, config, tokenizer, calibration, compute: str = "", weights: str | None = None) -> dict:
     """Everything that decides the result, down to the resolved device and autocast dtype (`compute`)
     and the torch version; a saved state is only resumed when all of it matches."""
     settings = json.loads(json.dumps(config.to_dict(), default=str))
+    lazy = {"weights": weights} if weights else {}  # a lazily opened model's blocks are only on disk: its files' identity
     return {
+        **lazy,
         "signround": __version__,
         "torch": torch.__version__,
         "compute": compute,
@@ -177,6 +179,16 @@ class WorkState:
         """(original, quantized) hidden states entering the first unfinished block."""
         saved = load_file(self.folder / f"inputs-{self.finished:05d}.safetensors")
         return saved["fp"].to(device), saved["q"].to(device)
+
+
+def finished_blocks(folder: str | os.PathLike, blocks_name: str):
+    """The finished blocks of the run in `folder` as one weight source, by full tensor name (for `save` and
+    `weights.materialize` after a lazily opened model was quantized)."""
+    from .weights import MultiSource, SafetensorsSource
+
+    folder = Path(folder)
+    finished = json.loads((folder / STATE_FILE).read_text())["finished"]
+    return MultiSource([SafetensorsSource([folder / f"block-{i:05d}.safetensors"], prefix=f"{blocks_name}.{i}.") for i in range(finished)])
 
 
 def describe(folder: str | os.PathLike) -> str:

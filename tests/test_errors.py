@@ -139,7 +139,7 @@ def _no_linears(ctx):
 
 
 def _nan_weights(ctx):
-    model = make("llama")
+    model = make("llama", vocab_size=len(tf.AutoTokenizer.from_pretrained(ctx.model)))
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
     return ctx.quantize(ctx.folder("nan", model, tokenizer_from=ctx.model))

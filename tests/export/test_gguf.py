@@ -24,14 +24,8 @@ SCHEMES = {  # scheme -> the ggml block type it must be written as
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    """A small GPT-2 style byte-level BPE (as SmolLM2's), trained here so that GGUF round trips stay fast."""
-    from tokenizers import ByteLevelBPETokenizer
-
-    bpe = ByteLevelBPETokenizer()
-    text = ["The capital of France is Paris, said the assistant. " * 20, "Quantization keeps the model small and fast. " * 20]
-    bpe.train_from_iterator(text, vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-    return tf.PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<|endoftext|>")
+def tokenizer(bpe_tokenizer):
+    return bpe_tokenizer
 
 
 def quantized(tokenizer, scheme: str):

@@ -1,0 +1,81 @@
+"""Lazily opened models: the skeleton matches a full load, blocks are read one at a time, and a streamed
+quantization saves exactly what an in-memory one does."""
+
+import pytest
+import torch
+from tiny_models import CONFIGS, make
+
+import signround
+from signround.blocks import find_blocks
+from signround.resume import finished_blocks
+from signround.weights import StreamingUnsupported, is_lazy, materialize, open_lazy
+
+
+def _save(model, folder, tokenizer=None):
+    model.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("arch", [a for a in CONFIGS if a != "gpt_neox"])
+def test_lazy_model_matches_full_load(arch, tmp_path, smollm2_tokenizer):
+    model = make(arch)
+    lazy, _, source = open_lazy(str(_save(model, tmp_path, smollm2_tokenizer)))
+    name, blocks = find_blocks(lazy)
+    assert all(is_lazy(b) for b in blocks)
+    assert not is_lazy(lazy.get_input_embeddings())
+    for i, block in enumerate(blocks):
+        materialize(block, f"{name}.{i}.", source)
+    expected = {**dict(model.named_buffers()), **dict(model.named_parameters(remove_duplicate=False))}
+    got = {**dict(lazy.named_buffers()), **dict(lazy.named_parameters(remove_duplicate=False))}
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    ids = torch.randint(0, 128, (1, 12))
+    torch.testing.assert_close(lazy(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_gguf_tensors_match_transformers_loader(tmp_path, bpe_tokenizer):
+    """Dequantized per tensor by the gguf package, with llama.cpp's q/k row order undone: exactly what
+    transformers' own GGUF loader builds."""
+    import transformers as tf
+
+    from signround.export import export
+    from signround.export.gguf import FILE_NAME
+
+    model = make("llama", vocab_size=len(bpe_tokenizer))
+    signround.quantize(model, signround.QuantConfig(scheme=signround.WeightScheme(4, 32, False), method="rtn"), progress=False)
+    export(model, bpe_tokenizer, tmp_path, "gguf")
+    theirs = tf.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=FILE_NAME, dtype=torch.float32)
+    lazy, _, source = open_lazy(str(tmp_path / FILE_NAME))
+    name, blocks = find_blocks(lazy)
+    for i, block in enumerate(blocks):
+        materialize(block, f"{name}.{i}.", source)
+    expected, got = theirs.state_dict(), lazy.state_dict()
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+
+
+def test_renamed_checkpoint_is_not_streamed(tmp_path, smollm2_tokenizer):
+    """GPT-NeoX checkpoints store the head as embed_out: transformers renames it on load, so it is loaded whole."""
+    with pytest.raises(StreamingUnsupported, match="names differ"):
+        open_lazy(str(_save(make("gpt_neox"), tmp_path, smollm2_tokenizer)))
+
+
+def test_streamed_quantization_saves_the_same_checkpoint(tiny_model_dir, tmp_path):
+    config = signround.QuantConfig(scheme="W4A16G32", iters=4, nsamples=4, seqlen=16, batch_size=2)
+    ids = torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(0))
+
+    model, tokenizer = signround.load_model(str(tiny_model_dir))
+    signround.quantize(model, config, tokenizer=tokenizer, calibration=ids, progress=False)
+    whole = signround.save(model, tmp_path / "whole", tokenizer)
+
+    lazy, tokenizer, source = open_lazy(str(tiny_model_dir))
+    work = tmp_path / "work"
+    signround.quantize(lazy, config, tokenizer=tokenizer, calibration=ids, progress=False, work_dir=work, weights=source)
+    name, blocks = find_blocks(lazy)
+    assert all(is_lazy(b) for b in blocks), "finished blocks leave memory"
+    streamed = signround.save(lazy, tmp_path / "streamed", tokenizer, weights=finished_blocks(work, name))
+    assert (streamed / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
