@@ -173,11 +173,11 @@ class Interrupted(KeyboardInterrupt):
 
 
 def cmd_quantize(args) -> None:
-    from . import checkpoint, models
+    from . import checkpoint
     from .algorithms import get_algorithm
+    from .blocks import find_blocks
     from .export import NATIVE, check_formats, export, get_format
     from .pipeline import calibration_seqlen, planned_layers, quantize
-    from .blocks import find_blocks
     from .resume import default_work_dir, describe, finished_blocks
     from .weights import materialize
 

@@ -301,8 +301,10 @@ def quantize(model, config: QuantConfig | None = None, *, tokenizer=None, calibr
     if algorithm.needs_calibration:
         calibration_seqlen(model, config)  # a bad seqlen fails before any state is touched
 
-    source_digest = weights.digest() if weights is not None else None
-    state = WorkState.open(work_dir, fingerprint(model, config, tokenizer, calibration, f"{device}/{amp_dtype}", source_digest), resume) if work_dir is not None else None
+    state = None
+    if work_dir is not None:
+        source_digest = weights.digest() if weights is not None else None
+        state = WorkState.open(work_dir, fingerprint(model, config, tokenizer, calibration, f"{device}/{amp_dtype}", source_digest), resume)
     streaming = weights is not None and state is not None  # finished blocks leave memory; they are on disk
     done = state.finished if state else 0
     for i in range(done):

@@ -19,8 +19,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from .models import ModelSource
-
 
 class StreamingUnsupported(ValueError):
     """The checkpoint cannot be read block by block (its tensors do not map onto the model's names)."""
