@@ -109,12 +109,11 @@ class _Recorder(nn.Module):
     """Stands in for a block during capture: records how it is called and passes the hidden states
     through. Attribute reads fall back to the real block (models read e.g. `layer.attention_type`)."""
 
-    def __init__(self, block: nn.Module, keep_hidden: bool, last: bool):
+    def __init__(self, block: nn.Module, sink, last: bool):
         super().__init__()
         self.block = block
-        self.keep_hidden, self.last = keep_hidden, last
+        self.sink, self.last = sink, last  # sink(hidden) receives each call's hidden states (block 0 only)
         self.call: BlockCall | None = None  # the first call; all rows share it
-        self.hidden: list[torch.Tensor] = []
 
     def __getattr__(self, name):
         try:
@@ -129,38 +128,45 @@ class _Recorder(nn.Module):
             hidden, rest = kwargs.pop("hidden_states"), ()
         if self.call is None:
             self.call = BlockCall(tuple(rest), dict(kwargs))
-        if self.keep_hidden:
-            self.hidden.append(hidden.detach())
+        if self.sink:
+            self.sink(hidden.detach())
         if self.last:
             raise _StopForward
         return hidden
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, device, dtype=None):
-    """Run the model's embedding stage on every calibration row and return
-    (hidden states entering block 0 as an (N, S, H) tensor, [BlockCall for every block]).
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, device, sink=None):
+    """Run the model's embedding stage on every calibration row; return (hidden states entering block 0
+    as an (N, S, H) tensor, [BlockCall for every block]). With `sink`, each row's hidden states go to
+    `sink(row_index, hidden)` instead and the first item is None.
 
     The blocks are replaced by recorders for the duration of the call only, so no block runs and later
     blocks need not even hold real weights; the model is unchanged afterwards.
     """
     originals = list(blocks)
-    recorders = [_Recorder(b, keep_hidden=i == 0, last=i == len(originals) - 1) for i, b in enumerate(originals)]
+    kept: list[torch.Tensor] = []
+    row = 0
+
+    def first_block_input(hidden):
+        if sink is None:
+            kept.append(hidden)
+        else:
+            sink(row, hidden)
+
+    recorders = [_Recorder(b, sink=first_block_input if i == 0 else None, last=i == len(originals) - 1) for i, b in enumerate(originals)]
     try:
         for i, r in enumerate(recorders):
             blocks[i] = r
-        for row in input_ids:
+        for row, ids in enumerate(input_ids):
             try:
-                model(input_ids=row.unsqueeze(0).to(device), use_cache=False)
+                model(input_ids=ids.unsqueeze(0).to(device), use_cache=False)
             except _StopForward:
                 pass
     finally:
         for i, b in enumerate(originals):
             blocks[i] = b
-    hidden = torch.cat(recorders[0].hidden, dim=0)
-    if dtype is not None:
-        hidden = hidden.to(dtype)
-    return hidden, [r.call for r in recorders]
+    return (torch.cat(kept, dim=0) if sink is None else None), [r.call for r in recorders]
 
 
 @torch.no_grad()
@@ -193,15 +199,14 @@ def iter_batches(n: int, batch_size: int) -> Iterator[slice]:
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, hidden: torch.Tensor, call: BlockCall, batch_size: int, device, amp_dtype=None, out_dtype=None) -> torch.Tensor:
-    """Block outputs for all cached rows, computed in batches on `device`; returned where `hidden` lives."""
-    outs = []
+def run_block(block: nn.Module, hidden, call: BlockCall, batch_size: int, device, amp_dtype, out):
+    """Block outputs for every row of the cache `hidden`, computed in batches on `device` and written
+    into the cache `out` (cache.py), which is returned."""
     for sl in iter_batches(hidden.shape[0], batch_size):
-        x = hidden[sl].to(device)
+        x = hidden.rows(sl).to(device)
         with autocast(device, amp_dtype):
-            y = block_output(block(x, *call.args, **call.kwargs))
-        outs.append(y.to(hidden.device, out_dtype or hidden.dtype))
-    return torch.cat(outs, dim=0)
+            out.write(sl.start, block_output(block(x, *call.args, **call.kwargs)))
+    return out
 
 
 def autocast(device, amp_dtype):

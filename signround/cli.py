@@ -37,6 +37,9 @@ def _add_quantize(sub) -> None:
     p.add_argument("--lr", type=float, help="rounding-offset learning rate (default 1/iters)")
     p.add_argument("--minmax-lr", type=float, help="clipping-scale learning rate (default: --lr)")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--cache-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the hidden states cached between blocks (bfloat16 halves their memory)")
+    p.add_argument("--offload", action="store_true", help="keep the cached hidden states in files beside the output instead of in memory")
     p.add_argument("--fp-inputs", action="store_true", help="tune each block on the original model's inputs instead of the quantized model's")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
@@ -140,6 +143,7 @@ def config_from_args(args):
         scheme=scheme, method=args.method, layer_overrides=overrides, quantize_lm_head=args.quantize_lm_head,
         iters=args.iters, nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size, grad_accum=args.grad_accum,
         lr=args.lr, minmax_lr=args.minmax_lr, seed=args.seed, quantized_inputs=not args.fp_inputs, device=args.device, amp=args.amp,
+        cache_dtype=args.cache_dtype,
     )
 
 
@@ -199,7 +203,7 @@ def cmd_quantize(args) -> None:
         print(f"perplexity before: {_ppl(model, tokenizer, args):.3f}", flush=True)
     try:
         report = quantize(model, config, tokenizer=tokenizer, calibration=calibration, progress=not args.quiet, work_dir=work, resume=args.resume,
-                          weights=weights)
+                          weights=weights, offload_dir=work / "caches" if args.offload else None)
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted: {describe(work)}; run the same command again to resume") from None
     print(report.summary(), flush=True)

@@ -110,6 +110,7 @@ class QuantConfig:
     minmax_lr: float | None = None   # None: same as lr
     seed: int = 42
     quantized_inputs: bool = True    # tune on the inputs the already-quantized blocks produce
+    cache_dtype: str = "float32"     # dtype of the hidden states cached between blocks: float32, bfloat16 or float16
     device: str = "auto"
     amp: str = "auto"                # auto | bf16 | fp16 | off
 
@@ -134,6 +135,8 @@ class QuantConfig:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ConfigError(f"{name}={value} must be positive (or left unset for 1/iters)")
+        if self.cache_dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"cache_dtype={self.cache_dtype!r} is not one of float32, bfloat16, float16")
         if self.amp not in ("auto", "bf16", "fp16", "off"):
             raise ConfigError(f"amp={self.amp!r} is not one of auto, bf16, fp16, off")
 

@@ -14,6 +14,7 @@ import resource
 import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -28,11 +29,13 @@ from .blocks import (
     find_blocks,
     find_linears,
     is_linear,
+    iter_batches,
     linear_weight,
     move_except_blocks,
     run_block,
     set_submodule,
 )
+from .cache import CACHE_DTYPES, CACHE_FILES, CacheFactory
 from .calibration import DataError, calibration_ids
 from .config import ConfigError, QuantConfig, WeightScheme
 from .hardware import cpu_has_fast_bf16
@@ -274,7 +277,7 @@ def _out_of_memory(index: int, device, config: QuantConfig, state: WorkState | N
 
 
 def quantize(model, config: QuantConfig | None = None, *, tokenizer=None, calibration=None, progress: bool = True,
-             work_dir=None, resume: str = "auto", on_block_done=None, weights=None) -> QuantizeReport:
+             work_dir=None, resume: str = "auto", on_block_done=None, weights=None, offload_dir=None) -> QuantizeReport:
     """Quantize `model` in place: every linear layer of its decoder blocks becomes a packed QuantLinear.
 
     `calibration`: token ids (n, seqlen), a list of texts, a file/folder path or a hub dataset name;
@@ -284,6 +287,7 @@ def quantize(model, config: QuantConfig | None = None, *, tokenizer=None, calibr
     `on_block_done(index, report)` is called after each block is finished (and saved).
     `weights`: the source of a model opened by `weights.open_lazy`, whose blocks are read one at a time;
     with a `work_dir` each finished block also leaves memory (save with `save(..., weights=finished_blocks(work_dir))`).
+    `offload_dir`: keep the cached hidden states in files there instead of in memory (`config.cache_dtype` sets their dtype).
     """
     config = config or QuantConfig()
     algorithm = get_algorithm(config.method)
@@ -316,6 +320,11 @@ def quantize(model, config: QuantConfig | None = None, *, tokenizer=None, calibr
         report.notes.extend(state.notes)
 
     fp_in = q_in = calls = None
+    if offload_dir is not None:
+        Path(offload_dir).mkdir(parents=True, exist_ok=True)
+        for stale in Path(offload_dir).glob(CACHE_FILES):  # left by an interrupted run; the work state keeps its own copies
+            stale.unlink()
+    caches = CacheFactory(CACHE_DTYPES[config.cache_dtype], device if device.type == "cuda" else torch.device("cpu"), offload_dir)
     if algorithm.needs_calibration:
         ids = state.calibration() if state else None
         if ids is None:
@@ -325,11 +334,10 @@ def quantize(model, config: QuantConfig | None = None, *, tokenizer=None, calibr
         report.calibration_shape = tuple(ids.shape)
         if done < len(blocks):
             move_except_blocks(model, blocks, device)
-            fp_in, calls = capture_block_inputs(model, blocks, ids, device, dtype=torch.float32)
-            cache_device = fp_in.device if device.type == "cuda" else torch.device("cpu")
-            fp_in = q_in = fp_in.to(cache_device)
+            fp_in, calls = _capture(model, blocks, ids, device, caches, skip=done > 0)
+            q_in = fp_in
             if done:
-                fp_in, q_in = state.inputs(cache_device)
+                fp_in, q_in = state.inputs(caches)
     earlier_seconds = state.tuning_seconds if state else 0.0  # blocks finished by an interrupted run
     start = time.perf_counter()
     bar = tqdm(total=len(blocks), initial=done, desc=f"{config.method} {config.scheme.name()}", disable=not progress, unit="block")
@@ -337,7 +345,8 @@ def quantize(model, config: QuantConfig | None = None, *, tokenizer=None, calibr
         block_start = time.perf_counter()
         _load_block(blocks_name, blocks, i, plan[i], weights)
         try:
-            fp_in, q_in, losses, notes = _quantize_one(model, blocks_name, blocks, i, plan[i], algorithm, config, fp_in, q_in, calls, device, amp_dtype)
+            fp_in, q_in, losses, notes = _quantize_one(model, blocks_name, blocks, i, plan[i], algorithm, config, fp_in, q_in, calls, device, amp_dtype,
+                                                       caches)
         except (torch.OutOfMemoryError, MemoryError):
             raise _out_of_memory(i, device, config, state) from None
         report.block_losses.append(losses)
@@ -353,6 +362,8 @@ def quantize(model, config: QuantConfig | None = None, *, tokenizer=None, calibr
         if on_block_done:
             on_block_done(i, report)
     bar.close()
+    for cache in {id(c): c for c in (fp_in, q_in) if c is not None}.values():
+        cache.discard()
     if config.quantize_lm_head:
         _quantize_lm_head(model, config, report)
     model._apply(lambda t: t if t.is_meta else t.to("cpu"))
@@ -369,22 +380,45 @@ def quantize(model, config: QuantConfig | None = None, *, tokenizer=None, calibr
     return report
 
 
-def _quantize_one(model, blocks_name, blocks, i, tasks, algorithm, config, fp_in, q_in, calls, device, amp_dtype):
+def _capture(model, blocks, ids, device, caches: CacheFactory, skip: bool):
+    """(cache of the hidden states entering block 0, calls of every block); `skip` records only the calls."""
+    cache = None
+
+    def sink(row, hidden):
+        nonlocal cache
+        if skip:
+            return
+        if cache is None:
+            cache = caches.empty((ids.shape[0], *hidden.shape[1:]))
+        cache.write(row, hidden)
+
+    _, calls = capture_block_inputs(model, blocks, ids, device, sink=sink)
+    return cache, calls
+
+
+def _mse(a, b, batch_size: int) -> float:
+    total = sum(F.mse_loss(a.rows(sl), b.rows(sl), reduction="sum").item() for sl in iter_batches(a.shape[0], batch_size))
+    return total / a.shape.numel()
+
+
+def _quantize_one(model, blocks_name, blocks, i, tasks, algorithm, config, fp_in, q_in, calls, device, amp_dtype, caches: CacheFactory):
     """Tune and pack block i; returns the next block's (original, quantized) inputs, (loss before, after) and notes."""
     original_dtype = next(blocks[i].parameters()).dtype
     blocks[i].to(device=device, dtype=torch.float32)  # tuning masters stay fp32; autocast does the fast math
     fp_out = data = None
     if algorithm.needs_calibration:
         call = calls[i].to(device)
-        fp_out = run_block(blocks[i], fp_in, call, config.batch_size, device, amp_dtype)
+        fp_out = run_block(blocks[i], fp_in, call, config.batch_size, device, amp_dtype, caches.empty(fp_in.shape))
         data = BlockData(q_in if config.quantized_inputs else fp_in, fp_out, call, device, amp_dtype, i)
     result = algorithm.quantize_block(blocks[i], tasks, data, config)
     for task in tasks:
         _swap(model, f"{blocks_name}.{i}.", task, result.weights[task.name])
     loss_after = None
     if algorithm.needs_calibration:
-        q_out = run_block(blocks[i], q_in, data.call, config.batch_size, device, amp_dtype)
-        loss_after = F.mse_loss(q_out.float(), fp_out.float()).item()
+        q_out = run_block(blocks[i], q_in, data.call, config.batch_size, device, amp_dtype, caches.empty(q_in.shape))
+        loss_after = _mse(q_out, fp_out, config.batch_size)
+        for old in {id(fp_in): fp_in, id(q_in): q_in}.values():
+            old.discard()
         fp_in, q_in = fp_out, q_out
     _restore_dtype(blocks[i], original_dtype)
     blocks[i].to("cpu")

@@ -88,7 +88,11 @@ def fingerprint(model, config, tokenizer, calibration, compute: str = "", weight
 
 
 def _differences(old: dict, new: dict) -> list[str]:
-    return sorted(k.removeprefix("setting.") for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    """Fields that differ; a setting added in a later version counts as its default in older states."""
+    from .config import QuantConfig
+
+    defaults = {f"setting.{k}": v for k, v in json.loads(json.dumps(QuantConfig().to_dict(), default=str)).items()}
+    return sorted(k.removeprefix("setting.") for k in old.keys() | new.keys() if old.get(k, defaults.get(k)) != new.get(k, defaults.get(k)))
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -159,26 +163,30 @@ class WorkState:
     def save_calibration(self, ids: torch.Tensor) -> None:
         self._save("calibration.safetensors", {"input_ids": ids})
 
-    def save_block(self, index: int, tensors: dict[str, torch.Tensor], fp_next: torch.Tensor | None, q_next: torch.Tensor | None,
-                   losses: tuple, notes: list[str], seconds: float) -> None:
-        """Record block `index` as finished: its packed tensors, the inputs of the next block, then the state."""
+    def save_block(self, index: int, tensors: dict[str, torch.Tensor], fp_next, q_next, losses: tuple, notes: list[str], seconds: float) -> None:
+        """Record block `index` as finished: its tensors, the caches of the next block's inputs (cache.py), then the state."""
         self._save(f"block-{index:05d}.safetensors", tensors)
         if fp_next is not None:
-            self._save(f"inputs-{index + 1:05d}.safetensors", {"fp": fp_next, "q": q_next})
+            for stream, cache in (("fp", fp_next), ("q", q_next)):
+                _atomic_write(self.folder / f"inputs-{index + 1:05d}-{stream}.safetensors", cache.save)
         self.finished = index + 1
         self.block_losses.append(list(losses))
         self.notes.extend(notes)
         self.tuning_seconds += seconds
         self._write_state()
-        (self.folder / f"inputs-{index:05d}.safetensors").unlink(missing_ok=True)
+        for name in ("", "-fp", "-q"):  # "": one file of both streams, as earlier versions wrote
+            (self.folder / f"inputs-{index:05d}{name}.safetensors").unlink(missing_ok=True)
 
     def block_tensors(self, index: int) -> dict[str, torch.Tensor]:
         return load_file(self.folder / f"block-{index:05d}.safetensors")
 
-    def inputs(self, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(original, quantized) hidden states entering the first unfinished block."""
-        saved = load_file(self.folder / f"inputs-{self.finished:05d}.safetensors")
-        return saved["fp"].to(device), saved["q"].to(device)
+    def inputs(self, caches):
+        """(original, quantized) caches of the hidden states entering the first unfinished block, made by `caches` (cache.CacheFactory)."""
+        both = self.folder / f"inputs-{self.finished:05d}.safetensors"
+        if both.is_file():
+            saved = load_file(both)
+            return caches.from_tensor(saved["fp"]), caches.from_tensor(saved["q"])
+        return tuple(caches.load(self.folder / f"inputs-{self.finished:05d}-{stream}.safetensors") for stream in ("fp", "q"))
 
 
 def finished_blocks(folder: str | os.PathLike, blocks_name: str):

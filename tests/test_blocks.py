@@ -3,6 +3,7 @@ import torch
 from tiny_models import CONFIGS, calib_ids, make
 
 from signround.blocks import UnsupportedModelError, capture_block_inputs, find_blocks, find_linears, run_block
+from signround.cache import MemoryCache
 
 ARCHS = sorted(CONFIGS)
 
@@ -30,9 +31,10 @@ def test_captured_calls_reproduce_every_block(arch):
     reference = _reference_block_io(model, blocks, ids)
     hidden, calls = capture_block_inputs(model, blocks, ids, "cpu")
     assert hidden.shape[:2] == (4, 24) and len(calls) == len(blocks)
-    for i, block in enumerate(blocks):
-        hidden = run_block(block, hidden, calls[i], batch_size=3, device="cpu")  # batch 3: kwargs captured at batch 1 must broadcast
-        torch.testing.assert_close(hidden, reference[i], rtol=1e-4, atol=1e-5)
+    cache = MemoryCache(hidden)
+    for i, block in enumerate(blocks):  # batch 3: kwargs captured at batch 1 must broadcast
+        cache = run_block(block, cache, calls[i], batch_size=3, device="cpu", amp_dtype=None, out=MemoryCache.empty(hidden.shape, torch.float32, "cpu"))
+        torch.testing.assert_close(cache.tensor, reference[i], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])

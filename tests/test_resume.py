@@ -64,6 +64,24 @@ def test_interrupted_run_resumes_to_identical_weights(monkeypatch, tmp_path, k):
     assert report.block_losses == ref_report.block_losses and report.calibration_shape == ref_report.calibration_shape
 
 
+def test_offloaded_caches_resume_to_what_memory_caches_give(monkeypatch, tmp_path):
+    """Caches on disk change where the hidden states live, not the result; bf16 caches resume too."""
+    config = QuantConfig(**CONFIG, cache_dtype="bfloat16")
+    reference = make("llama", num_hidden_layers=4)
+    signround.quantize(reference, config, calibration=calib_ids(), progress=False)
+
+    work = tmp_path / "work"
+    with monkeypatch.context() as patch:
+        stop_at_block(patch, 2)
+        with pytest.raises(KeyboardInterrupt):
+            signround.quantize(make("llama", num_hidden_layers=4), config, calibration=calib_ids(), progress=False, work_dir=work,
+                               offload_dir=work / "caches")
+    resumed = make("llama", num_hidden_layers=4)
+    signround.quantize(resumed, config, calibration=calib_ids(), progress=False, work_dir=work, offload_dir=work / "caches")
+    assert_identical(packed(resumed), packed(reference))
+    assert not any((work / "caches").iterdir()), "every cache file is removed once its block is done"
+
+
 def test_changed_settings_start_over_unless_forced(monkeypatch, tmp_path, caplog):
     work = tmp_path / "work"
     with monkeypatch.context() as patch:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..blocks import BlockCall
+from ..cache import HiddenCache
 from ..config import ConfigError, QuantConfig, WeightScheme
 from ..quant.integer import QuantizedWeight
 
@@ -24,11 +25,12 @@ class LayerTask:
 
 @dataclass
 class BlockData:
-    """Calibration data for one block: `inputs` to tune on, `targets` the original block produced,
-    and how the block is called. Tensors live where the driver caches them; `device` is where to compute."""
+    """Calibration data for one block: `inputs` to tune on, `targets` the original block produced (caches
+    of (samples, seqlen, hidden) read with `.rows(index)` in fp32, see cache.py), and how the block is
+    called; `device` is where to compute."""
 
-    inputs: torch.Tensor
-    targets: torch.Tensor
+    inputs: HiddenCache
+    targets: HiddenCache
     call: BlockCall
     device: torch.device
     amp_dtype: torch.dtype | None

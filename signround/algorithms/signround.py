@@ -75,8 +75,8 @@ class SignRound:
                 return block_output(functional_call(block, weights, (x, *data.call.args), data.call.kwargs))
 
         def loss_on(rows: torch.Tensor, initial=False) -> torch.Tensor:
-            x = data.inputs[rows].to(device)
-            y = data.targets[rows].to(device)
+            x = data.inputs.rows(rows).to(device)
+            y = data.targets.rows(rows).to(device)
             return F.mse_loss(forward(x, initial).float(), y.float())
 
         with torch.no_grad():
