@@ -38,7 +38,7 @@ from .blocks import (
 from .cache import CACHE_DTYPES, CACHE_FILES, CacheFactory
 from .calibration import DataError, calibration_ids
 from .config import ConfigError, QuantConfig, WeightScheme
-from .hardware import cpu_has_fast_bf16
+from .hardware import cpu_has_fast_bf16, release_freed_memory
 from .qlinear import QuantLinear
 from .quant.integer import quantize_weight
 from .resume import WorkState, fingerprint
@@ -355,6 +355,7 @@ def quantize(model, config: QuantConfig | None = None, *, tokenizer=None, calibr
             state.save_block(i, _block_tensors(blocks[i]), fp_in, q_in, losses, notes, time.perf_counter() - block_start)
         if streaming:
             blocks[i].to("meta")
+            release_freed_memory()
         if losses[1] is not None:
             bar.set_postfix_str(f"loss {losses[0]:.3g} -> {losses[1]:.3g}")
             log.info("block %d: loss %.4g -> %.4g", i, *losses)
@@ -413,6 +414,7 @@ def _quantize_one(model, blocks_name, blocks, i, tasks, algorithm, config, fp_in
     result = algorithm.quantize_block(blocks[i], tasks, data, config)
     for task in tasks:
         _swap(model, f"{blocks_name}.{i}.", task, result.weights[task.name])
+        task.module.to("meta")  # the replaced float layer: the plan still refers to it, its memory can go
     loss_after = None
     if algorithm.needs_calibration:
         q_out = run_block(blocks[i], q_in, data.call, config.batch_size, device, amp_dtype, caches.empty(q_in.shape))
