@@ -109,6 +109,7 @@ class QuantConfig:
     lr: float | None = None          # None: 1 / iters, so the offsets can travel at most ±0.5
     minmax_lr: float | None = None   # None: same as lr
     seed: int = 42
+    clip_search: bool = False        # start the clipping scales at an activation-weighted search instead of 1.0
     quantized_inputs: bool = True    # tune on the inputs the already-quantized blocks produce
     cache_dtype: str = "float32"     # dtype of the hidden states cached between blocks: float32, bfloat16 or float16
     device: str = "auto"

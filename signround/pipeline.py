@@ -82,6 +82,7 @@ class QuantizeReport:
     calibration_shape: tuple[int, int] | None = None
     calibration_seconds: float = 0.0  # reading or sampling calibration text
     tuning_seconds: float = 0.0       # capture, tuning and packing, block by block
+    tuning_steps: int = 0             # optimiser steps over the blocks tuned by this call
     peak_memory_bytes: int = 0
     bits_per_weight: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -345,12 +346,13 @@ def quantize(model, config: QuantConfig | None = None, *, tokenizer=None, calibr
         block_start = time.perf_counter()
         _load_block(blocks_name, blocks, i, plan[i], weights)
         try:
-            fp_in, q_in, losses, notes = _quantize_one(model, blocks_name, blocks, i, plan[i], algorithm, config, fp_in, q_in, calls, device, amp_dtype,
+            fp_in, q_in, losses, notes, steps = _quantize_one(model, blocks_name, blocks, i, plan[i], algorithm, config, fp_in, q_in, calls, device, amp_dtype,
                                                        caches)
         except (torch.OutOfMemoryError, MemoryError):
             raise _out_of_memory(i, device, config, state) from None
         report.block_losses.append(losses)
         report.notes.extend(notes)
+        report.tuning_steps += steps
         if state:
             state.save_block(i, _block_tensors(blocks[i]), fp_in, q_in, losses, notes, time.perf_counter() - block_start)
         if streaming:
@@ -425,4 +427,4 @@ def _quantize_one(model, blocks_name, blocks, i, tasks, algorithm, config, fp_in
     _restore_dtype(blocks[i], original_dtype)
     blocks[i].to("cpu")
     before = result.loss_before if result.loss_before is not None else loss_after
-    return fp_in, q_in, (before, loss_after), result.notes
+    return fp_in, q_in, (before, loss_after), result.notes, result.steps

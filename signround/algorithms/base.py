@@ -42,6 +42,7 @@ class BlockResult:
     weights: dict[str, QuantizedWeight]
     loss_before: float | None = None   # block-output MSE at the plain-RTN starting point
     notes: list[str] = field(default_factory=list)
+    steps: int = 0                     # optimiser steps taken
 
 
 class Algorithm(Protocol):

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from ..blocks import as_param_layout, autocast, block_output, iter_batches, linear_weight
-from ..quant.integer import fake_quant, quantize_weight
+from ..quant.integer import fake_quant, quantize_weight, search_clipping
 from .base import BlockData, BlockResult, LayerTask, register
 
 
@@ -38,9 +38,17 @@ class _Tunables:
     def params(self):
         return [self.offset, self.min_scale, self.max_scale]
 
+    def search_clipping(self, importance: torch.Tensor | None) -> None:
+        """Start the clipping scales at the importance-weighted best round-to-nearest clipping."""
+        s = self.task.scheme
+        best = search_clipping(self.weight, s.bits, s.group_size, s.sym, importance)
+        with torch.no_grad():
+            self.min_scale.copy_(best)
+            self.max_scale.copy_(best)
+
     def initial_state(self):
-        """The round-to-nearest starting point: no offset, no clipping."""
-        return [torch.zeros_like(self.offset), torch.ones_like(self.min_scale), torch.ones_like(self.max_scale)]
+        """The starting point: no offset, the initial clipping."""
+        return [torch.zeros_like(self.offset), self.min_scale.detach().clone(), self.max_scale.detach().clone()]
 
     def fake_weight(self, initial: bool = False) -> torch.Tensor:
         s = self.task.scheme
@@ -53,6 +61,16 @@ class _Tunables:
     def final(self):
         s = self.task.scheme
         return quantize_weight(self.weight, s.bits, s.group_size, s.sym, self.offset.detach(), self.min_scale.detach(), self.max_scale.detach())
+
+
+def _accumulate_importance(store: dict, tunable):
+    """A forward pre-hook summing the squared inputs of a layer per input channel (its 'imatrix')."""
+
+    def hook(module, args):
+        x = args[0].detach().float()
+        store[id(tunable)] = store.get(id(tunable), 0) + x.reshape(-1, x.shape[-1]).pow(2).sum(0)
+
+    return hook
 
 
 @register("signround")
@@ -79,11 +97,22 @@ class SignRound:
             y = data.targets.rows(rows).to(device)
             return F.mse_loss(forward(x, initial).float(), y.float())
 
-        with torch.no_grad():
-            loss_before = sum(loss_on(torch.arange(sl.start, sl.stop), initial=True).item() * (sl.stop - sl.start) for sl in iter_batches(n, batch)) / n
+        importance = {}
+        hooks = [t.task.module.register_forward_pre_hook(_accumulate_importance(importance, t)) for t in tunables] if config.clip_search else []
+        try:
+            with torch.no_grad():
+                loss_before = sum(loss_on(torch.arange(sl.start, sl.stop), initial=True).item() * (sl.stop - sl.start) for sl in iter_batches(n, batch)) / n
+        finally:
+            for h in hooks:
+                h.remove()
+        for t in tunables:
+            if config.clip_search:
+                t.search_clipping(importance.get(id(t)))
+        start_state = [s for t in tunables for s in t.initial_state()]
 
-        best_loss, best_state, notes = math.inf, None, []
+        best_loss, best_state, notes, steps = math.inf, None, [], 0
         for step in range(iters):
+            steps += 1
             rows = torch.randperm(n, generator=gen)[: batch * config.grad_accum]
             total = 0.0
             for chunk in rows.split(batch):
@@ -107,8 +136,8 @@ class SignRound:
                         p.grad = None
 
         with torch.no_grad():
-            if best_state is None:  # no finite step: the RTN starting point
-                best_state = [s for t in tunables for s in t.initial_state()]
+            if best_state is None:  # no finite step: the starting point
+                best_state = start_state
             for p, best in zip((p for t in tunables for p in t.params()), best_state):
                 p.copy_(best)
-        return BlockResult({t.task.name: t.final() for t in tunables}, loss_before=loss_before, notes=notes)
+        return BlockResult({t.task.name: t.final() for t in tunables}, loss_before=loss_before, notes=notes, steps=steps)

@@ -136,3 +136,27 @@ def dequantize_weight(qw: QuantizedWeight, dtype=torch.float32) -> torch.Tensor:
     codes = to_groups(qw.codes.to(torch.float32), qw.group_size)
     w = (codes - qw.zero.unsqueeze(-1).float()) * qw.scale.unsqueeze(-1).float()
     return from_groups(w, qw.codes.shape[1]).to(dtype)
+
+
+def search_clipping(w: torch.Tensor, bits: int, group_size: int, sym: bool, importance: torch.Tensor | None = None,
+                    ratios: torch.Tensor | None = None) -> torch.Tensor:
+    """Per group, the range-shrink ratio (applied to both min and max) whose round-to-nearest weights are
+    closest to `w` in the `importance`-weighted squared error (importance: one value per input channel,
+    e.g. the mean squared activation, as llama.cpp's imatrix). A better start for SignRound's clipping
+    scales than no clipping at all. Returns (out, groups)."""
+    ratios = torch.linspace(1.0, 0.7, 31) if ratios is None else ratios
+    w = w.float()
+    weight = torch.ones_like(w) if importance is None else importance.float().to(w.device).expand_as(w)
+    wg, imp = to_groups(w, group_size), to_groups(weight, group_size)
+    best_err = best = None
+    for r in ratios.tolist():
+        ones = torch.full(wg.shape[:2], r, device=w.device)
+        scale, zero = qparams(wg, bits, sym, ones, ones)
+        err = (((quantize_groups(wg, scale, zero, bits) - zero) * scale - wg) ** 2 * imp).sum(-1)
+        if best is None:
+            best_err, best = err, torch.full_like(err, r)
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = torch.where(better, torch.full_like(best, r), best)
+    return best

@@ -1,0 +1,127 @@
+"""Peak memory of quantization against model depth, and what the activation-cache options cost and save.
+
+  depth   SmolLM2 truncated to 8, 16 and 30 blocks, quantized streamed (blocks read one at a time from
+          the GGUF, finished blocks to disk) and loaded whole: peak RSS of each, model load included;
+  caches  --cache-dtype float32/bfloat16 x in memory/--offload: tuning time, peak RSS and wt2-32k perplexity.
+
+Every run is its own process (its peak RSS is its own); calibration is gutenberg-128x512.
+
+    python benchmarks/memory.py                       # both tables
+    python benchmarks/memory.py --tables depth --iters 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import protocol
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _peak_rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def child(args) -> dict:
+    import signround
+    from signround.blocks import find_blocks
+    from signround.evaluate import perplexity
+    from signround.resume import finished_blocks
+    from signround.weights import materialize, open_lazy
+
+    if args.stream:
+        model, tokenizer, weights = open_lazy(args.model)
+    else:
+        (model, tokenizer), weights = signround.load_model(args.model), None
+    name, blocks = find_blocks(model)
+    del blocks[args.layers:]
+    model.config.num_hidden_layers = len(blocks)
+    calib = protocol.gutenberg_calibration(tokenizer, args.nsamples, args.seqlen)
+    config = signround.QuantConfig(scheme=args.scheme, iters=args.iters, nsamples=args.nsamples, seqlen=args.seqlen, cache_dtype=args.cache_dtype)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp) / "work"
+        start = time.perf_counter()
+        signround.quantize(model, config, tokenizer=tokenizer, calibration=calib, progress=False, work_dir=work, weights=weights,
+                           offload_dir=work / "caches" if args.offload else None)
+        row = {"tuning_s": time.perf_counter() - start, "peak_rss_mib": _peak_rss_mib()}
+        if args.ppl:
+            if weights is not None:
+                source = finished_blocks(work, name)
+                for i, block in enumerate(blocks):
+                    materialize(block, f"{name}.{i}.", source)
+            row["ppl"] = perplexity(model, protocol.wikitext_ids(tokenizer))
+    return row
+
+
+def run(args, layers: int, stream: bool, cache_dtype: str = "float32", offload: bool = False, iters: int | None = None, ppl: bool = False) -> dict:
+    argv = [sys.executable, __file__, "--child", "--model", args.model, "--scheme", args.scheme, "--layers", str(layers),
+            "--iters", str(iters if iters is not None else args.iters), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
+            "--cache-dtype", cache_dtype, *(["--stream"] if stream else []), *(["--offload"] if offload else []), *(["--ppl"] if ppl else [])]
+    done = subprocess.run(argv, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(done.stderr[-3000:])
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"   layers {layers} stream {stream} cache {cache_dtype} offload {offload}: {row}", flush=True)
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--scheme", default="W4A16")
+    p.add_argument("--depths", default="8,16,30", type=lambda s: [int(x) for x in s.split(",")])
+    p.add_argument("--iters", type=int, default=2, help="tuning steps per block in the depth table (memory does not depend on them)")
+    p.add_argument("--cache-layers", type=int, default=30)
+    p.add_argument("--cache-iters", type=int, default=10)
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--tables", default="depth,caches", type=lambda s: s.split(","))
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--layers", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--stream", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--offload", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--ppl", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--cache-dtype", default="float32", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(child(args)))
+        return
+
+    cache_mib = 2 * args.nsamples * args.seqlen * 576 * 4 / 2**20
+    lines = [f"# Peak memory of quantization: {args.model} {args.scheme}, calibration gutenberg-{args.nsamples}x{args.seqlen}", "",
+             f"machine: {protocol.cpu_name()}; peak RSS includes loading the model; one fp32 hidden-state cache "
+             f"(both streams) is {cache_mib:.0f} MiB", ""]
+    if "depth" in args.tables:
+        lines += [f"## Peak RSS against depth (iters {args.iters})", "", "| blocks | streamed MiB | loaded whole MiB |", "|---|---|---|"]
+        for layers in args.depths:
+            streamed, whole = run(args, layers, True), run(args, layers, False)
+            lines.append(f"| {layers} | {streamed['peak_rss_mib']:.0f} | {whole['peak_rss_mib']:.0f} |")
+        lines.append("")
+    if "caches" in args.tables:
+        lines += [f"## Activation caches ({args.cache_layers} blocks, iters {args.cache_iters}, streamed)", "",
+                  "| cache dtype | where | tuning s | peak RSS MiB | wt2-32k ppl |", "|---|---|---|---|---|"]
+        for cache_dtype in ("float32", "bfloat16"):
+            for offload in (False, True):
+                row = run(args, args.cache_layers, True, cache_dtype, offload, iters=args.cache_iters, ppl=True)
+                lines.append(f"| {cache_dtype} | {'disk' if offload else 'memory'} | {row['tuning_s']:.0f} | {row['peak_rss_mib']:.0f} | {row['ppl']:.3f} |")
+        lines.append("")
+    lines.append(f"updated {datetime.datetime.now().isoformat(timespec='minutes')}")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "memory.md").write_text("\n".join(lines) + "\n")
+    print((RESULTS / "memory.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""signround against auto-round on one model, scheme and set of calibration token ids (gutenberg-128x512),
+each run in its own process (so peak RSS is its own), the tools alternating:
+
+  same settings   both tools at iters/batch/lr identical: tuning wall time, s/iter, achieved GFLOP/s of
+                  forward+backward and its share of the bf16 (and fp32) matmul peak measured in this run;
+  default recipe  signround's default (`--recipe` of the CLI) against auto-round's default (iters 200,
+                  batch 8): wall time ratio and wt2-32k perplexity;
+  and the peak RSS of every run (model load included: signround streams the blocks, auto-round loads whole).
+
+    python benchmarks/vs_autoround.py --layers 4          # a quick look
+    python benchmarks/vs_autoround.py                     # the headline: full depth, W4A16 and W2A16G64
+    python benchmarks/vs_autoround.py --device cuda       # the same on a GPU
+
+On a CPU without AMX/AVX512-BF16 auto-round's default bf16 autocast runs ~8x slower than fp32 matmuls;
+`--autoround-amp auto` (default) then turns it off for auto-round as signround does for itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import protocol
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def matmul_peak(dtype: torch.dtype, device: str, seconds: float = 2.0) -> float:
+    """GFLOP/s of a square matmul in `dtype`: the machine's practical peak, measured in this run."""
+    n = 2048
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * count / (time.perf_counter() - start) / 1e9
+
+
+def flops_per_iter(config, batch: int, seqlen: int) -> float:
+    """Forward + backward FLOPs of one tuning step of one decoder block (backward ~ 2x forward)."""
+    hidden, inter = config.hidden_size, config.intermediate_size
+    heads, kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    linear = hidden * heads * head_dim * 2 + hidden * kv * head_dim * 2 + 3 * hidden * inter
+    tokens = batch * seqlen
+    attention = 2 * 2 * batch * seqlen * seqlen * heads * head_dim
+    return 3 * (2 * tokens * linear + attention)
+
+
+def peak_rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+# ---- one run, in a child process --------------------------------------------------------------
+
+def _child_signround(args) -> dict:
+    import tempfile
+
+    import signround
+    from signround.blocks import find_blocks
+    from signround.evaluate import perplexity
+    from signround.resume import finished_blocks
+    from signround.weights import materialize, open_lazy
+
+    model, tokenizer, weights = open_lazy(args.model)
+    name, blocks = find_blocks(model)
+    if args.layers:
+        del blocks[args.layers:]
+        model.config.num_hidden_layers = len(blocks)
+    calib = protocol.gutenberg_calibration(tokenizer, args.nsamples, args.seqlen)
+    recipe = {} if args.recipe == "default" else dict(iters=args.iters, batch_size=args.batch_size, lr=args.lr)
+    config = signround.QuantConfig(scheme=args.scheme, nsamples=args.nsamples, seqlen=args.seqlen, seed=42, device=args.device,
+                                   cache_dtype=args.cache_dtype, **recipe)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp) / "work"
+        report = signround.quantize(model, config, tokenizer=tokenizer, calibration=calib, progress=False, work_dir=work, weights=weights,
+                                    offload_dir=work / "caches" if args.offload else None)
+        rss = peak_rss_mib()
+        source = finished_blocks(work, name)
+        for i, block in enumerate(blocks):
+            materialize(block, f"{name}.{i}.", source)
+    ppl = perplexity(model.to(args.device), protocol.wikitext_ids(tokenizer).to(args.device))
+    return {"tuning_s": report.tuning_seconds, "iters": config.iters, "steps": report.tuning_steps, "ppl": ppl, "peak_rss_mib": rss,
+            "batch": config.batch_size}
+
+
+def _child_autoround(args) -> dict:
+    from auto_round import AutoRound
+
+    import signround
+    from signround.evaluate import perplexity
+    from signround.hardware import cpu_has_fast_bf16
+
+    model, tokenizer = signround.load_model(args.model)
+    if args.layers:
+        del model.model.layers[args.layers:]
+        model.config.num_hidden_layers = args.layers
+    calib = protocol.gutenberg_calibration(tokenizer, args.nsamples, args.seqlen)
+    s = signround.WeightScheme.preset(args.scheme)
+    amp = args.autoround_amp == "on" or (args.autoround_amp == "auto" and (args.device == "cuda" or cpu_has_fast_bf16()))
+    recipe = {} if args.recipe == "default" else dict(iters=args.iters, batch_size=args.batch_size, lr=args.lr)
+    ar = AutoRound(model, tokenizer, bits=s.bits, group_size=s.group_size, sym=s.sym, nsamples=args.nsamples, seqlen=args.seqlen,
+                   seed=42, amp=amp, device_map=args.device, dataset=[{"input_ids": row.unsqueeze(0)} for row in calib], **recipe)
+    start = time.perf_counter()
+    result = ar.quantize()
+    seconds = time.perf_counter() - start
+    rss = peak_rss_mib()
+    qmodel = result[0] if isinstance(result, tuple) else ar.model
+    ppl = perplexity(qmodel.float().to(args.device), protocol.wikitext_ids(tokenizer).to(args.device))
+    return {"tuning_s": seconds, "iters": ar.iters, "steps": ar.iters * args.layers_run, "ppl": ppl, "peak_rss_mib": rss,
+            "batch": ar.batch_size, "amp": amp}
+
+
+def run_child(tool: str, recipe: str, scheme: str, args, extra=()) -> dict:
+    argv = [sys.executable, __file__, "--child", tool, "--recipe", recipe, "--scheme", scheme, "--model", args.model, "--device", args.device,
+            "--iters", str(args.iters), "--batch-size", str(args.batch_size), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
+            "--autoround-amp", args.autoround_amp, *(["--layers", str(args.layers)] if args.layers else []), *extra]
+    if args.lr:
+        argv += ["--lr", str(args.lr)]
+    print(f"== {tool} {recipe} {scheme} {' '.join(extra)}", flush=True)
+    done = subprocess.run(argv, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{tool} {recipe} {scheme} failed:\n{done.stderr[-3000:]}")
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"   {row}", flush=True)
+    return row
+
+
+def write_table(results: dict, args, peaks: dict, path: Path) -> None:
+    from transformers import AutoConfig
+
+    import signround.models as models
+
+    source = models.resolve(args.model)
+    config = AutoConfig.from_pretrained(source.location, gguf_file=source.gguf_file)
+    layers = args.layers or config.num_hidden_layers
+    step = flops_per_iter(config, args.batch_size, args.seqlen)
+    lines = [f"# signround vs auto-round: {args.model}, {layers} blocks, calibration gutenberg-{args.nsamples}x{args.seqlen}", "",
+             f"machine: {protocol.cpu_name() if args.device == 'cpu' else torch.cuda.get_device_name()}, {torch.get_num_threads()} threads; "
+             f"matmul peak measured in this run: bf16 {peaks['bf16']:.0f} GFLOP/s, fp32 {peaks['fp32']:.0f} GFLOP/s", "",
+             "## Same settings", "",
+             f"iters {args.iters}, batch {args.batch_size}, lr {args.lr or '1/iters'}; one step of one block is {step / 1e9:.1f} GFLOP forward+backward", "",
+             "| scheme | tool | tuning s | ratio | s/iter | GFLOP/s | share of bf16 peak | share of fp32 peak | ppl | peak RSS MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for scheme in args.schemes:
+        ours, theirs = results.get(f"signround|same|{scheme}"), results.get(f"auto-round|same|{scheme}")
+        for tool, row in (("signround", ours), ("auto-round" + ("" if not row or row.get("amp", True) else " (amp off)"), theirs)):
+            if not row:
+                continue
+            per_iter = row["tuning_s"] / (row["iters"] * layers)
+            rate = step / per_iter / 1e9
+            ratio = f"{row['tuning_s'] / theirs['tuning_s']:.2f}" if theirs else ""
+            lines.append(f"| {scheme} | {tool} | {row['tuning_s']:.0f} | {ratio} | {per_iter:.3f} | {rate:.0f} | {rate / peaks['bf16']:.0%} | "
+                         f"{rate / peaks['fp32']:.0%} | {row['ppl']:.3f} | {row['peak_rss_mib']:.0f} |")
+    lines += ["", "## Default recipes", "", "| scheme | tool | iters | tuning s | time ratio | ppl | ppl vs auto-round | peak RSS MiB | RSS ratio |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for scheme in args.schemes:
+        ours, theirs = results.get(f"signround|default|{scheme}"), results.get(f"auto-round|default|{scheme}")
+        for tool, row in (("signround", ours), ("auto-round", theirs)):
+            if not row:
+                continue
+            vs = f"{(row['ppl'] / theirs['ppl'] - 1) * 100:+.2f}%" if theirs and tool == "signround" else ""
+            ratio = f"{row['tuning_s'] / theirs['tuning_s']:.2f}" if theirs else ""
+            rss = f"{row['peak_rss_mib'] / theirs['peak_rss_mib']:.2f}" if theirs else ""
+            lines.append(f"| {scheme} | {tool} | {row['iters']} | {row['tuning_s']:.0f} | {ratio} | {row['ppl']:.3f} | {vs} | {row['peak_rss_mib']:.0f} | {rss} |")
+    lines += ["", f"updated {datetime.datetime.now().isoformat(timespec='minutes')}"]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--schemes", default="W4A16,W2A16G64", type=lambda s: s.split(","))
+    p.add_argument("--layers", type=int, help="truncate both models to their first N blocks")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--iters", type=int, default=200, help="same-settings runs")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--recipes", default="same,default", type=lambda s: s.split(","))
+    p.add_argument("--autoround-amp", default="auto", choices=["auto", "on", "off"])
+    p.add_argument("--name", default="vs_autoround", help="results file stem")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--recipe", help=argparse.SUPPRESS)
+    p.add_argument("--scheme", help=argparse.SUPPRESS)
+    p.add_argument("--cache-dtype", default="float32", help=argparse.SUPPRESS)
+    p.add_argument("--offload", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        from transformers import AutoConfig
+
+        import signround.models as models
+
+        source = models.resolve(args.model)
+        args.layers_run = args.layers or AutoConfig.from_pretrained(source.location, gguf_file=source.gguf_file).num_hidden_layers
+        row = (_child_signround if args.child == "signround" else _child_autoround)(args)
+        print(json.dumps(row))
+        return
+
+    RESULTS.mkdir(exist_ok=True)
+    store = RESULTS / f"{args.name}.json"
+    stored = json.loads(store.read_text()) if store.exists() else {}
+    setting = f"{args.model}|layers{args.layers or 'all'}|n{args.nsamples}x{args.seqlen}|iters{args.iters}|bs{args.batch_size}|{args.device}"
+    results = stored.setdefault(setting, {})
+    peaks = {"bf16": matmul_peak(torch.bfloat16, args.device), "fp32": matmul_peak(torch.float32, args.device)}
+    for recipe in args.recipes:
+        for scheme in args.schemes:
+            for tool in ("signround", "auto-round"):  # alternating, so drifting machine load hits both
+                key = f"{tool}|{recipe}|{scheme}"
+                if key not in results:
+                    results[key] = run_child(tool, recipe, scheme, args)
+                    store.write_text(json.dumps(stored, indent=1))
+                    write_table(results, args, peaks, RESULTS / f"{args.name}-{'all' if not args.layers else args.layers}.md")
+    write_table(results, args, peaks, RESULTS / f"{args.name}-{'all' if not args.layers else args.layers}.md")
+    print((RESULTS / f"{args.name}-{'all' if not args.layers else args.layers}.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
