@@ -158,7 +158,8 @@ def write_table(results: dict, args, peaks: dict, path: Path) -> None:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for scheme in args.schemes:
         ours, theirs = results.get(f"signround|same|{scheme}"), results.get(f"auto-round|same|{scheme}")
-        for tool, row in (("signround", ours), ("auto-round" + ("" if not row or row.get("amp", True) else " (amp off)"), theirs)):
+        theirs_name = "auto-round" + ("" if not theirs or theirs.get("amp", True) else " (amp off)")
+        for tool, row in (("signround", ours), (theirs_name, theirs)):
             if not row:
                 continue
             per_iter = row["tuning_s"] / (row["iters"] * layers)
@@ -176,7 +177,8 @@ def write_table(results: dict, args, peaks: dict, path: Path) -> None:
             vs = f"{(row['ppl'] / theirs['ppl'] - 1) * 100:+.2f}%" if theirs and tool == "signround" else ""
             ratio = f"{row['tuning_s'] / theirs['tuning_s']:.2f}" if theirs else ""
             rss = f"{row['peak_rss_mib'] / theirs['peak_rss_mib']:.2f}" if theirs else ""
-            lines.append(f"| {scheme} | {tool} | {row['iters']} | {row['tuning_s']:.0f} | {ratio} | {row['ppl']:.3f} | {vs} | {row['peak_rss_mib']:.0f} | {rss} |")
+            lines.append(f"| {scheme} | {tool} | {row['iters']} | {row['tuning_s']:.0f} | {ratio} | {row['ppl']:.3f} | {vs} | "
+                         f"{row['peak_rss_mib']:.0f} | {rss} |")
     lines += ["", f"updated {datetime.datetime.now().isoformat(timespec='minutes')}"]
     path.write_text("\n".join(lines) + "\n")
 
