@@ -43,7 +43,7 @@ def truncate(model, layers: int | None):
 
 def run_ours(base, tokenizer, method, scheme, calib, eval_ids, args) -> dict:
     model = copy.deepcopy(base)
-    config = signround.QuantConfig(scheme=scheme, method=method, iters=args.iters, nsamples=args.nsamples, seqlen=args.seqlen,
+    config = signround.QuantConfig(scheme=scheme, method=method, recipe="full", iters=args.iters, nsamples=args.nsamples, seqlen=args.seqlen,
                                    batch_size=args.batch_size, seed=args.seed)
     work = RESULTS / "work" / key("signround", method, scheme, args).replace("|", "_")  # survives a session's end: the run resumes
     report = signround.quantize(model, config, tokenizer=tokenizer, calibration=calib, work_dir=work)

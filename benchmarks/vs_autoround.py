@@ -83,6 +83,8 @@ def _child_signround(args) -> dict:
         model.config.num_hidden_layers = len(blocks)
     calib = protocol.gutenberg_calibration(tokenizer, args.nsamples, args.seqlen)
     recipe = {} if args.recipe == "default" else dict(iters=args.iters, batch_size=args.batch_size, lr=args.lr)
+    if args.recipe == "scaling":
+        recipe["clip_search"] = False
     config = signround.QuantConfig(scheme=args.scheme, nsamples=args.nsamples, seqlen=args.seqlen, seed=42, device=args.device,
                                    cache_dtype=args.cache_dtype, **recipe)
     with tempfile.TemporaryDirectory() as tmp:
@@ -95,7 +97,7 @@ def _child_signround(args) -> dict:
             materialize(block, f"{name}.{i}.", source)
     ppl = perplexity(model.to(args.device), protocol.wikitext_ids(tokenizer).to(args.device))
     return {"tuning_s": report.tuning_seconds, "iters": config.iters, "steps": report.tuning_steps, "ppl": ppl, "peak_rss_mib": rss,
-            "batch": config.batch_size}
+            "batch": config.batch_size, "nsamples": args.nsamples, "seqlen": args.seqlen, "work": config.iters * args.nsamples * args.seqlen}
 
 
 def _child_autoround(args) -> dict:
@@ -179,6 +181,14 @@ def write_table(results: dict, args, peaks: dict, path: Path) -> None:
             rss = f"{row['peak_rss_mib'] / theirs['peak_rss_mib']:.2f}" if theirs else ""
             lines.append(f"| {scheme} | {tool} | {row['iters']} | {row['tuning_s']:.0f} | {ratio} | {row['ppl']:.3f} | {vs} | "
                          f"{row['peak_rss_mib']:.0f} | {rss} |")
+    scaling = sorted((v for k, v in results.items() if k.startswith("signround|scaling|")), key=lambda r: r["work"])
+    if scaling:
+        unit = scaling[0]["tuning_s"] / scaling[0]["work"]
+        lines += ["", "## Tuning time against iters x nsamples x seqlen (signround)", "",
+                  "| iters | nsamples | seqlen | iters x tokens | tuning s | s per unit, relative to the first row |", "|---|---|---|---|---|---|"]
+        for row in scaling:
+            lines.append(f"| {row['iters']} | {row['nsamples']} | {row['seqlen']} | {row['work']:.3g} | {row['tuning_s']:.1f} | "
+                         f"{row['tuning_s'] / row['work'] / unit:.2f} |")
     lines += ["", f"updated {datetime.datetime.now().isoformat(timespec='minutes')}"]
     path.write_text("\n".join(lines) + "\n")
 
@@ -194,7 +204,10 @@ def main() -> None:
     p.add_argument("--lr", type=float)
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--recipes", default="same,default", type=lambda s: s.split(","))
+    p.add_argument("--recipes", default="same,default,scaling", type=lambda s: s.split(","),
+                   help="same: identical settings; default: each tool's default recipe; scaling: signround at three sizes of iters x nsamples x seqlen")
+    p.add_argument("--scaling-points", default="25x32x512,50x32x512,50x64x512", type=lambda s: s.split(","),
+                   help="ITERSxNSAMPLESxSEQLEN for the scaling rows (first scheme)")
     p.add_argument("--autoround-amp", default="auto", choices=["auto", "on", "off"])
     p.add_argument("--name", default="vs_autoround", help="results file stem")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -220,7 +233,14 @@ def main() -> None:
     setting = f"{args.model}|layers{args.layers or 'all'}|n{args.nsamples}x{args.seqlen}|iters{args.iters}|bs{args.batch_size}|{args.device}"
     results = stored.setdefault(setting, {})
     peaks = {"bf16": matmul_peak(torch.bfloat16, args.device), "fp32": matmul_peak(torch.float32, args.device)}
-    for recipe in args.recipes:
+    for point in args.scaling_points if "scaling" in args.recipes else []:
+        key = f"signround|scaling|{point}"
+        if key not in results:
+            iters, nsamples, seqlen = (int(x) for x in point.split("x"))
+            sized = argparse.Namespace(**{**vars(args), "iters": iters, "nsamples": nsamples, "seqlen": seqlen})
+            results[key] = run_child("signround", "scaling", args.schemes[0], sized)
+            store.write_text(json.dumps(stored, indent=1))
+    for recipe in [r for r in args.recipes if r != "scaling"]:
         for scheme in args.schemes:
             for tool in ("signround", "auto-round"):  # alternating, so drifting machine load hits both
                 key = f"{tool}|{recipe}|{scheme}"

@@ -29,7 +29,14 @@ def _add_quantize(sub) -> None:
                    help="per-layer override, e.g. 'down_proj=W8A16', 'q_proj=bits=3,group_size=64' or 'lm_head|mlp.0=fp16'")
     p.add_argument("--method", default="signround", help="rtn or signround (default)")
     p.add_argument("--quantize-lm-head", action="store_true", help="also quantize an untied lm_head (round-to-nearest)")
-    p.add_argument("--iters", type=int, default=200)
+    p.add_argument("--recipe", default="fast", choices=["fast", "full"],
+                   help="fast (default): 64 steps from an activation-weighted clipping search; full: 200 steps from round-to-nearest "
+                        "(the paper's and auto-round's default); --iters and --clip-search override either")
+    p.add_argument("--iters", type=int, help="tuning steps per block (default: the recipe's)")
+    clip = p.add_mutually_exclusive_group()
+    clip.add_argument("--clip-search", dest="clip_search", action="store_true", default=None,
+                      help="start the clipping scales at an activation-weighted search (default: the recipe's)")
+    clip.add_argument("--no-clip-search", dest="clip_search", action="store_false")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, help="calibration tokens per sample (default 2048, or the model's maximum when shorter)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -141,7 +148,7 @@ def config_from_args(args):
         overrides[pattern] = parse_scheme(spec)
     return QuantConfig(
         scheme=scheme, method=args.method, layer_overrides=overrides, quantize_lm_head=args.quantize_lm_head,
-        iters=args.iters, nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        recipe=args.recipe, iters=args.iters, clip_search=args.clip_search, nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size, grad_accum=args.grad_accum,
         lr=args.lr, minmax_lr=args.minmax_lr, seed=args.seed, quantized_inputs=not args.fp_inputs, device=args.device, amp=args.amp,
         cache_dtype=args.cache_dtype,
     )

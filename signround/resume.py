@@ -87,12 +87,14 @@ def fingerprint(model, config, tokenizer, calibration, compute: str = "", weight
     }
 
 
-def _differences(old: dict, new: dict) -> list[str]:
-    """Fields that differ; a setting added in a later version counts as its default in older states."""
-    from .config import QuantConfig
+# Settings added after the state format was fixed, with the value that runs of earlier versions used.
+ADDED_SETTINGS = {"setting.cache_dtype": "float32", "setting.recipe": "full", "setting.clip_search": False}
 
-    defaults = {f"setting.{k}": v for k, v in json.loads(json.dumps(QuantConfig().to_dict(), default=str)).items()}
-    return sorted(k.removeprefix("setting.") for k in old.keys() | new.keys() if old.get(k, defaults.get(k)) != new.get(k, defaults.get(k)))
+
+def _differences(old: dict, new: dict) -> list[str]:
+    """Fields that differ; a setting an older state lacks counts as what that version did."""
+    return sorted(k.removeprefix("setting.") for k in old.keys() | new.keys()
+                  if old.get(k, ADDED_SETTINGS.get(k)) != new.get(k, ADDED_SETTINGS.get(k)))
 
 
 def _atomic_write(path: Path, write) -> None:

@@ -43,3 +43,15 @@ def test_config_round_trips_through_its_dict():
 def test_bad_settings(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         QuantConfig(**kwargs)
+
+
+def test_recipes_fill_only_what_is_unset():
+    from signround.config import RECIPES
+
+    assert QuantConfig().iters == RECIPES["fast"]["iters"] and QuantConfig().clip_search is True
+    full = QuantConfig(recipe="full")
+    assert (full.iters, full.clip_search) == (200, False)
+    assert QuantConfig(recipe="full", iters=50, clip_search=True).iters == 50
+    assert QuantConfig.from_dict(full.to_dict()) == full
+    with pytest.raises(ConfigError, match="recipe='slow' is not one of fast, full"):
+        QuantConfig(recipe="slow")

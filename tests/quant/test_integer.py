@@ -72,3 +72,24 @@ def test_all_zero_group_stays_finite():
     for sym in (True, False):
         dq = dequantize_weight(quantize_weight(w, 4, 32, sym))
         assert torch.isfinite(dq).all() and dq.abs().max() == 0
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("sym", [True, False])
+def test_clipping_search_never_does_worse_than_no_clipping(bits, sym):
+    from signround.quant.integer import search_clipping
+
+    torch.manual_seed(0)
+    w = torch.randn(16, 64)
+    w[:, 3] *= 8  # an outlier channel widens every group's range
+    importance = torch.rand(64) + 0.1
+    ratio = search_clipping(w, bits, 32, sym, importance)
+    assert ratio.shape == (16, 2) and ((ratio > 0.69) & (ratio <= 1.0)).all()
+
+    def weighted_error(r):
+        q = fake_quant(w, bits, 32, sym, None, r, r)
+        return (((q - w) ** 2) * importance).reshape(16, 2, 32).sum(-1)
+
+    searched, unclipped = weighted_error(ratio), weighted_error(torch.ones(16, 2))
+    assert (searched <= unclipped + 1e-6).all()
+    assert searched.sum() < 0.97 * unclipped.sum(), "some clipping must pay off"
