@@ -148,7 +148,8 @@ def config_from_args(args):
         overrides[pattern] = parse_scheme(spec)
     return QuantConfig(
         scheme=scheme, method=args.method, layer_overrides=overrides, quantize_lm_head=args.quantize_lm_head,
-        recipe=args.recipe, iters=args.iters, clip_search=args.clip_search, nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        recipe=args.recipe, iters=args.iters, clip_search=args.clip_search,
+        nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size, grad_accum=args.grad_accum,
         lr=args.lr, minmax_lr=args.minmax_lr, seed=args.seed, quantized_inputs=not args.fp_inputs, device=args.device, amp=args.amp,
         cache_dtype=args.cache_dtype,
     )
