@@ -82,9 +82,7 @@ def _child_signround(args) -> dict:
         del blocks[args.layers:]
         model.config.num_hidden_layers = len(blocks)
     calib = protocol.gutenberg_calibration(tokenizer, args.nsamples, args.seqlen)
-    recipe = {} if args.recipe == "default" else dict(iters=args.iters, batch_size=args.batch_size, lr=args.lr)
-    if args.recipe == "scaling":
-        recipe["clip_search"] = False
+    recipe = {} if args.recipe == "default" else dict(recipe="full", iters=args.iters, batch_size=args.batch_size, lr=args.lr)
     config = signround.QuantConfig(scheme=args.scheme, nsamples=args.nsamples, seqlen=args.seqlen, seed=42, device=args.device,
                                    cache_dtype=args.cache_dtype, **recipe)
     with tempfile.TemporaryDirectory() as tmp:

@@ -30,8 +30,8 @@ def _add_quantize(sub) -> None:
     p.add_argument("--method", default="signround", help="rtn or signround (default)")
     p.add_argument("--quantize-lm-head", action="store_true", help="also quantize an untied lm_head (round-to-nearest)")
     p.add_argument("--recipe", default="fast", choices=["fast", "full"],
-                   help="fast (default): 64 steps from an activation-weighted clipping search; full: 200 steps from round-to-nearest "
-                        "(the paper's and auto-round's default); --iters and --clip-search override either")
+                   help="fast (default): 128 steps of 4 rows from an activation-weighted clipping search; full: 200 steps of 8 rows from "
+                        "round-to-nearest (the paper's and auto-round's default); --iters, --batch-size and --clip-search override either")
     p.add_argument("--iters", type=int, help="tuning steps per block (default: the recipe's)")
     clip = p.add_mutually_exclusive_group()
     clip.add_argument("--clip-search", dest="clip_search", action="store_true", default=None,
@@ -39,7 +39,7 @@ def _add_quantize(sub) -> None:
     clip.add_argument("--no-clip-search", dest="clip_search", action="store_false")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, help="calibration tokens per sample (default 2048, or the model's maximum when shorter)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, help="calibration rows per step (default: the recipe's)")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--lr", type=float, help="rounding-offset learning rate (default 1/iters)")
     p.add_argument("--minmax-lr", type=float, help="clipping-scale learning rate (default: --lr)")
