@@ -120,9 +120,9 @@ def _child_autoround(args) -> dict:
     seconds = time.perf_counter() - start
     rss = peak_rss_mib()
     qmodel = result[0] if isinstance(result, tuple) else ar.model
-    ppl = perplexity(qmodel.float().to(args.device), protocol.wikitext_ids(tokenizer).to(args.device))
-    return {"tuning_s": seconds, "iters": ar.iters, "steps": ar.iters * args.layers_run, "ppl": ppl, "peak_rss_mib": rss,
-            "batch": ar.batch_size, "amp": amp}
+    ppl = perplexity(qmodel.to(args.device), protocol.wikitext_ids(tokenizer).to(args.device))
+    return {"tuning_s": seconds, "iters": getattr(ar, "iters", None), "steps": ar.iters * args.layers_run, "ppl": ppl, "peak_rss_mib": rss,
+            "batch": getattr(ar, "batch_size", None), "amp": amp}
 
 
 def run_child(tool: str, recipe: str, scheme: str, args, extra=()) -> dict:
@@ -151,7 +151,7 @@ def write_table(results: dict, args, peaks: dict, path: Path) -> None:
     step = flops_per_iter(config, args.batch_size, args.seqlen)
     lines = [f"# signround vs auto-round: {args.model}, {layers} blocks, calibration gutenberg-{args.nsamples}x{args.seqlen}", "",
              f"machine: {protocol.cpu_name() if args.device == 'cpu' else torch.cuda.get_device_name()}, {torch.get_num_threads()} threads; "
-             f"matmul peak measured in this run: bf16 {peaks['bf16']:.0f} GFLOP/s, fp32 {peaks['fp32']:.0f} GFLOP/s", "",
+             f"matmul peak measured in this run: bf16 {peaks['bf16']:.1f} GFLOP/s, fp32 {peaks['fp32']:.1f} GFLOP/s", "",
              "## Same settings", "",
              f"iters {args.iters}, batch {args.batch_size}, lr {args.lr or '1/iters'}; one step of one block is {step / 1e9:.1f} GFLOP forward+backward", "",
              "| scheme | tool | tuning s | ratio | s/iter | GFLOP/s | share of bf16 peak | share of fp32 peak | ppl | peak RSS MiB |",
