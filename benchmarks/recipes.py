@@ -1,0 +1,66 @@
+"""Tuning recipes compared on the first blocks of a model: the block-output loss each reaches after
+tuning (the quantity SignRound minimises), for steps x batch x start-point variants, with the cost in
+calibration rows processed relative to the full recipe (200 steps of 8 rows). Cheap enough to explore
+recipes before paying for perplexity runs; protocol calibration gutenberg-128x512.
+
+    python benchmarks/recipes.py --layers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import protocol
+
+import signround
+
+RESULTS = Path(__file__).resolve().parent / "results"
+VARIANTS = {  # name: QuantConfig overrides
+    "full: 200 x 8, RTN start": dict(recipe="full"),
+    "64 x 8, RTN start": dict(recipe="full", iters=64),
+    "64 x 8, clip search": dict(recipe="full", iters=64, clip_search=True),
+    "100 x 4, clip search": dict(recipe="full", iters=100, batch_size=4, clip_search=True),
+    "160 x 2, clip search": dict(recipe="full", iters=160, batch_size=2, clip_search=True),
+    "128 x 4, RTN start": dict(recipe="full", iters=128, batch_size=4),
+    "fast: 128 x 4, clip search": dict(recipe="fast"),
+    "clip search only (0 steps)": dict(recipe="fast", iters=0),
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--scheme", default="W4A16")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--variants", default=",".join(VARIANTS), type=lambda s: s.split(","))
+    args = p.parse_args()
+    base, tokenizer = signround.load_model(args.model)
+    del base.model.layers[args.layers:]
+    base.config.num_hidden_layers = args.layers
+    calib = protocol.gutenberg_calibration(tokenizer, 128, 512)
+    lines = [f"# Recipes on the first {args.layers} blocks of {args.model}, {args.scheme}, gutenberg-128x512", "",
+             "Block-output MSE after tuning, each block on the inputs the quantized blocks before it produce.", "",
+             "| recipe | cost (rows vs full) | " + " | ".join(f"block {i}" for i in range(args.layers)) + " | tuning s |",
+             "|---|---|" + "---|" * args.layers + "---|"]
+    for name in args.variants:
+        config = signround.QuantConfig(scheme=args.scheme, nsamples=128, seqlen=512, **VARIANTS[name])
+        model = copy.deepcopy(base)
+        start = time.perf_counter()
+        report = signround.quantize(model, config, tokenizer=tokenizer, calibration=calib, progress=False)
+        cost = config.iters * config.batch_size / (200 * 8)
+        lines.append(f"| {name} | {cost:.2f} | " + " | ".join(f"{after:.4f}" for _, after in report.block_losses)
+                     + f" | {time.perf_counter() - start:.0f} |")
+        print(lines[-1], flush=True)
+    lines += ["", f"updated {datetime.datetime.now().isoformat(timespec='minutes')}"]
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "recipes.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
