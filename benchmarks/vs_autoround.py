@@ -83,8 +83,9 @@ def _child_signround(args) -> dict:
         model.config.num_hidden_layers = len(blocks)
     calib = protocol.gutenberg_calibration(tokenizer, args.nsamples, args.seqlen)
     recipe = {} if args.recipe == "default" else dict(recipe="full", iters=args.iters, batch_size=args.batch_size, lr=args.lr)
-    config = signround.QuantConfig(scheme=args.scheme, nsamples=args.nsamples, seqlen=args.seqlen, seed=42, device=args.device,
-                                   cache_dtype=args.cache_dtype, **recipe)
+    if args.cache_dtype:
+        recipe["cache_dtype"] = args.cache_dtype
+    config = signround.QuantConfig(scheme=args.scheme, nsamples=args.nsamples, seqlen=args.seqlen, seed=42, device=args.device, **recipe)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp) / "work"
         report = signround.quantize(model, config, tokenizer=tokenizer, calibration=calib, progress=False, work_dir=work, weights=weights,
@@ -179,14 +180,21 @@ def write_table(results: dict, args, peaks: dict, path: Path) -> None:
             rss = f"{row['peak_rss_mib'] / theirs['peak_rss_mib']:.2f}" if theirs else ""
             lines.append(f"| {scheme} | {tool} | {row['iters']} | {row['tuning_s']:.0f} | {ratio} | {row['ppl']:.3f} | {vs} | "
                          f"{row['peak_rss_mib']:.0f} | {rss} |")
-    scaling = sorted((v for k, v in results.items() if k.startswith("signround|scaling|")), key=lambda r: r["work"])
-    if scaling:
-        unit = scaling[0]["tuning_s"] / scaling[0]["work"]
-        lines += ["", "## Tuning time against iters x nsamples x seqlen (signround)", "",
-                  "| iters | nsamples | seqlen | iters x tokens | tuning s | s per unit, relative to the first row |", "|---|---|---|---|---|---|"]
-        for row in scaling:
-            lines.append(f"| {row['iters']} | {row['nsamples']} | {row['seqlen']} | {row['work']:.3g} | {row['tuning_s']:.1f} | "
-                         f"{row['tuning_s'] / row['work'] / unit:.2f} |")
+    scaling = sorted((v for k, v in results.items() if k.startswith("signround|scaling|")), key=lambda r: (r["iters"], r["nsamples"], r["seqlen"]))
+    if len(scaling) >= 3:
+        lines += ["", "## Tuning time against the work (signround)", "",
+                  "A step processes batch x seqlen tokens of one block whatever nsamples is; nsamples x seqlen tokens go through each block",
+                  "twice more (the original and the quantized stream). So time should be a*(iters x batch x seqlen) + b*(nsamples x seqlen)",
+                  "+ c over the blocks, with no fixed cost c (no compile or warm-up per block). Fitted on these rows by least squares:", "",
+                  "| iters | nsamples | seqlen | steps x tokens | forward tokens | tuning s | fitted s |", "|---|---|---|---|---|---|---|"]
+        design = torch.tensor([[r["iters"] * r["batch"] * r["seqlen"], r["nsamples"] * r["seqlen"], 1.0] for r in scaling], dtype=torch.float64)
+        times = torch.tensor([r["tuning_s"] for r in scaling], dtype=torch.float64)
+        a, b, c = torch.linalg.lstsq(design, times.unsqueeze(1)).solution.squeeze(1).tolist()
+        for row, fit in zip(scaling, (design @ torch.tensor([a, b, c], dtype=torch.float64)).tolist()):
+            lines.append(f"| {row['iters']} | {row['nsamples']} | {row['seqlen']} | {row['iters'] * row['batch'] * row['seqlen']:.3g} | "
+                         f"{row['nsamples'] * row['seqlen']:.3g} | {row['tuning_s']:.1f} | {fit:.1f} |")
+        lines += ["", f"a = {a * 1e6:.2f} s per million step tokens, b = {b * 1e6:.1f} s per million forward tokens, fixed cost c = {c:.1f} s "
+                      f"({c / max(times).item():+.0%} of the longest run)"]
     lines += ["", f"updated {datetime.datetime.now().isoformat(timespec='minutes')}"]
     path.write_text("\n".join(lines) + "\n")
 
@@ -204,14 +212,14 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--recipes", default="same,default,scaling", type=lambda s: s.split(","),
                    help="same: identical settings; default: each tool's default recipe; scaling: signround at three sizes of iters x nsamples x seqlen")
-    p.add_argument("--scaling-points", default="25x32x512,50x32x512,50x64x512", type=lambda s: s.split(","),
+    p.add_argument("--scaling-points", default="25x32x512,50x32x512,50x64x512,50x32x256", type=lambda s: s.split(","),
                    help="ITERSxNSAMPLESxSEQLEN for the scaling rows (first scheme)")
     p.add_argument("--autoround-amp", default="auto", choices=["auto", "on", "off"])
     p.add_argument("--name", default="vs_autoround", help="results file stem")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--recipe", help=argparse.SUPPRESS)
     p.add_argument("--scheme", help=argparse.SUPPRESS)
-    p.add_argument("--cache-dtype", default="float32", help=argparse.SUPPRESS)
+    p.add_argument("--cache-dtype", help=argparse.SUPPRESS)
     p.add_argument("--offload", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:

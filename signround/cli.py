@@ -44,8 +44,8 @@ def _add_quantize(sub) -> None:
     p.add_argument("--lr", type=float, help="rounding-offset learning rate (default 1/iters)")
     p.add_argument("--minmax-lr", type=float, help="clipping-scale learning rate (default: --lr)")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--cache-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="dtype of the hidden states cached between blocks (bfloat16 halves their memory)")
+    p.add_argument("--cache-dtype", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the hidden states cached between blocks (default: the recipe's; fast: bfloat16, full: float32)")
     p.add_argument("--offload", action="store_true", help="keep the cached hidden states in files beside the output instead of in memory")
     p.add_argument("--fp-inputs", action="store_true", help="tune each block on the original model's inputs instead of the quantized model's")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")

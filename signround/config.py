@@ -90,10 +90,11 @@ DEFAULT_DATASET = "NeelNanda/pile-10k"
 # Tuning recipes. "full" is the paper's and auto-round's default: 200 steps from plain round-to-nearest.
 # "fast" starts the clipping scales at an activation-weighted search, which leaves less for the steps to
 # do, and takes more but smaller steps: 128 x 4 rows is a third of 200 x 8, and signed descent gains more
-# from the number of steps than from their batch (benchmarks/vs_autoround.py measures both against auto-round).
+# from the number of steps than from their batch (benchmarks/recipes.py, benchmarks/vs_autoround.py). It
+# also caches hidden states in bf16, as auto-round does under bf16 autocast: half the memory.
 RECIPES = {
-    "fast": {"iters": 128, "batch_size": 4, "clip_search": True},
-    "full": {"iters": 200, "batch_size": 8, "clip_search": False},
+    "fast": {"iters": 128, "batch_size": 4, "clip_search": True, "cache_dtype": "bfloat16"},
+    "full": {"iters": 200, "batch_size": 8, "clip_search": False, "cache_dtype": "float32"},
 }
 
 
@@ -122,7 +123,7 @@ class QuantConfig:
     seed: int = 42
     clip_search: bool | None = None  # start the clipping scales at an activation-weighted search instead of 1.0
     quantized_inputs: bool = True    # tune on the inputs the already-quantized blocks produce
-    cache_dtype: str = "float32"     # dtype of the hidden states cached between blocks: float32, bfloat16 or float16
+    cache_dtype: str | None = None   # dtype of the hidden states cached between blocks: float32, bfloat16 or float16
     device: str = "auto"
     amp: str = "auto"                # auto | bf16 | fp16 | off
 

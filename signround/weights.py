@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .hardware import release_freed_memory
+
 
 class StreamingUnsupported(ValueError):
     """The checkpoint cannot be read block by block (its tensors do not map onto the model's names)."""
@@ -239,4 +241,5 @@ def open_lazy(spec: str, trust_remote_code: bool = False, allow_pickle: bool = F
     for name, module in outside:
         materialize(module, f"{name}." if name else "", source, init=model._init_weights, recurse=False, memo=memo)
     model.eval()
+    release_freed_memory()  # parsing the file's metadata leaves much freed heap behind
     return model, tokenizer, source
