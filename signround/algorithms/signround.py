@@ -63,6 +63,9 @@ class _Tunables:
         return quantize_weight(self.weight, s.bits, s.group_size, s.sym, self.offset.detach(), self.min_scale.detach(), self.max_scale.detach())
 
 
+PROBE_ROWS = 32  # rows for the starting loss and the activation statistics (all 128 would cost ~10 steps of 4 rows)
+
+
 def _accumulate_importance(store: dict, tunable):
     """A forward pre-hook summing the squared inputs of a layer per input channel (its 'imatrix')."""
 
@@ -101,7 +104,9 @@ class SignRound:
         hooks = [t.task.module.register_forward_pre_hook(_accumulate_importance(importance, t)) for t in tunables] if config.clip_search else []
         try:
             with torch.no_grad():
-                loss_before = sum(loss_on(torch.arange(sl.start, sl.stop), initial=True).item() * (sl.stop - sl.start) for sl in iter_batches(n, batch)) / n
+                probe = min(n, PROBE_ROWS)
+                loss_before = sum(loss_on(torch.arange(sl.start, sl.stop), initial=True).item() * (sl.stop - sl.start)
+                                  for sl in iter_batches(probe, batch)) / probe
         finally:
             for h in hooks:
                 h.remove()
