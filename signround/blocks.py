@@ -139,26 +139,18 @@ class _Recorder(nn.Module):
 def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, device, sink=None):
     """Run the model's embedding stage on every calibration row; return (hidden states entering block 0
     as an (N, S, H) tensor, [BlockCall for every block]). With `sink`, each row's hidden states go to
-    `sink(row_index, hidden)` instead and the first item is None.
+    `sink(hidden)`, in row order, instead and the first item is None.
 
     The blocks are replaced by recorders for the duration of the call only, so no block runs and later
     blocks need not even hold real weights; the model is unchanged afterwards.
     """
     originals = list(blocks)
     kept: list[torch.Tensor] = []
-    row = 0
-
-    def first_block_input(hidden):
-        if sink is None:
-            kept.append(hidden)
-        else:
-            sink(row, hidden)
-
-    recorders = [_Recorder(b, sink=first_block_input if i == 0 else None, last=i == len(originals) - 1) for i, b in enumerate(originals)]
+    recorders = [_Recorder(b, sink=(sink or kept.append) if i == 0 else None, last=i == len(originals) - 1) for i, b in enumerate(originals)]
     try:
         for i, r in enumerate(recorders):
             blocks[i] = r
-        for row, ids in enumerate(input_ids):
+        for ids in input_ids:
             try:
                 model(input_ids=ids.unsqueeze(0).to(device), use_cache=False)
             except _StopForward:

@@ -124,7 +124,7 @@ def _write_shards(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes:
     shards.append(current)
     lazy = [n for n, t in state.items() if t.is_meta]
     if lazy and weights is None:
-        raise ValueError(f"{lazy[0]} is not in memory: pass the source of the finished blocks (weights=finished_blocks(work_dir))")
+        raise ValueError(f"{lazy[0]} is not in memory: pass the source of the finished blocks (weights=finished_blocks(work_dir, model))")
 
     def shard_tensors(names: list[str]) -> dict[str, torch.Tensor]:
         read = weights.tensors([n for n in names if state[n].is_meta]) if lazy else {}
@@ -181,7 +181,7 @@ def save(model, path: str | os.PathLike, tokenizer=None, *, overwrite: bool = Fa
          max_shard_bytes: int = MAX_SHARD_BYTES, weights=None) -> Path:
     """Write a quantized model (and its tokenizer) to `path` atomically, in the tool's own format.
     `weights` supplies the tensors of blocks that are on the meta device (a streamed run's finished
-    blocks: `resume.finished_blocks(work_dir, ...)`)."""
+    blocks: `resume.finished_blocks(work_dir, model)`)."""
     if not isinstance(getattr(model.config, "quantization_config", None), dict):
         raise ValueError("the model has not been quantized by signround: run signround.quantize first")
     with atomic_folder(path, overwrite) as tmp:

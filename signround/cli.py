@@ -187,11 +187,10 @@ class Interrupted(KeyboardInterrupt):
 def cmd_quantize(args) -> None:
     from . import checkpoint
     from .algorithms import get_algorithm
-    from .blocks import find_blocks
     from .export import NATIVE, check_formats, export, get_format
     from .pipeline import calibration_seqlen, planned_layers, quantize
     from .resume import default_work_dir, describe, finished_blocks
-    from .weights import materialize
+    from .weights import materialize_blocks
 
     config = config_from_args(args)
     calibrates = get_algorithm(config.method).needs_calibration
@@ -215,13 +214,9 @@ def cmd_quantize(args) -> None:
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted: {describe(work)}; run the same command again to resume") from None
     print(report.summary(), flush=True)
-    finished = None
-    if weights is not None:  # the finished blocks are on disk, in the work state
-        blocks_name, blocks = find_blocks(model)
-        finished = finished_blocks(work, blocks_name)
-        if args.format != [NATIVE]:  # exporters work on the packed model in memory
-            for i, block in enumerate(blocks):
-                materialize(block, f"{blocks_name}.{i}.", finished)
+    finished = finished_blocks(work, model) if weights is not None else None  # the finished blocks are on disk, in the work state
+    if finished is not None and args.format != [NATIVE]:  # exporters work on the packed model in memory
+        materialize_blocks(model, finished)
     if args.eval_text:
         print(f"perplexity after:  {_ppl(model, tokenizer, args):.3f}", flush=True)
     try:

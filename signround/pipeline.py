@@ -287,7 +287,7 @@ def quantize(model, config: QuantConfig | None = None, *, tokenizer=None, calibr
     continues after the last finished block (`resume`: "auto", "force" despite changed settings, "never").
     `on_block_done(index, report)` is called after each block is finished (and saved).
     `weights`: the source of a model opened by `weights.open_lazy`, whose blocks are read one at a time;
-    with a `work_dir` each finished block also leaves memory (save with `save(..., weights=finished_blocks(work_dir))`).
+    with a `work_dir` each finished block also leaves memory (save with `save(..., weights=finished_blocks(work_dir, model))`).
     `offload_dir`: keep the cached hidden states in files there instead of in memory (`config.cache_dtype` sets their dtype).
     """
     config = config or QuantConfig()
@@ -335,10 +335,12 @@ def quantize(model, config: QuantConfig | None = None, *, tokenizer=None, calibr
         report.calibration_shape = tuple(ids.shape)
         if done < len(blocks):
             move_except_blocks(model, blocks, device)
-            fp_in, calls = _capture(model, blocks, ids, device, caches, skip=done > 0)
-            q_in = fp_in
-            if done:
+            if done:  # the hidden states are in the work state; one row gives every block's call
+                calls = capture_block_inputs(model, blocks, ids[:1], device)[1]
                 fp_in, q_in = state.inputs(caches)
+            else:
+                fp_in, calls = _capture(model, blocks, ids, device, caches)
+                q_in = fp_in
     earlier_seconds = state.tuning_seconds if state else 0.0  # blocks finished by an interrupted run
     start = time.perf_counter()
     bar = tqdm(total=len(blocks), initial=done, desc=f"{config.method} {config.scheme.name()}", disable=not progress, unit="block")
@@ -383,19 +385,18 @@ def quantize(model, config: QuantConfig | None = None, *, tokenizer=None, calibr
     return report
 
 
-def _capture(model, blocks, ids, device, caches: CacheFactory, skip: bool):
-    """(cache of the hidden states entering block 0, calls of every block); `skip` records only the calls."""
-    cache = None
+def _capture(model, blocks, ids, device, caches: CacheFactory):
+    """(cache of the hidden states entering block 0, calls of every block)."""
+    cache, filled = None, 0
 
-    def sink(row, hidden):
-        nonlocal cache
-        if skip:
-            return
+    def sink(hidden):
+        nonlocal cache, filled
         if cache is None:
             cache = caches.empty((ids.shape[0], *hidden.shape[1:]))
-        cache.write(row, hidden)
+        cache.write(filled, hidden)
+        filled += hidden.shape[0]
 
-    _, calls = capture_block_inputs(model, blocks, ids, device, sink=sink)
+    calls = capture_block_inputs(model, blocks, ids, device, sink=sink)[1]
     return cache, calls
 
 

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .checkpoint import disk_full_error
+from .weights import files_digest
 
 log = logging.getLogger("signround")
 
@@ -66,7 +67,7 @@ def calibration_digest(calibration) -> str:
         if not path.exists():
             return f"name:{calibration}"
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        return _sha(*(f"{p.resolve()}|{p.stat().st_size}|{p.stat().st_mtime_ns}".encode() for p in files))
+        return files_digest(files)
     return _sha(*(str(doc).encode() + b"\x00" for doc in calibration))
 
 
@@ -191,12 +192,14 @@ class WorkState:
         return tuple(caches.load(self.folder / f"inputs-{self.finished:05d}-{stream}.safetensors") for stream in ("fp", "q"))
 
 
-def finished_blocks(folder: str | os.PathLike, blocks_name: str):
-    """The finished blocks of the run in `folder` as one weight source, by full tensor name (for `save` and
-    `weights.materialize` after a lazily opened model was quantized)."""
+def finished_blocks(folder: str | os.PathLike, model):
+    """The finished blocks of `model`'s run in `folder` as one weight source, by full tensor name (for
+    `save` and `weights.materialize_blocks` after a lazily opened model was quantized)."""
+    from .blocks import find_blocks
     from .weights import MultiSource, SafetensorsSource
 
     folder = Path(folder)
+    blocks_name = find_blocks(model)[0]
     finished = json.loads((folder / STATE_FILE).read_text())["finished"]
     return MultiSource([SafetensorsSource([folder / f"block-{i:05d}.safetensors"], prefix=f"{blocks_name}.{i}.") for i in range(finished)])
 

@@ -34,8 +34,8 @@ class WeightSource(Protocol):
     def digest(self) -> str: ...
 
 
-def _file_digest(paths: list[Path]) -> str:
-    """Names, sizes and modification times: a re-downloaded or re-converted checkpoint differs."""
+def files_digest(paths: list[Path]) -> str:
+    """Names, sizes and modification times: a re-downloaded, re-converted or edited file differs."""
     h = hashlib.sha256()
     for p in paths:
         st = p.stat()
@@ -75,7 +75,7 @@ class SafetensorsSource:
         return out
 
     def digest(self) -> str:
-        return _file_digest(sorted(set(self.file_of.values())))
+        return files_digest(sorted(set(self.file_of.values())))
 
 
 class MultiSource:
@@ -147,11 +147,10 @@ class GGUFSource:
         return out
 
     def digest(self) -> str:
-        return _file_digest([self.path])
+        return files_digest([self.path])
 
 
-def materialize(module: nn.Module, prefix: str, source: WeightSource, *, init=None, recurse: bool = True, dtype: torch.dtype | None = None,
-                memo: dict | None = None) -> None:
+def materialize(module: nn.Module, prefix: str, source: WeightSource, *, init=None, recurse: bool = True, memo: dict | None = None) -> None:
     """Give `module`'s meta tensors real storage on the CPU and fill them from `source` (names are
     `prefix` + the module's own). Modules with non-persistent buffers (rotary tables) are first run
     through `init`, the model's own weight initialiser, which rebuilds those. `memo` maps meta
@@ -167,7 +166,7 @@ def materialize(module: nn.Module, prefix: str, source: WeightSource, *, init=No
                 if id(t) in memo:
                     kind[name] = memo[id(t)]
                     continue
-                kind[name] = memo[id(t)] = _empty_like(t, dtype if t.is_floating_point() else None)
+                kind[name] = memo[id(t)] = _empty_like(t)
                 if kind is sub._buffers and name in sub._non_persistent_buffers_set:
                     rebuilt = True
                 else:
@@ -176,7 +175,8 @@ def materialize(module: nn.Module, prefix: str, source: WeightSource, *, init=No
             if init is None:
                 raise StreamingUnsupported(f"{prefix}{sub_name} has buffers that are not in the checkpoint")
             init(sub)
-    missing = [n for n in wanted if n not in source.names()]
+    available = source.names()
+    missing = [n for n in wanted if n not in available]
     if missing:
         raise StreamingUnsupported(f"the checkpoint has no tensor {missing[0]!r}")
     loaded = source.tensors(list(wanted))
@@ -188,9 +188,19 @@ def materialize(module: nn.Module, prefix: str, source: WeightSource, *, init=No
             target.copy_(value)
 
 
-def _empty_like(t: torch.Tensor, dtype) -> torch.Tensor:
-    value = torch.empty(t.shape, dtype=dtype or t.dtype, device="cpu")
+def _empty_like(t: torch.Tensor) -> torch.Tensor:
+    value = torch.empty(t.shape, dtype=t.dtype, device="cpu")
     return nn.Parameter(value, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else value
+
+
+def materialize_blocks(model: nn.Module, source: WeightSource) -> None:
+    """Fill every decoder block still on the meta device from `source` (e.g. `resume.finished_blocks`)."""
+    from .blocks import find_blocks
+
+    name, blocks = find_blocks(model)
+    for i, block in enumerate(blocks):
+        if is_lazy(block):
+            materialize(block, f"{name}.{i}.", source)
 
 
 def is_lazy(module: nn.Module) -> bool:

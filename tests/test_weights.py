@@ -8,7 +8,7 @@ from tiny_models import CONFIGS, make
 import signround
 from signround.blocks import find_blocks
 from signround.resume import finished_blocks
-from signround.weights import StreamingUnsupported, is_lazy, materialize, open_lazy
+from signround.weights import StreamingUnsupported, is_lazy, materialize_blocks, open_lazy
 
 
 def _save(model, folder, tokenizer=None):
@@ -22,11 +22,9 @@ def _save(model, folder, tokenizer=None):
 def test_lazy_model_matches_full_load(arch, tmp_path, smollm2_tokenizer):
     model = make(arch)
     lazy, _, source = open_lazy(str(_save(model, tmp_path, smollm2_tokenizer)))
-    name, blocks = find_blocks(lazy)
-    assert all(is_lazy(b) for b in blocks)
+    assert all(is_lazy(b) for b in find_blocks(lazy)[1])
     assert not is_lazy(lazy.get_input_embeddings())
-    for i, block in enumerate(blocks):
-        materialize(block, f"{name}.{i}.", source)
+    materialize_blocks(lazy, source)
     expected = {**dict(model.named_buffers()), **dict(model.named_parameters(remove_duplicate=False))}
     got = {**dict(lazy.named_buffers()), **dict(lazy.named_parameters(remove_duplicate=False))}
     assert expected.keys() == got.keys()
@@ -49,9 +47,7 @@ def test_gguf_tensors_match_transformers_loader(tmp_path, bpe_tokenizer):
     export(model, bpe_tokenizer, tmp_path, "gguf")
     theirs = tf.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=FILE_NAME, dtype=torch.float32)
     lazy, _, source = open_lazy(str(tmp_path / FILE_NAME))
-    name, blocks = find_blocks(lazy)
-    for i, block in enumerate(blocks):
-        materialize(block, f"{name}.{i}.", source)
+    materialize_blocks(lazy, source)
     expected, got = theirs.state_dict(), lazy.state_dict()
     assert expected.keys() == got.keys()
     for key in expected:
@@ -75,7 +71,6 @@ def test_streamed_quantization_saves_the_same_checkpoint(tiny_model_dir, tmp_pat
     lazy, tokenizer, source = open_lazy(str(tiny_model_dir))
     work = tmp_path / "work"
     signround.quantize(lazy, config, tokenizer=tokenizer, calibration=ids, progress=False, work_dir=work, weights=source)
-    name, blocks = find_blocks(lazy)
-    assert all(is_lazy(b) for b in blocks), "finished blocks leave memory"
-    streamed = signround.save(lazy, tmp_path / "streamed", tokenizer, weights=finished_blocks(work, name))
+    assert all(is_lazy(b) for b in find_blocks(lazy)[1]), "finished blocks leave memory"
+    streamed = signround.save(lazy, tmp_path / "streamed", tokenizer, weights=finished_blocks(work, lazy))
     assert (streamed / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
