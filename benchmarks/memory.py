@@ -27,27 +27,17 @@ import protocol
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def _peak_rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def child(args) -> dict:
     import signround
-    from signround.blocks import find_blocks
     from signround.evaluate import perplexity
     from signround.resume import finished_blocks
-    from signround.weights import materialize, open_lazy
+    from signround.weights import materialize_blocks, open_lazy
 
     if args.stream:
         model, tokenizer, weights = open_lazy(args.model)
     else:
         (model, tokenizer), weights = signround.load_model(args.model), None
-    name, blocks = find_blocks(model)
-    del blocks[args.layers:]
-    model.config.num_hidden_layers = len(blocks)
+    protocol.truncate(model, args.layers)
     calib = protocol.gutenberg_calibration(tokenizer, args.nsamples, args.seqlen)
     config = signround.QuantConfig(scheme=args.scheme, iters=args.iters, nsamples=args.nsamples, seqlen=args.seqlen, cache_dtype=args.cache_dtype)
     with tempfile.TemporaryDirectory() as tmp:
@@ -55,12 +45,10 @@ def child(args) -> dict:
         start = time.perf_counter()
         signround.quantize(model, config, tokenizer=tokenizer, calibration=calib, progress=False, work_dir=work, weights=weights,
                            offload_dir=work / "caches" if args.offload else None)
-        row = {"tuning_s": time.perf_counter() - start, "peak_rss_mib": _peak_rss_mib()}
+        row = {"tuning_s": time.perf_counter() - start, "peak_rss_mib": protocol.peak_rss_mib()}
         if args.ppl:
             if weights is not None:
-                source = finished_blocks(work, name)
-                for i, block in enumerate(blocks):
-                    materialize(block, f"{name}.{i}.", source)
+                materialize_blocks(model, finished_blocks(work, model))
             row["ppl"] = perplexity(model, protocol.wikitext_ids(tokenizer))
     return row
 

@@ -47,3 +47,26 @@ def cpu_name() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
+
+
+def truncate(model, layers: int | None):
+    """Keep the model's first `layers` decoder blocks (all when None), also in its config."""
+    from signround.blocks import find_blocks
+
+    if layers:
+        blocks = find_blocks(model)[1]
+        del blocks[layers:]
+        model.config.num_hidden_layers = len(blocks)
+    return model
+
+
+def status_mib(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS: resident now, VmHWM: peak so far), in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_rss_mib() -> float:
+    return status_mib("VmHWM")

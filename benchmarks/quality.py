@@ -34,13 +34,6 @@ AUTOROUND_RECORDED = {("rtn", "W4A16"): 22.63, ("rtn", "W3A16"): 47.62, ("rtn", 
                       ("signround", "W4A16"): 20.72, ("signround", "W3A16"): 31.43, ("signround", "W2A16G64"): 216.5}
 
 
-def truncate(model, layers: int | None):
-    if layers:
-        model.model.layers = model.model.layers[:layers]
-        model.config.num_hidden_layers = layers
-    return model
-
-
 def run_ours(base, tokenizer, method, scheme, calib, eval_ids, args) -> dict:
     model = copy.deepcopy(base)
     config = signround.QuantConfig(scheme=scheme, method=method, recipe="full", iters=args.iters, nsamples=args.nsamples, seqlen=args.seqlen,
@@ -137,7 +130,7 @@ def main() -> None:
         print((RESULTS / f"{args.name}.md").read_text())
         return
     base, tokenizer = signround.load_model(args.model)
-    truncate(base, args.layers)
+    protocol.truncate(base, args.layers)
     calib = protocol.gutenberg_calibration(tokenizer, args.nsamples, args.seqlen)
     eval_ids = protocol.wikitext_ids(tokenizer, args.eval_tokens)
     tools = args.tools

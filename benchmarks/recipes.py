@@ -41,8 +41,7 @@ def main() -> None:
     p.add_argument("--variants", default=",".join(VARIANTS), type=lambda s: s.split(","))
     args = p.parse_args()
     base, tokenizer = signround.load_model(args.model)
-    del base.model.layers[args.layers:]
-    base.config.num_hidden_layers = args.layers
+    protocol.truncate(base, args.layers)
     calib = protocol.gutenberg_calibration(tokenizer, 128, 512)
     lines = [f"# Recipes on the first {args.layers} blocks of {args.model}, {args.scheme}, gutenberg-128x512", "",
              "Block-output MSE after tuning, each block on the inputs the quantized blocks before it produce.", "",

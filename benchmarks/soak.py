@@ -13,7 +13,6 @@ import copy
 import datetime
 import gc
 import random
-import resource
 import sys
 import tempfile
 import time
@@ -31,14 +30,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 class _Stop(Exception):
     """Stands for a crash after a chosen block."""
-
-
-def rss_mib() -> float:
-    """Current resident memory (not the peak), from /proc."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def packed_state(model) -> dict[str, torch.Tensor]:
@@ -61,13 +52,11 @@ def main() -> None:
     args = p.parse_args()
 
     base, tokenizer = signround.load_model(args.model)
-    if args.layers:
-        base.model.layers = base.model.layers[: args.layers]
-        base.config.num_hidden_layers = args.layers
+    protocol.truncate(base, args.layers)
     blocks = len(base.model.layers)
     calib = protocol.gutenberg_calibration(tokenizer, args.nsamples, args.seqlen)
     rng = random.Random(args.seed)
-    rows, rss = [], [rss_mib()]
+    rows, rss = [], [protocol.status_mib("VmRSS")]
     with tempfile.TemporaryDirectory() as tmp:
         for n, scheme in enumerate(args.schemes):
             config = signround.QuantConfig(scheme=scheme, iters=args.iters, nsamples=args.nsamples, seqlen=args.seqlen, batch_size=4)
@@ -103,7 +92,7 @@ def main() -> None:
                               {k: v for k, v in packed_state(resumed).items() if k.endswith(("qweight", "qzeros", "scales"))})
             del twin, resumed, reloaded
             gc.collect()
-            rss.append(rss_mib())
+            rss.append(protocol.status_mib("VmRSS"))
             rows.append((scheme, stop_after, straight_s, resumed_s, same, loads, rss[-1]))
             print(f"{scheme}: interrupted after block {stop_after}, identical to twin: {same}, reloads: {loads}, RSS {rss[-1]:.0f} MiB", flush=True)
 

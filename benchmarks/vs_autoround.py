@@ -58,29 +58,18 @@ def flops_per_iter(config, batch: int, seqlen: int) -> float:
     return 3 * (2 * tokens * linear + attention)
 
 
-def peak_rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 # ---- one run, in a child process --------------------------------------------------------------
 
 def _child_signround(args) -> dict:
     import tempfile
 
     import signround
-    from signround.blocks import find_blocks
     from signround.evaluate import perplexity
     from signround.resume import finished_blocks
-    from signround.weights import materialize, open_lazy
+    from signround.weights import materialize_blocks, open_lazy
 
     model, tokenizer, weights = open_lazy(args.model)
-    name, blocks = find_blocks(model)
-    if args.layers:
-        del blocks[args.layers:]
-        model.config.num_hidden_layers = len(blocks)
+    protocol.truncate(model, args.layers)
     calib = protocol.gutenberg_calibration(tokenizer, args.nsamples, args.seqlen)
     recipe = {} if args.recipe == "default" else dict(recipe="full", iters=args.iters, batch_size=args.batch_size, lr=args.lr)
     if args.cache_dtype:
@@ -90,10 +79,8 @@ def _child_signround(args) -> dict:
         work = Path(tmp) / "work"
         report = signround.quantize(model, config, tokenizer=tokenizer, calibration=calib, progress=False, work_dir=work, weights=weights,
                                     offload_dir=work / "caches" if args.offload else None)
-        rss = peak_rss_mib()
-        source = finished_blocks(work, name)
-        for i, block in enumerate(blocks):
-            materialize(block, f"{name}.{i}.", source)
+        rss = protocol.peak_rss_mib()
+        materialize_blocks(model, finished_blocks(work, model))
     ppl = perplexity(model.to(args.device), protocol.wikitext_ids(tokenizer).to(args.device))
     return {"tuning_s": report.tuning_seconds, "iters": config.iters, "steps": report.tuning_steps, "ppl": ppl, "peak_rss_mib": rss,
             "batch": config.batch_size, "nsamples": args.nsamples, "seqlen": args.seqlen, "work": config.iters * args.nsamples * args.seqlen}
@@ -107,9 +94,7 @@ def _child_autoround(args) -> dict:
     from signround.hardware import cpu_has_fast_bf16
 
     model, tokenizer = signround.load_model(args.model)
-    if args.layers:
-        del model.model.layers[args.layers:]
-        model.config.num_hidden_layers = args.layers
+    protocol.truncate(model, args.layers)
     calib = protocol.gutenberg_calibration(tokenizer, args.nsamples, args.seqlen)
     s = signround.WeightScheme.preset(args.scheme)
     amp = args.autoround_amp == "on" or (args.autoround_amp == "auto" and (args.device == "cuda" or cpu_has_fast_bf16()))
@@ -119,7 +104,7 @@ def _child_autoround(args) -> dict:
     start = time.perf_counter()
     result = ar.quantize()
     seconds = time.perf_counter() - start
-    rss = peak_rss_mib()
+    rss = protocol.peak_rss_mib()
     qmodel = result[0] if isinstance(result, tuple) else ar.model
     ppl = perplexity(qmodel.to(args.device), protocol.wikitext_ids(tokenizer).to(args.device))
     return {"tuning_s": seconds, "iters": getattr(ar, "iters", None), "steps": ar.iters * args.layers_run, "ppl": ppl, "peak_rss_mib": rss,
