@@ -4,6 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 SHARED := ../shared/data
 EVAL   := $(wildcard $(SHARED)/wikitext-2/test.txt)
+CALIB  := $(wildcard $(SHARED)/gutenberg)
 
 .PHONY: setup demo test test-all bench clean
 
@@ -20,7 +21,7 @@ setup: $(VENV)/.installed
 demo: setup
 	$(BIN)/signround quantize smollm2-135m --scheme W4A16 -o demo-out --overwrite \
 		--iters 20 --nsamples 32 --seqlen 512 --batch-size 4 \
-		$(if $(EVAL),--eval-text $(EVAL) --eval-tokens 8192)
+		$(if $(CALIB),--dataset $(CALIB)) $(if $(EVAL),--eval-text $(EVAL) --eval-tokens 8192)
 	$(BIN)/signround generate demo-out "The capital of France is"
 
 test: setup

@@ -35,6 +35,7 @@ RUNS = [  # (scheme, format, theoretical bits per weight of that format's tensor
     ("W4A16G64", "gptq", lambda n_in, n_out: 4 + (16 + 4) / 64 + 32 / n_out),            # + g_idx, one int32 per input column
     ("W4A16G64", "auto_round", lambda n_in, n_out: 4 + (16 + 4) / 64),
     ("W4A16G64", "compressed-tensors", lambda n_in, n_out: 4 + 16 / 64 + 64 / (n_in * n_out)),  # sym: no zero points; + weight_shape
+    ("bits=4,group_size=64,sym=false", "awq", lambda n_in, n_out: 4 + (16 + 4) / 64),
     ("bits=4,group_size=32,sym=true", "gguf", lambda n_in, n_out: 4.5),                   # Q4_0: fp16 d per 32
     ("bits=4,group_size=32,sym=false", "gguf", lambda n_in, n_out: 5.0),                  # Q4_1: fp16 d and m per 32
 ]
@@ -45,7 +46,7 @@ def consumer(folder: Path, fmt: str):
 
     if fmt == "gguf":
         return tf.AutoModelForCausalLM.from_pretrained(folder, gguf_file="model.gguf").eval()
-    kwargs = {"quantization_config": tf.AutoRoundConfig()} if fmt == "gptq" else {}
+    kwargs = {"quantization_config": tf.AutoRoundConfig()} if fmt in ("gptq", "awq") else {}
     return tf.AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
 
 
@@ -99,6 +100,7 @@ def main() -> None:
              "| scheme | format | consumer | ppl ours | ppl consumer | diff | bits/weight on disk | theoretical | diff |",
              "|---|---|---|---|---|---|---|---|---|"]
     who = {"gptq": "transformers + auto-round (GPTQ loader)", "auto_round": "transformers + auto-round",
+           "awq": "transformers + auto-round (AWQ loader, auto-round-lib kernel)",
            "compressed-tensors": "transformers + compressed-tensors", "gguf": "transformers GGUF loader"}
     for r in rows:
         lines.append(f"| {r['scheme']} | {r['format']} | {who[r['format']]} | {r['ppl_ours']:.3f} | {r['ppl_consumer']:.3f} | {r['ppl_diff'] * 100:+.2f}% | "

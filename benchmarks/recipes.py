@@ -28,6 +28,8 @@ VARIANTS = {  # name: QuantConfig overrides
     "100 x 4, clip search": dict(recipe="full", iters=100, batch_size=4, clip_search=True),
     "160 x 2, clip search": dict(recipe="full", iters=160, batch_size=2, clip_search=True),
     "128 x 4, RTN start": dict(recipe="full", iters=128, batch_size=4),
+    "128 x 3, clip search": dict(recipe="fast", batch_size=3),
+    "200 x 2, clip search": dict(recipe="fast", iters=200, batch_size=2),
     "fast: 128 x 4, clip search": dict(recipe="fast"),
     "clip search only (0 steps)": dict(recipe="fast", iters=0),
 }
@@ -38,7 +40,7 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--scheme", default="W4A16")
     p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--variants", default=",".join(VARIANTS), type=lambda s: s.split(","))
+    p.add_argument("--variants", default=";".join(VARIANTS), type=lambda s: s.split(";"), help="names separated by ;")
     args = p.parse_args()
     base, tokenizer = signround.load_model(args.model)
     protocol.truncate(base, args.layers)

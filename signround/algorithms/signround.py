@@ -9,6 +9,7 @@ with lr = 1/iters V can move at most ~0.5. The parameters of the best-loss step 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 
@@ -17,19 +18,21 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from ..blocks import as_param_layout, autocast, block_output, iter_batches, linear_weight
-from ..quant.integer import fake_quant, quantize_weight, search_clipping
+from ..quant.integer import fake_quant_groups, from_groups, quantize_weight, search_clipping, to_groups
 from .base import BlockData, BlockResult, LayerTask, register
 
 
 class _Tunables:
-    """The trainable tensors of one layer, kept in fp32 on the compute device."""
+    """The trainable tensors of one layer, kept in fp32 on the compute device; the weight and the
+    offsets are kept grouped (out, groups, group_size), the layout every step works in."""
 
     def __init__(self, task: LayerTask, device):
         self.task = task
         w = linear_weight(task.module).detach()
         self.weight = w.to(device=device, dtype=torch.float32)
+        self.grouped = to_groups(self.weight, task.scheme.group_size)
         groups = task.scheme.groups(w.shape[1])
-        self.offset = torch.zeros_like(self.weight, requires_grad=True)
+        self.offset = torch.zeros_like(self.grouped, requires_grad=True)
         self.min_scale = torch.ones(w.shape[0], groups, device=device, requires_grad=True)
         self.max_scale = torch.ones(w.shape[0], groups, device=device, requires_grad=True)
         self.param_name = f"{task.name}.weight"
@@ -53,14 +56,15 @@ class _Tunables:
     def fake_weight(self, initial: bool = False) -> torch.Tensor:
         s = self.task.scheme
         if initial:
-            w = fake_quant(self.weight, s.bits, s.group_size, s.sym)
+            wg = fake_quant_groups(self.grouped, s.bits, s.sym)
         else:
-            w = fake_quant(self.weight, s.bits, s.group_size, s.sym, self.offset, self.min_scale, self.max_scale)
-        return as_param_layout(self.task.module, w.to(self.param_dtype))
+            wg = fake_quant_groups(self.grouped, s.bits, s.sym, self.offset, self.min_scale, self.max_scale)
+        return as_param_layout(self.task.module, from_groups(wg, self.weight.shape[1]).to(self.param_dtype))
 
     def final(self):
         s = self.task.scheme
-        return quantize_weight(self.weight, s.bits, s.group_size, s.sym, self.offset.detach(), self.min_scale.detach(), self.max_scale.detach())
+        offset = from_groups(self.offset.detach(), self.weight.shape[1])
+        return quantize_weight(self.weight, s.bits, s.group_size, s.sym, offset, self.min_scale.detach(), self.max_scale.detach())
 
 
 PROBE_ROWS = 32  # rows for the starting loss and the activation statistics (all 128 would cost ~10 steps of 4 rows)
@@ -76,11 +80,30 @@ def _accumulate_importance(store: dict, tunable):
     return hook
 
 
+@contextlib.contextmanager
+def _frozen(block):
+    """The block's own parameters (norms, biases, the float weights the fake ones stand in for) take no
+    gradient while tuning: autograd would otherwise also carry the gradient back through the first
+    layers to the norms, ~14% of a step's time. Restored on exit."""
+    params = [p for p in block.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 @register("signround")
 class SignRound:
     needs_calibration = True
 
     def quantize_block(self, block, layers, data: BlockData, config) -> BlockResult:
+        with _frozen(block):
+            return self._tune(block, layers, data, config)
+
+    def _tune(self, block, layers, data: BlockData, config) -> BlockResult:
         device = data.device
         tunables = [_Tunables(t, device) for t in layers]
         n = data.inputs.shape[0]

@@ -29,6 +29,10 @@ class Format:
         """Why a layer with this scheme and input width cannot be written, or None."""
         raise NotImplementedError
 
+    def schemes_refusal(self, schemes: set[WeightScheme]) -> str | None:
+        """Why these schemes cannot be written together (a format with one scheme per model), or None."""
+        return None
+
     def model_refusal(self, model) -> str | None:
         """Why this model cannot be written at all (e.g. an architecture the format has no names for), or None."""
         return None
@@ -60,7 +64,7 @@ def get_format(name: str) -> Format:
 
 
 def _load_builtin() -> None:
-    from . import auto_round, compressed_tensors, gguf, gptq  # noqa: F401  (each registers itself)
+    from . import auto_round, awq, compressed_tensors, gguf, gptq  # noqa: F401  (each registers itself)
 
 
 def quantized_layers(model) -> dict[str, QuantLinear]:
@@ -76,6 +80,9 @@ def _refuse(fmt: Format, model, layers: dict[str, tuple[WeightScheme, int]]) -> 
         reason = fmt.refusal(scheme, in_features)
         if reason:
             raise FormatError(f"format {fmt.name} cannot hold {layer_name} as {scheme.name()}: {reason}; {fmt.name} takes {fmt.fits}")
+    reason = fmt.schemes_refusal({scheme for scheme, _ in layers.values()})
+    if reason:
+        raise FormatError(f"format {fmt.name} cannot hold this model: {reason}; {fmt.name} takes {fmt.fits}")
 
 
 def check_formats(names: list[str], model, config: QuantConfig, planned: dict | None = None) -> None:

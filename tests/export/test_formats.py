@@ -16,7 +16,7 @@ from signround.export import FormatError, check_formats, export
 def consumer_load(folder, fmt: str, asym: bool = False):
     """The runtime's own loader: transformers plus the format's package, never signround's code."""
     kwargs = {}
-    if fmt == "gptq":  # transformers' GPTQ path needs optimum + gptqmodel; auto-round's loader reads GPTQ checkpoints on CPU
+    if fmt in ("gptq", "awq"):  # transformers' own GPTQ/AWQ paths need GPTQModel (CUDA builds); auto-round's loader reads both on CPU
         kwargs["quantization_config"] = tf.AutoRoundConfig()
     if fmt == "compressed-tensors" and asym:  # transformers cannot place packed zero points in its compressed layout
         kwargs["quantization_config"] = tf.CompressedTensorsConfig(dequantize=True)
@@ -43,9 +43,10 @@ def assert_same_logits(ours, theirs):
     ("gptq", "W4A16G32"), ("gptq", "W3A16G32"), ("gptq", "W8A16G32"),
     ("compressed-tensors", "W4A16G32"), ("compressed-tensors", "W3A16G32"), ("compressed-tensors", "W2A16G32"),
     ("compressed-tensors", "W4A16"),  # group wider than the 64-wide tiny layers: written per channel
+    ("awq", "W4A16G32"), ("awq", "bits=4,group_size=16,sym=false"),
 ])
 def test_consumer_reproduces_our_logits(tmp_path, fmt, scheme):
-    model = quantized(scheme, method="signround")
+    model = quantized(signround.config.parse_scheme(scheme), method="signround")
     export(model, None, tmp_path / "out", fmt)
     assert_same_logits(model, consumer_load(tmp_path / "out", fmt, asym="W2" in scheme))
 
@@ -58,6 +59,28 @@ def test_mixed_schemes_and_16_bit_layers_survive(tmp_path, fmt):
     listed = json.dumps(qcfg).replace("\\\\", "")
     assert "layers.0.mlp.down_proj" in listed and "layers.1.self_attn.q_proj" in listed
     assert_same_logits(model, consumer_load(tmp_path / "out", fmt))
+
+
+def test_awq_keeps_16_bit_layers_and_refuses_mixed_schemes(tmp_path):
+    model = quantized("W4A16G32", layer_overrides={r"layers\.1\.self_attn\.q_proj": "fp16"})
+    export(model, None, tmp_path / "out", "awq")
+    qcfg = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert qcfg["modules_to_not_convert"] == [r"^model\.layers\.1\.self_attn\.q_proj$"]
+    assert_same_logits(model, consumer_load(tmp_path / "out", "awq"))
+    mixed = quantized("W4A16G32", layer_overrides={"down_proj": "W4A16G16"})
+    with pytest.raises(FormatError, match="one scheme for the whole model.*W4A16G16, W4A16G32"):
+        export(mixed, None, tmp_path / "mixed", "awq")
+
+
+def test_awq_packing_is_the_interleaved_nibble_order():
+    from signround.export.awq import pack_awq, unpack_awq
+
+    codes = torch.arange(16, dtype=torch.uint8).repeat(3, 1)  # one row: columns 0..15
+    words = pack_awq(codes)
+    assert words.shape == (3, 2)
+    assert [(int(words[0, 0]) >> (4 * i)) & 0xF for i in range(8)] == [0, 2, 4, 6, 1, 3, 5, 7]
+    codes = torch.randint(0, 16, (40, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(unpack_awq(pack_awq(codes)), codes)
 
 
 def test_export_from_a_saved_folder_through_the_cli(tmp_path, capsys, tiny_model_dir):
@@ -96,6 +119,8 @@ def test_several_formats_at_once_each_in_its_folder(tmp_path, capsys, tiny_model
     ("compressed-tensors", "W4A16G64", 96, "96 % 64 != 0"),
     ("gptq", "W4A16", 64, "64 < 128"),
     ("auto_round", "bits=5,group_size=32,sym=true", 64, "take 2, 3, 4 or 8 bits, not 5"),
+    ("awq", "W3A16G32", 64, "4 bits only, not 3"),
+    ("awq", "bits=4,group_size=-1,sym=true", 64, "per-channel .-1. cannot be written"),
 ])
 def test_unrepresentable_scheme_is_refused_before_tuning(fmt, scheme, hidden, reason):
     model = make("llama", hidden_size=hidden)

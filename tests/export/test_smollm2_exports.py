@@ -20,5 +20,6 @@ def test_every_export_of_smollm2_matches_our_perplexity_and_size(tmp_path, share
     rows = json.loads(out.read_text())
     assert {(r["scheme"], r["format"]) for r in rows} >= {("W4A16G64", f) for f in ("gptq", "auto_round", "compressed-tensors")}
     assert sum(r["format"] == "gguf" for r in rows) == 2  # Q4_0 and Q4_1
+    assert ("bits=4,group_size=64,sym=false", "awq") in {(r["scheme"], r["format"]) for r in rows}
     for r in rows:
         assert abs(r["ppl_diff"]) <= 0.005 and abs(r["size_diff"]) <= 0.03, r
