@@ -5,6 +5,7 @@ off in the middle of a scheme) is completed by running the same command again.
 
     python benchmarks/quality.py                       # full protocol: iters 200, batch 8, 3 schemes
     python benchmarks/quality.py --iters 32 --layers 4 # a quick look
+    python benchmarks/quality.py --recipe fast --name quality-fast   # signround's default recipe
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import protocol
 
 import signround
+from signround.config import RECIPES
 from signround.evaluate import perplexity
 from signround.hardware import cpu_has_fast_bf16
 
@@ -36,7 +38,7 @@ AUTOROUND_RECORDED = {("rtn", "W4A16"): 22.63, ("rtn", "W3A16"): 47.62, ("rtn", 
 
 def run_ours(base, tokenizer, method, scheme, calib, eval_ids, args) -> dict:
     model = copy.deepcopy(base)
-    config = signround.QuantConfig(scheme=scheme, method=method, recipe="full", iters=args.iters, nsamples=args.nsamples, seqlen=args.seqlen,
+    config = signround.QuantConfig(scheme=scheme, method=method, recipe=args.recipe, iters=args.iters, nsamples=args.nsamples, seqlen=args.seqlen,
                                    batch_size=args.batch_size, seed=args.seed)
     work = RESULTS / "work" / key("signround", method, scheme, args).replace("|", "_")  # survives a session's end: the run resumes
     report = signround.quantize(model, config, tokenizer=tokenizer, calibration=calib, work_dir=work)
@@ -66,7 +68,8 @@ def run_autoround(base, tokenizer, method, scheme, calib, eval_ids, args) -> dic
 
 
 def key(tool, method, scheme, args) -> str:
-    return f"{tool}|{method}|{scheme}|iters{args.iters}|n{args.nsamples}x{args.seqlen}|bs{args.batch_size}|layers{args.layers or 'all'}|seed{args.seed}"
+    recipe = "" if args.recipe == "full" or tool != "signround" else f"|recipe-{args.recipe}"
+    return f"{tool}|{method}|{scheme}|iters{args.iters}|n{args.nsamples}x{args.seqlen}|bs{args.batch_size}|layers{args.layers or 'all'}|seed{args.seed}{recipe}"
 
 
 def write_table(results: dict, args, path: Path) -> None:
@@ -74,7 +77,7 @@ def write_table(results: dict, args, path: Path) -> None:
     lines = [
         f"# Perplexity (wt2-32k) of {args.model}, calibration gutenberg-{args.nsamples}x{args.seqlen}",
         "",
-        f"iters {args.iters}, batch {args.batch_size}, seed {args.seed}, layers {args.layers or 'all'}; "
+        f"signround recipe {args.recipe}: iters {args.iters}, batch {args.batch_size}, seed {args.seed}, layers {args.layers or 'all'}; "
         f"machine: {protocol.cpu_name()}, {torch.get_num_threads()} threads, bf16 autocast {'on' if cpu_has_fast_bf16() else 'off (no AMX/AVX512-BF16: fp32)'}",
         "",
         f"fp32 perplexity: {fp:.3f}" if fp else "fp32 perplexity: (not run)",
@@ -109,10 +112,11 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--schemes", default="W4A16,W3A16,W2A16G64", type=lambda s: s.split(","))
     p.add_argument("--methods", default="rtn,signround", type=lambda s: s.split(","))
-    p.add_argument("--iters", type=int, default=200)
+    p.add_argument("--recipe", default="full", choices=sorted(RECIPES), help="signround's recipe (auto-round always runs its default)")
+    p.add_argument("--iters", type=int, help="default: the recipe's")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, help="default: the recipe's")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--layers", type=int, help="truncate the model to its first N blocks")
     p.add_argument("--tools", default="signround,auto-round", type=lambda s: s.split(","),
@@ -121,6 +125,8 @@ def main() -> None:
     p.add_argument("--name", default="quality", help="results file stem in benchmarks/results/")
     p.add_argument("--table-only", action="store_true", help="rewrite the markdown table from the stored results and stop")
     args = p.parse_args()
+    args.iters = args.iters or RECIPES[args.recipe]["iters"]
+    args.batch_size = args.batch_size or RECIPES[args.recipe]["batch_size"]
 
     RESULTS.mkdir(exist_ok=True)
     store = RESULTS / f"{args.name}.json"

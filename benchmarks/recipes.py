@@ -28,9 +28,9 @@ VARIANTS = {  # name: QuantConfig overrides
     "100 x 4, clip search": dict(recipe="full", iters=100, batch_size=4, clip_search=True),
     "160 x 2, clip search": dict(recipe="full", iters=160, batch_size=2, clip_search=True),
     "128 x 4, RTN start": dict(recipe="full", iters=128, batch_size=4),
-    "128 x 3, clip search": dict(recipe="fast", batch_size=3),
     "200 x 2, clip search": dict(recipe="fast", iters=200, batch_size=2),
-    "fast: 128 x 4, clip search": dict(recipe="fast"),
+    "128 x 4, clip search": dict(recipe="fast", batch_size=4),
+    "fast: 128 x 3, clip search": dict(recipe="fast"),
     "clip search only (0 steps)": dict(recipe="fast", iters=0),
 }
 

@@ -89,11 +89,12 @@ DEFAULT_DATASET = "NeelNanda/pile-10k"
 
 # Tuning recipes. "full" is the paper's and auto-round's default: 200 steps from plain round-to-nearest.
 # "fast" starts the clipping scales at an activation-weighted search, which leaves less for the steps to
-# do, and takes more but smaller steps: 128 x 4 rows is a third of 200 x 8, and signed descent gains more
-# from the number of steps than from their batch (benchmarks/recipes.py, benchmarks/vs_autoround.py). It
+# do, and takes more but smaller steps: 128 x 3 rows is a quarter of 200 x 8, and signed descent gains more
+# from the number of steps than from their batch (128 x 3 reaches 128 x 4's block losses; 100 x 4, at
+# about the same cost, does not: benchmarks/recipes.py, benchmarks/vs_autoround.py). It
 # also caches hidden states in bf16, as auto-round does under bf16 autocast: half the memory.
 RECIPES = {
-    "fast": {"iters": 128, "batch_size": 4, "clip_search": True, "cache_dtype": "bfloat16"},
+    "fast": {"iters": 128, "batch_size": 3, "clip_search": True, "cache_dtype": "bfloat16"},
     "full": {"iters": 200, "batch_size": 8, "clip_search": False, "cache_dtype": "float32"},
 }
 

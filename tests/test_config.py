@@ -48,7 +48,7 @@ def test_bad_settings(kwargs, message):
 def test_recipes_fill_only_what_is_unset():
     from signround.config import RECIPES
 
-    assert QuantConfig().iters == RECIPES["fast"]["iters"] and QuantConfig().clip_search is True and QuantConfig().batch_size == 4
+    assert QuantConfig().iters == RECIPES["fast"]["iters"] and QuantConfig().clip_search is True and QuantConfig().batch_size == RECIPES["fast"]["batch_size"]
     full = QuantConfig(recipe="full")
     assert (full.iters, full.clip_search) == (200, False)
     assert QuantConfig(recipe="full", iters=50, clip_search=True).iters == 50
