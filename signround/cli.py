@@ -58,7 +58,7 @@ def _add_quantize(sub) -> None:
     p.add_argument("--eval-seqlen", type=int, default=2048)
     p.add_argument("--save-dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"], help="dtype of the unquantized tensors")
     p.add_argument("--format", nargs="+", default=["signround"], metavar="F",
-                   help="output format(s): signround (default), auto_round, gptq, compressed-tensors; several write OUT/<format>/ each")
+                   help="output format(s): signround (default), auto_round, awq, gptq, compressed-tensors, gguf; several write OUT/<format>/ each")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", dest="resume", action="store_const", const="force", default="auto",
@@ -76,7 +76,7 @@ def _add_quantize(sub) -> None:
 def _add_export(sub) -> None:
     p = sub.add_parser("export", help="write a signround output folder in another format")
     p.add_argument("path", help="a signround output folder")
-    p.add_argument("--format", required=True, help="auto_round, gptq or compressed-tensors")
+    p.add_argument("--format", required=True, help="auto_round, awq, gptq, compressed-tensors or gguf")
     p.add_argument("-o", "--output", required=True, help="folder to write (must be new or empty unless --overwrite)")
     p.add_argument("--overwrite", action="store_true")
 
