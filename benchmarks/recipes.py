@@ -31,6 +31,8 @@ VARIANTS = {  # name: QuantConfig overrides
     "200 x 2, clip search": dict(recipe="fast", iters=200, batch_size=2),
     "128 x 4, clip search": dict(recipe="fast", batch_size=4),
     "fast: 128 x 3, clip search": dict(recipe="fast"),
+    "128 x 3, clip search, fp32 caches": dict(recipe="fast", cache_dtype="float32"),
+    "200 x 3, clip search": dict(recipe="fast", iters=200),
     "clip search only (0 steps)": dict(recipe="fast", iters=0),
 }
 
@@ -60,7 +62,7 @@ def main() -> None:
         print(lines[-1], flush=True)
     lines += ["", f"updated {datetime.datetime.now().isoformat(timespec='minutes')}"]
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "recipes.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"recipes-{args.layers}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
