@@ -41,6 +41,17 @@ def test_quant_linear_holds_exactly_the_algorithms_weights():
     assert torch.equal(layer.dequantized_weight(), expected)
 
 
+def test_signround_passes_over_a_block_kept_16_bit_whole():
+    """A block whose every layer an override keeps 16-bit has nothing to tune: it is run, not trained,
+    and its norms keep their gradients switched on."""
+    model = make("llama")
+    config = QuantConfig(scheme="W4A16G32", iters=3, nsamples=4, seqlen=16, batch_size=2, layer_overrides={r"layers\.1\.": "fp16"})
+    report = signround.quantize(model, config, calibration=calib_ids(4, 16), progress=False)
+    assert not any(isinstance(m, QuantLinear) for m in model.model.layers[1].modules())
+    assert isinstance(model.model.layers[0].self_attn.q_proj, QuantLinear)
+    assert report.block_losses[1][1] is not None and all(p.requires_grad for p in model.model.layers[1].parameters())
+
+
 def test_layer_overrides_and_skips(tmp_path):
     model = make("llama")
     config = QuantConfig(scheme="W4A16G32", method="rtn", layer_overrides={r"down_proj": "W8A16G64", r"layers\.1\.self_attn\.q_proj": "fp16"})
