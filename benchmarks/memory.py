@@ -92,17 +92,17 @@ def main() -> None:
              f"machine: {protocol.cpu_name()}; peak RSS includes loading the model; one fp32 hidden-state cache "
              f"(both streams) is {cache_mib:.0f} MiB", ""]
 
-    def write(rows: list[str]) -> None:  # after every row, so an interrupted run keeps what it measured
+    def write() -> None:  # after every row, so an interrupted run keeps what it measured
         RESULTS.mkdir(exist_ok=True)
         stamp = f"updated {datetime.datetime.now().isoformat(timespec='minutes')}"
-        (RESULTS / "memory.md").write_text("\n".join(lines + rows + ["", stamp]) + "\n")
+        (RESULTS / "memory.md").write_text("\n".join(lines + ["", stamp]) + "\n")
 
     if "depth" in args.tables:
         lines += [f"## Peak RSS against depth (iters {args.iters})", "", "| blocks | streamed MiB | loaded whole MiB |", "|---|---|---|"]
         for layers in args.depths:
             streamed, whole = run(args, layers, True), run(args, layers, False)
             lines.append(f"| {layers} | {streamed['peak_rss_mib']:.0f} | {whole['peak_rss_mib']:.0f} |")
-            write([])
+            write()
         lines.append("")
     if "caches" in args.tables:
         lines += [f"## Activation caches ({args.cache_layers} blocks, iters {args.cache_iters}, streamed)", "",
@@ -111,8 +111,8 @@ def main() -> None:
             for offload in (False, True):
                 row = run(args, args.cache_layers, True, cache_dtype, offload, iters=args.cache_iters, ppl=True)
                 lines.append(f"| {cache_dtype} | {'disk' if offload else 'memory'} | {row['tuning_s']:.0f} | {row['peak_rss_mib']:.0f} | {row['ppl']:.3f} |")
-                write([])
-    write([])
+                write()
+    write()
     print((RESULTS / "memory.md").read_text())
 
 

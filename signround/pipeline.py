@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import __version__
-from .algorithms import BlockData, LayerTask, get_algorithm
+from .algorithms import BlockData, BlockResult, LayerTask, get_algorithm
 from .blocks import (
     UnsupportedModelError,
     capture_block_inputs,
@@ -416,7 +416,8 @@ def _quantize_one(model, blocks_name, blocks, i, tasks, algorithm, config, fp_in
         if config.quantized_inputs and fp_in is not q_in:  # the original stream's inputs are done with: one cache less
             fp_in.discard()
         data = BlockData(q_in if config.quantized_inputs else fp_in, fp_out, call, device, amp_dtype, i)
-    result = algorithm.quantize_block(blocks[i], tasks, data, config)
+    # a block whose every layer is kept 16-bit by overrides has nothing to tune: it is only run
+    result = algorithm.quantize_block(blocks[i], tasks, data, config) if tasks else BlockResult({})
     for task in tasks:
         _swap(model, f"{blocks_name}.{i}.", task, result.weights[task.name])
         task.module.to("meta")  # the replaced float layer: the plan still refers to it, its memory can go

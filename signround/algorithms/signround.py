@@ -100,8 +100,6 @@ class SignRound:
     needs_calibration = True
 
     def quantize_block(self, block, layers, data: BlockData, config) -> BlockResult:
-        if not layers:  # every layer of this block kept 16-bit by overrides: nothing to tune
-            return BlockResult({})
         with _frozen(block):
             return self._tune(block, layers, data, config)
 

@@ -13,7 +13,7 @@ import re
 
 import torch
 
-from . import Format, default_scheme, partial_group, quantized_layers, register_format, unquantized_block_linears, write_packed_folder
+from . import Format, partial_group, quantized_layers, register_format, unquantized_block_linears, write_packed_folder
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # which of 8 consecutive output columns goes in nibble i of a word
 
@@ -54,24 +54,20 @@ class AWQFormat(Format):
         return None
 
     def write(self, model, tokenizer, folder):
-        default = default_scheme(model)
-
         def tensors(name, layer):
             qw = layer.quantized_weight()
             return {"qweight": pack_awq(qw.codes.t()), "qzeros": pack_awq(qw.zero.t()), "scales": layer.scales}
 
-        layers = quantized_layers(model)
-        group = next(iter(layers.values())).scheme.group_size
+        scheme = next(iter(quantized_layers(model).values())).scheme  # the only one: schemes_refusal saw to it
         kept = unquantized_block_linears(model)
         config = {
             "quant_method": "awq",
             "version": "gemm",
             "bits": 4,
-            "group_size": group,
+            "group_size": scheme.group_size,
             "zero_point": True,  # symmetric schemes store their fixed zero point 8 like any other
-            "sym": default.sym,
+            "sym": scheme.sym,
             "modules_to_not_convert": [f"^{re.escape(name)}$" for name in kept] or None,
             "provider": "signround",
         }
         write_packed_folder(model, tokenizer, folder, tensors, config)
-
