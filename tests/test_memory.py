@@ -2,6 +2,7 @@
 than its own weights, and the same limit stops a run that loads the model whole."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -45,8 +46,11 @@ def test_streamed_quantization_fits_in_less_memory_than_the_model(tmp_path, bpe_
     calib.write_text("The capital of France is Paris, said the assistant. " * 50)
     budget = int(model_mib * 0.6)  # far less than the model, and there are caches and tuning state besides
 
+    # One malloc arena: glibc otherwise reserves 64 MiB of address space for each thread that first
+    # allocates after the limit is set (timing-dependent), which is reservation, not use.
+    env = {**os.environ, "MALLOC_ARENA_MAX": "1"}
     run = subprocess.run([sys.executable, "-c", CHILD, str(folder), str(tmp_path / "out"), str(calib), str(budget)],
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=600, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["streamed"] == 0, f"the streamed run failed within {budget} MiB over the baseline (model: {model_mib:.0f} MiB)\n{run.stderr[-2000:]}"
