@@ -39,7 +39,7 @@ AUTOROUND_RECORDED = {("rtn", "W4A16"): 22.63, ("rtn", "W3A16"): 47.62, ("rtn", 
 def run_ours(base, tokenizer, method, scheme, calib, eval_ids, args) -> dict:
     model = copy.deepcopy(base)
     config = signround.QuantConfig(scheme=scheme, method=method, recipe=args.recipe, iters=args.iters, nsamples=args.nsamples, seqlen=args.seqlen,
-                                   batch_size=args.batch_size, seed=args.seed)
+                                   batch_size=args.batch_size, seed=args.seed, keep=args.keep)
     work = RESULTS / "work" / key("signround", method, scheme, args).replace("|", "_")  # survives a session's end: the run resumes
     report = signround.quantize(model, config, tokenizer=tokenizer, calibration=calib, work_dir=work)
     row = {"ppl": perplexity(model, eval_ids), "tuning_s": report.tuning_seconds, "bits_per_weight": report.bits_per_weight,
@@ -69,6 +69,7 @@ def run_autoround(base, tokenizer, method, scheme, calib, eval_ids, args) -> dic
 
 def key(tool, method, scheme, args) -> str:
     recipe = "" if args.recipe == "full" or tool != "signround" else f"|recipe-{args.recipe}"
+    recipe += f"|keep-{args.keep}" if (tool, method) == ("signround", "signround") and args.keep != "best" else ""  # rows from before --keep kept the best
     return f"{tool}|{method}|{scheme}|iters{args.iters}|n{args.nsamples}x{args.seqlen}|bs{args.batch_size}|layers{args.layers or 'all'}|seed{args.seed}{recipe}"
 
 
@@ -77,7 +78,7 @@ def write_table(results: dict, args, path: Path) -> None:
     lines = [
         f"# Perplexity (wt2-32k) of {args.model}, calibration gutenberg-{args.nsamples}x{args.seqlen}",
         "",
-        f"signround recipe {args.recipe}: iters {args.iters}, batch {args.batch_size}, seed {args.seed}, layers {args.layers or 'all'}; "
+        f"signround recipe {args.recipe}: iters {args.iters}, batch {args.batch_size}, keep the {args.keep} step, seed {args.seed}, layers {args.layers or 'all'}; "
         f"machine: {protocol.cpu_name()}, {torch.get_num_threads()} threads, bf16 autocast {'on' if cpu_has_fast_bf16() else 'off (no AMX/AVX512-BF16: fp32)'}",
         "",
         f"fp32 perplexity: {fp:.3f}" if fp else "fp32 perplexity: (not run)",
@@ -117,6 +118,7 @@ def main() -> None:
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--batch-size", type=int, help="default: the recipe's")
+    p.add_argument("--keep", choices=["best", "last"], help="default: the recipe's")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--layers", type=int, help="truncate the model to its first N blocks")
     p.add_argument("--tools", default="signround,auto-round", type=lambda s: s.split(","),
@@ -127,6 +129,7 @@ def main() -> None:
     args = p.parse_args()
     args.iters = args.iters or RECIPES[args.recipe]["iters"]
     args.batch_size = args.batch_size or RECIPES[args.recipe]["batch_size"]
+    args.keep = args.keep or RECIPES[args.recipe]["keep"]
 
     RESULTS.mkdir(exist_ok=True)
     store = RESULTS / f"{args.name}.json"

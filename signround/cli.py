@@ -30,13 +30,16 @@ def _add_quantize(sub) -> None:
     p.add_argument("--method", default="signround", help="rtn or signround (default)")
     p.add_argument("--quantize-lm-head", action="store_true", help="also quantize an untied lm_head (round-to-nearest)")
     p.add_argument("--recipe", default="fast", choices=["fast", "full"],
-                   help="fast (default): 128 steps of 4 rows from an activation-weighted clipping search; full: 200 steps of 8 rows from "
-                        "round-to-nearest (the paper's and auto-round's default); --iters, --batch-size and --clip-search override either")
+                   help="fast (default): 128 steps of 3 rows from an activation-weighted clipping search, keeping the last step; full: "
+                        "200 steps of 8 rows from round-to-nearest, keeping the best-loss step (the paper's and auto-round's default); "
+                        "--iters, --batch-size, --clip-search and --keep override either")
     p.add_argument("--iters", type=int, help="tuning steps per block (default: the recipe's)")
     clip = p.add_mutually_exclusive_group()
     clip.add_argument("--clip-search", dest="clip_search", action="store_true", default=None,
                       help="start the clipping scales at an activation-weighted search (default: the recipe's)")
     clip.add_argument("--no-clip-search", dest="clip_search", action="store_false")
+    p.add_argument("--keep", choices=["best", "last"],
+                   help="which step's parameters a block keeps: the lowest batch loss, or the last (default: the recipe's)")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, help="calibration tokens per sample (default 2048, or the model's maximum when shorter)")
     p.add_argument("--batch-size", type=int, help="calibration rows per step (default: the recipe's)")
@@ -148,7 +151,7 @@ def config_from_args(args):
         overrides[pattern] = parse_scheme(spec)
     return QuantConfig(
         scheme=scheme, method=args.method, layer_overrides=overrides, quantize_lm_head=args.quantize_lm_head,
-        recipe=args.recipe, iters=args.iters, clip_search=args.clip_search,
+        recipe=args.recipe, iters=args.iters, clip_search=args.clip_search, keep=args.keep,
         nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size, grad_accum=args.grad_accum,
         lr=args.lr, minmax_lr=args.minmax_lr, seed=args.seed, quantized_inputs=not args.fp_inputs, device=args.device, amp=args.amp,
         cache_dtype=args.cache_dtype,

@@ -94,8 +94,8 @@ DEFAULT_DATASET = "NeelNanda/pile-10k"
 # about the same cost, does not: benchmarks/recipes.py, benchmarks/vs_autoround.py). It
 # also caches hidden states in bf16, as auto-round does under bf16 autocast: half the memory.
 RECIPES = {
-    "fast": {"iters": 128, "batch_size": 3, "clip_search": True, "cache_dtype": "bfloat16"},
-    "full": {"iters": 200, "batch_size": 8, "clip_search": False, "cache_dtype": "float32"},
+    "fast": {"iters": 128, "batch_size": 3, "clip_search": True, "cache_dtype": "bfloat16", "keep": "last"},
+    "full": {"iters": 200, "batch_size": 8, "clip_search": False, "cache_dtype": "float32", "keep": "best"},
 }
 
 
@@ -123,6 +123,7 @@ class QuantConfig:
     minmax_lr: float | None = None   # None: same as lr
     seed: int = 42
     clip_search: bool | None = None  # start the clipping scales at an activation-weighted search instead of 1.0
+    keep: str | None = None          # "best": the step with the lowest batch loss (auto-round); "last": the final step
     quantized_inputs: bool = True    # tune on the inputs the already-quantized blocks produce
     cache_dtype: str | None = None   # dtype of the hidden states cached between blocks: float32, bfloat16 or float16
     device: str = "auto"
@@ -156,6 +157,8 @@ class QuantConfig:
                 raise ConfigError(f"{name}={value} must be positive (or left unset for 1/iters)")
         if self.cache_dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"cache_dtype={self.cache_dtype!r} is not one of float32, bfloat16, float16")
+        if self.keep not in ("best", "last"):
+            raise ConfigError(f"keep={self.keep!r} is not one of best, last")
         if self.amp not in ("auto", "bf16", "fp16", "off"):
             raise ConfigError(f"amp={self.amp!r} is not one of auto, bf16, fp16, off")
 

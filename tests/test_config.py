@@ -37,6 +37,7 @@ def test_config_round_trips_through_its_dict():
     ({"batch_size": 0}, "batch_size=0 is out of range"),
     ({"lr": 0.0}, "lr=0.0 must be positive"),
     ({"amp": "int8"}, "amp='int8' is not one of"),
+    ({"keep": "first"}, "keep='first' is not one of best, last"),
     ({"scheme": "W1A16"}, "unknown scheme 'W1A16'"),
     ({"layer_overrides": {"x": "bits=3,colour=red"}}, "unknown layer setting 'colour'"),
 ])
@@ -50,7 +51,7 @@ def test_recipes_fill_only_what_is_unset():
 
     assert QuantConfig().iters == RECIPES["fast"]["iters"] and QuantConfig().clip_search is True and QuantConfig().batch_size == RECIPES["fast"]["batch_size"]
     full = QuantConfig(recipe="full")
-    assert (full.iters, full.clip_search) == (200, False)
+    assert (full.iters, full.clip_search, full.keep) == (200, False, "best") and QuantConfig().keep == "last"
     assert QuantConfig(recipe="full", iters=50, clip_search=True).iters == 50
     assert QuantConfig.from_dict(full.to_dict()) == full
     with pytest.raises(ConfigError, match="recipe='slow' is not one of fast, full"):

@@ -221,7 +221,7 @@ CASES = {
     "non-UTF-8 calibration file": lambda c: _calibration_file(c, "latin.txt", b"caf\xe9 latin-1"),
     ".jsonl without the text field": lambda c: _calibration_file(c, "c.jsonl", b'{"content": "x"}\n'),
     "NaN or Inf in the model's weights": _nan_weights,
-    "NaN or Inf during tuning (a warning; the block keeps its best finite state, RTN if none)": _nan_during_tuning,
+    "NaN or Inf during tuning (a warning; the block keeps its best finite state, else its starting point)": _nan_during_tuning,
     "out of memory": _out_of_memory,
     "not enough free disk space to start": _little_disk,
     "disk full while writing": _disk_full_while_writing,
@@ -240,5 +240,5 @@ def test_bad_input_gives_the_documented_one_line_error(row, tmp_path, tiny_model
     expected = readme_rows()[row]
     assert seen.code == 2, seen
     assert matches(expected, seen.line), f"\nexpected: {expected}\nseen:     {seen.line}"
-    if row not in ("no decoder blocks with linear layers", "NaN or Inf during tuning (a warning; the block keeps its best finite state, RTN if none)"):
+    if row not in ("no decoder blocks with linear layers", "NaN or Inf during tuning (a warning; the block keeps its best finite state, else its starting point)"):
         assert seen.line.startswith("signround: ")

@@ -4,7 +4,10 @@ with signed gradient descent so that the quantized block reproduces the original
 Per layer: V (out, in) starting at 0, and min/max clipping scales (out, groups) starting at 1 and
 clamped to [0, 1]. Each step samples a batch of cached rows, runs the block with fake-quantized weights
 (straight-through rounding) and takes p <- p - lr_t * sign(grad) with lr_t decaying linearly to 0, so
-with lr = 1/iters V can move at most ~0.5. The parameters of the best-loss step are kept.
+with lr = 1/iters V can move at most ~0.5. The result is the parameters after the last step
+(`keep="last"`) or those of the step with the lowest batch loss (`keep="best"`, auto-round's choice).
+With small batches the lowest batch loss mostly marks the easiest rows, not the best parameters: on
+SmolLM2's first 4 blocks at 128 steps of 3 rows, the last step's block losses are 2-6% lower.
 """
 
 from __future__ import annotations
@@ -148,10 +151,11 @@ class SignRound:
                 loss.backward()
                 total += loss.item()
             if not math.isfinite(total):
-                notes.append(f"block {data.index}: loss became {total} at step {step}; kept the best finite state (RTN if none)")
+                kept = "the best finite state (the start if none)" if config.keep == "best" else "the starting point"
+                notes.append(f"block {data.index}: loss became {total} at step {step}; kept {kept}")
                 warnings.warn(notes[-1])
                 break
-            if total < best_loss:
+            if total < best_loss and config.keep == "best":
                 best_loss = total
                 best_state = [p.detach().clone() for t in tunables for p in t.params()]
             decay = 1.0 - step / iters
@@ -164,7 +168,9 @@ class SignRound:
                         p.grad = None
 
         with torch.no_grad():
-            if best_state is None:  # no finite step: the starting point
+            if config.keep == "last" and not notes:  # a non-finite loss stopped the run: the start instead
+                best_state = [p.detach().clone() for t in tunables for p in t.params()]
+            if best_state is None:  # no finite step (or keeping the last one): the starting point
                 best_state = start_state
             for p, best in zip((p for t in tunables for p in t.params()), best_state):
                 p.copy_(best)

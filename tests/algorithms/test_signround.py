@@ -44,3 +44,27 @@ def test_signround_beats_rtn_on_model_output():
 def test_unknown_method_is_refused():
     with pytest.raises(signround.ConfigError, match="unknown method 'gptqq'"):
         signround.quantize(make("llama"), QuantConfig(method="gptqq"), calibration=calib_ids(), progress=False)
+
+
+def _packed(method, **overrides):
+    model = make("llama")
+    config = QuantConfig(scheme="W4A16G32", method=method, nsamples=8, seqlen=16, batch_size=4, clip_search=False, **overrides)
+    signround.quantize(model, config, calibration=calib_ids(8, 16), progress=False)
+    return {k: v for k, v in model.state_dict().items() if k.endswith(("qweight", "qzeros", "scales"))}
+
+
+def test_keep_chooses_between_the_best_scored_and_the_final_parameters():
+    """A step's loss scores the parameters it was computed with, before that step's update; so after one
+    step "best" is still the starting point (round-to-nearest here) and "last" is the updated one."""
+    rtn = _packed("rtn")
+    best, last = (_packed("signround", iters=1, keep=keep) for keep in ("best", "last"))
+    assert all(torch.equal(best[k], rtn[k]) for k in rtn)
+    assert not all(torch.equal(last[k], rtn[k]) for k in rtn)
+
+
+@pytest.mark.parametrize("keep", ["best", "last"])
+def test_either_choice_lowers_block_losses(keep):
+    model = make("llama")
+    config = QuantConfig(scheme="W3A16G32", iters=40, nsamples=16, seqlen=32, batch_size=4, keep=keep)
+    report = signround.quantize(model, config, calibration=calib_ids(16, 32), progress=False)
+    assert all(tuned < rtn for rtn, tuned in report.block_losses), report.block_losses
