@@ -22,17 +22,20 @@ import signround
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = {  # name: QuantConfig overrides
-    "full: 200 x 8, RTN start": dict(recipe="full"),
+    "full: 200 x 8, RTN start, keep best": dict(recipe="full"),
     "64 x 8, RTN start": dict(recipe="full", iters=64),
     "64 x 8, clip search": dict(recipe="full", iters=64, clip_search=True),
     "100 x 4, clip search": dict(recipe="full", iters=100, batch_size=4, clip_search=True),
     "160 x 2, clip search": dict(recipe="full", iters=160, batch_size=2, clip_search=True),
     "128 x 4, RTN start": dict(recipe="full", iters=128, batch_size=4),
-    "200 x 2, clip search": dict(recipe="fast", iters=200, batch_size=2),
-    "128 x 4, clip search": dict(recipe="fast", batch_size=4),
-    "fast: 128 x 3, clip search": dict(recipe="fast"),
-    "128 x 3, clip search, fp32 caches": dict(recipe="fast", cache_dtype="float32"),
-    "200 x 3, clip search": dict(recipe="fast", iters=200),
+    "200 x 2, clip search, keep best": dict(recipe="fast", iters=200, batch_size=2, keep="best"),
+    "128 x 4, clip search, keep best": dict(recipe="fast", batch_size=4, keep="best"),
+    "128 x 3, clip search, keep best": dict(recipe="fast", keep="best"),
+    "128 x 3, clip search, keep best, fp32 caches": dict(recipe="fast", cache_dtype="float32", keep="best"),
+    "200 x 3, clip search, keep best": dict(recipe="fast", iters=200, keep="best"),
+    "fast: 128 x 3, clip search, keep last": dict(recipe="fast"),
+    "128 x 3, clip search, keep last, lr 1.5/iters": dict(recipe="fast", lr=1.5 / 128),
+    "128 x 3, clip search, keep last, lr 0.7/iters": dict(recipe="fast", lr=0.7 / 128),
     "clip search only (0 steps)": dict(recipe="fast", iters=0),
 }
 
