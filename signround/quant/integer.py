@@ -66,17 +66,23 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
-def qparams(w_groups: torch.Tensor, bits: int, sym: bool, min_scale=None, max_scale=None, ste: bool = False):
-    """Per-group (scale, zero), each shaped (out, groups, 1), for grouped weights (out, groups, g).
-
-    Differentiable in `min_scale`/`max_scale` (and in the weights) when `ste` is set.
-    """
+def group_range(w_groups: torch.Tensor, min_scale=None, max_scale=None):
+    """Per-group (min, max), each (out, groups, 1), widened to include 0 and shrunk by the clipping scales."""
     wmin = w_groups.amin(dim=-1, keepdim=True).clamp(max=0)
     wmax = w_groups.amax(dim=-1, keepdim=True).clamp(min=0)
     if min_scale is not None:
         wmin = wmin * min_scale.clamp(0, 1).unsqueeze(-1)
     if max_scale is not None:
         wmax = wmax * max_scale.clamp(0, 1).unsqueeze(-1)
+    return wmin, wmax
+
+
+def qparams(w_groups: torch.Tensor, bits: int, sym: bool, min_scale=None, max_scale=None, ste: bool = False):
+    """Per-group (scale, zero), each shaped (out, groups, 1), for grouped weights (out, groups, g).
+
+    Differentiable in `min_scale`/`max_scale` (and in the weights) when `ste` is set.
+    """
+    wmin, wmax = group_range(w_groups, min_scale, max_scale)
     rnd = round_ste if ste else torch.round
     if sym:
         half = 2 ** (bits - 1)
@@ -103,14 +109,16 @@ def quantize_groups(w_groups, scale, zero, bits: int, offset=None, ste: bool = F
 class _RoundClampSTE(torch.autograd.Function):
     """`(clamp(round(w / scale + offset) + zero) - zero) * scale` on grouped tensors, with the
     straight-through gradients written out by hand: autograd would keep and replay ~30 elementwise
-    passes over the weights per step, about a tenth of a SignRound step's time on CPU."""
+    passes over the weights per step, about a tenth of a SignRound step's time on CPU. With
+    `zero_in_round` the zero point is added before rounding (a fractional zero point, as K-quants'
+    float minimums give); the gradients have the same form."""
 
     @staticmethod
-    def forward(ctx, wg, offset, scale, zero, maxq):
+    def forward(ctx, wg, offset, scale, zero, maxq, zero_in_round=False):
         x = wg / scale
         if offset is not None:
             x = x + offset
-        x = x.round_().add_(zero)
+        x = (x + zero).round_() if zero_in_round else x.round_().add_(zero)
         inside = (x >= 0) & (x <= maxq)
         out = x.clamp_(0, maxq).sub_(zero).mul_(scale)
         ctx.save_for_backward(wg, scale, inside, out)
@@ -125,14 +133,19 @@ class _RoundClampSTE(torch.autograd.Function):
         grad_offset = passed * scale if ctx.has_offset and ctx.needs_input_grad[1] else None
         grad_scale = (grad * out - passed * wg).sum(-1, keepdim=True) / scale if ctx.needs_input_grad[2] else None
         grad_zero = (passed - grad).sum(-1, keepdim=True) * scale if ctx.needs_input_grad[3] else None
-        return grad_wg, grad_offset, grad_scale, grad_zero, None
+        return grad_wg, grad_offset, grad_scale, grad_zero, None, None
+
+
+def round_clamp_ste(wg, offset, scale, zero, maxq: int, zero_in_round: bool = False) -> torch.Tensor:
+    """Dequantized `clamp(round(wg / scale + offset) + zero, 0, maxq)`, straight-through (see `_RoundClampSTE`)."""
+    return _RoundClampSTE.apply(wg, offset, scale, zero, maxq, zero_in_round)
 
 
 def fake_quant_groups(wg: torch.Tensor, bits: int, sym: bool, offset=None, min_scale=None, max_scale=None) -> torch.Tensor:
     """`fake_quant` on weights already grouped (out, groups, g), with `offset` grouped alike: the form
     SignRound keeps its tensors in, so that no step pads or reshapes the weights again."""
     scale, zero = qparams(wg, bits, sym, min_scale, max_scale, ste=True)
-    return _RoundClampSTE.apply(wg, offset, scale, zero, 2**bits - 1)
+    return round_clamp_ste(wg, offset, scale, zero, 2**bits - 1)
 
 
 def fake_quant(w: torch.Tensor, bits: int, group_size: int, sym: bool, offset=None, min_scale=None, max_scale=None) -> torch.Tensor:

@@ -80,3 +80,22 @@ def test_unrepresentable_scheme_is_refused(scheme, reason):
 def test_other_architectures_are_refused():
     with pytest.raises(FormatError, match="writes LLaMA-architecture models"):
         check_formats(["gguf"], make("gpt2"), signround.QuantConfig(scheme="W4A16G32"))
+
+
+@pytest.mark.parametrize("name", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+def test_k_quant_blocks_decode_in_the_gguf_package_to_our_weights(name):
+    """Byte layouts checked by the consumer's own dequantization: exactly our dequantized weights."""
+    from gguf import GGMLQuantizationType, quants
+
+    from signround.export.gguf_blocks import encode_k_blocks
+    from signround.quant.kquant import K_TYPES, dequantize_k, quantize_k
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 768, generator=g) * 0.05
+    w[1, 256:512] = 0
+    w[2] = w[2].abs()
+    offset = torch.rand(w.shape, generator=g) - 0.5
+    kq = quantize_k(w, K_TYPES[name], offset)
+    data = encode_k_blocks(kq)
+    assert data.shape == (6, 3 * quants.GGML_QUANT_SIZES[GGMLQuantizationType[name]][1])
+    np.testing.assert_array_equal(quants.dequantize(data, GGMLQuantizationType[name]), dequantize_k(kq).numpy())
