@@ -30,12 +30,12 @@ VARIANTS = {  # name: QuantConfig overrides
     "128 x 4, RTN start": dict(recipe="full", iters=128, batch_size=4),
     "200 x 2, clip search, keep best": dict(recipe="fast", iters=200, batch_size=2, keep="best"),
     "128 x 4, clip search, keep best": dict(recipe="fast", batch_size=4, keep="best"),
-    "128 x 3, clip search, keep best": dict(recipe="fast", keep="best"),
+    "fast: 128 x 3, clip search, keep best": dict(recipe="fast"),
     "128 x 3, clip search, keep best, fp32 caches": dict(recipe="fast", cache_dtype="float32", keep="best"),
     "200 x 3, clip search, keep best": dict(recipe="fast", iters=200, keep="best"),
-    "fast: 128 x 3, clip search, keep last": dict(recipe="fast"),
-    "128 x 3, clip search, keep last, lr 1.5/iters": dict(recipe="fast", lr=1.5 / 128),
-    "128 x 3, clip search, keep last, lr 0.7/iters": dict(recipe="fast", lr=0.7 / 128),
+    "128 x 3, clip search, keep last": dict(recipe="fast", keep="last"),
+    "128 x 3, clip search, keep last, lr 1.5/iters": dict(recipe="fast", lr=1.5 / 128, keep="last"),
+    "128 x 3, clip search, keep last, lr 0.7/iters": dict(recipe="fast", lr=0.7 / 128, keep="last"),
     "clip search only (0 steps)": dict(recipe="fast", iters=0),
 }
 

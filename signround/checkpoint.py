@@ -90,10 +90,13 @@ def _save_dtype(model, save_dtype: str | torch.dtype) -> torch.dtype:
     return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[save_dtype]
 
 
+SCALE_BUFFERS = ("scales", "super_scales", "super_mins")  # packed layers' fp16 scales: stored and kept as they are
+
+
 def state_for_saving(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The state dict with tied duplicates dropped and unquantized float tensors in `dtype`
     (the packed layers' fp16 scales stay fp16)."""
-    scales = {f"{n}.scales" for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    scales = {f"{n}.{k}" for n, m in model.named_modules() if isinstance(m, QuantLinear) for k in SCALE_BUFFERS}
     state, seen = {}, set()
     for name, tensor in model.state_dict().items():
         key = (tensor.data_ptr(), tensor.shape, tensor.dtype)
@@ -204,7 +207,7 @@ def _scheme(qcfg: dict, layer: str) -> WeightScheme:
     spec = qcfg.get("extra_config", {}).get(layer)
     if spec:
         return WeightScheme(**spec)
-    return WeightScheme(qcfg["bits"], qcfg["group_size"], qcfg["sym"])
+    return WeightScheme(qcfg["bits"], qcfg["group_size"], qcfg["sym"], qcfg.get("kquant", False))
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
@@ -244,14 +247,16 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
         raise ValueError(f"{folder} does not match its config: missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}")
     for module in model.modules():  # keep scales exact whatever dtype the model runs in
         if isinstance(module, QuantLinear):
-            module.scales = module.scales.to(torch.float16)
+            for key in SCALE_BUFFERS:
+                if getattr(module, key, None) is not None:
+                    setattr(module, key, getattr(module, key).to(torch.float16))
     return model.to(device).eval()
 
 
 def _stored_float_dtype(files: list[Path]) -> torch.dtype:
     with safe_open(files[0], framework="pt") as reader:
         for key in reader.keys():
-            if not key.endswith(".scales"):
+            if key.rpartition(".")[2] not in SCALE_BUFFERS:
                 t = reader.get_slice(key)
                 dtype = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}.get(t.get_dtype())
                 if dtype:

@@ -19,7 +19,7 @@ def _add_quantize(sub) -> None:
     p = sub.add_parser("quantize", help="quantize a model and save the packed result")
     p.add_argument("model", help="local HF folder, .gguf file, hub id, or built-in name (smollm2-135m)")
     p.add_argument("-o", "--output", required=True, help="output folder (must be new or empty unless --overwrite)")
-    p.add_argument("--scheme", default="W4A16", help="preset: W2A16, W3A16, W4A16 (default), W8A16, with optional G<group>, e.g. W2A16G64")
+    p.add_argument("--scheme", default="W4A16", help="preset: W2A16, W3A16, W4A16 (default), W8A16, with optional G<group>, e.g. W2A16G64; or a llama.cpp K-quant: Q2_K .. Q6_K")
     p.add_argument("--bits", type=int, help="override the preset's bits (2-8)")
     p.add_argument("--group-size", type=int, help="override the preset's group size (-1: per output channel)")
     sym = p.add_mutually_exclusive_group()
@@ -30,8 +30,8 @@ def _add_quantize(sub) -> None:
     p.add_argument("--method", default="signround", help="rtn or signround (default)")
     p.add_argument("--quantize-lm-head", action="store_true", help="also quantize an untied lm_head (round-to-nearest)")
     p.add_argument("--recipe", default="fast", choices=["fast", "full"],
-                   help="fast (default): 128 steps of 3 rows from an activation-weighted clipping search, keeping the last step; full: "
-                        "200 steps of 8 rows from round-to-nearest, keeping the best-loss step (the paper's and auto-round's default); "
+                   help="fast (default): 128 steps of 3 rows from an activation-weighted clipping search; full: "
+                        "200 steps of 8 rows from round-to-nearest (the paper's and auto-round's default); both keep the best-loss step; "
                         "--iters, --batch-size, --clip-search and --keep override either")
     p.add_argument("--iters", type=int, help="tuning steps per block (default: the recipe's)")
     clip = p.add_mutually_exclusive_group()

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from .quant import integer, kquant
 from .quant.integer import num_groups
 
 
@@ -19,46 +20,97 @@ class ConfigError(ValueError):
 
 
 _PRESET = re.compile(r"^W([2-8])A16(?:G(-1|\d+))?$", re.IGNORECASE)
+_K_LIST = ", ".join(f"{t.name} ({t.bits} bit, groups of {t.group_size}, {'sym' if t.sym else 'asym'})" for t in kquant.K_TYPES.values())
+# llama.cpp's stand-ins for a K-quant on a row that is no whole number of 256-weight super-blocks
+# (llama-quant.cpp; IQ4_NL, its choice for Q2_K/Q3_K, holds no tuned integer codes, so Q4_0 here)
+_K_FALLBACK = {"Q2_K": (4, 32, True), "Q3_K": (4, 32, True), "Q4_K": (5, 32, True), "Q5_K": (5, 32, False), "Q6_K": (8, 32, True)}
 
 
 @dataclass(frozen=True)
 class WeightScheme:
     """Integer weight-only quantization of one layer: `bits` wide codes, one scale and zero point per
-    `group_size` consecutive input channels (-1: one group per output channel)."""
+    `group_size` consecutive input channels (-1: one group per output channel). With `kquant` the
+    groups' scales (and minimums) are themselves quantized per 256 weights, as llama.cpp's K-quants
+    store them (`quant.kquant`); only llama.cpp's five combinations exist."""
 
     bits: int = 4
     group_size: int = 128
     sym: bool = True
+    kquant: bool = False
 
     def __post_init__(self):
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
             raise ConfigError(f"bits={self.bits!r} is not supported: choose an integer from 2 to 8")
         if not isinstance(self.group_size, int) or not (self.group_size == -1 or self.group_size > 0):
             raise ConfigError(f"group_size={self.group_size!r} is not valid: use -1 (per channel) or a positive divisor of in_features")
+        if self.kquant and self.ktype is None:
+            raise ConfigError(f"no K-quant has {self.bits} bits, groups of {self.group_size}, {'sym' if self.sym else 'asym'}: use {_K_LIST}")
+
+    @property
+    def ktype(self) -> kquant.KType | None:
+        """The llama.cpp K-quant type of a `kquant` scheme."""
+        if not self.kquant:
+            return None
+        return next((t for t in kquant.K_TYPES.values() if (t.bits, t.group_size, t.sym) == (self.bits, self.group_size, self.sym)), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Fields for config files; `kquant` only when set, so integer schemes serialise as before."""
+        d = dataclasses.asdict(self)
+        if not self.kquant:
+            del d["kquant"]
+        return d
+
+    def fallback(self) -> WeightScheme | None:
+        """The legacy scheme llama.cpp uses instead of this K-quant where a row is no whole number of super-blocks."""
+        return WeightScheme(*_K_FALLBACK[self.ktype.name]) if self.kquant else None
+
+    def quantize(self, w, offset=None, min_scale=None, max_scale=None):
+        """Final codes and scales of an (out, in) weight: `integer.QuantizedWeight` or `kquant.KQuantized`."""
+        if self.kquant:
+            return kquant.quantize_k(w, self.ktype, offset, min_scale, max_scale)
+        return integer.quantize_weight(w, self.bits, self.group_size, self.sym, offset, min_scale, max_scale)
+
+    def fake_quant_groups(self, wg, offset=None, min_scale=None, max_scale=None):
+        """Straight-through quantize-dequantize of grouped weights (out, groups, g): what tuning trains through."""
+        if self.kquant:
+            return kquant.fake_quant_k_groups(wg, self.ktype, offset, min_scale, max_scale)
+        return integer.fake_quant_groups(wg, self.bits, self.sym, offset, min_scale, max_scale)
 
     @classmethod
     def preset(cls, name: str) -> WeightScheme:
         """`W4A16` (4 bit, group 128, symmetric) and friends; `W2A16G64` picks the group size.
         Presets follow auto-round's defaults: symmetric, except 2-bit which is asymmetric."""
+        ktype = kquant.K_TYPES.get(name.strip().upper())
+        if ktype:
+            return cls(ktype.bits, ktype.group_size, ktype.sym, kquant=True)
         m = _PRESET.match(name.strip())
         if not m:
-            raise ConfigError(f"unknown scheme {name!r}: use W2A16, W3A16, W4A16, W8A16, optionally with G<group> (e.g. W2A16G64)")
+            raise ConfigError(f"unknown scheme {name!r}: use W2A16, W3A16, W4A16, W8A16, optionally with G<group> (e.g. W2A16G64), "
+                              f"or a llama.cpp K-quant: {', '.join(kquant.K_TYPES)}")
         bits = int(m.group(1))
         group = int(m.group(2)) if m.group(2) else 128
         return cls(bits=bits, group_size=group, sym=bits != 2)
 
     def fits(self, in_features: int, pad_groups: bool = True) -> bool:
-        """Whether a layer can take this scheme: always when a partial last group is allowed."""
+        """Whether a layer can take this scheme: always when a partial last group is allowed (never a
+        partial K-quant super-block)."""
+        if self.kquant:
+            return in_features % kquant.SUPER_BLOCK == 0
         return self.group_size == -1 or pad_groups or in_features % self.group_size == 0
 
     def groups(self, in_features: int) -> int:
         return num_groups(in_features, self.group_size)
 
     def bits_per_weight(self, in_features: int) -> float:
-        """Storage cost per weight: the code plus its group's fp16 scale and packed zero point."""
+        """Storage cost per weight: the code plus its group's fp16 scale and packed zero point (K-quants:
+        llama.cpp's block size)."""
+        if self.kquant:
+            return self.ktype.bits_per_weight
         return self.bits + (16 + self.bits) * self.groups(in_features) / in_features
 
     def name(self) -> str:
+        if self.kquant:
+            return self.ktype.name
         g = "" if self.group_size == 128 else f"G{self.group_size}"
         return f"W{self.bits}A16{g}{'' if self.sym == (self.bits != 2) else ('-sym' if self.sym else '-asym')}"
 
@@ -77,9 +129,9 @@ def parse_scheme(spec: str | WeightScheme | dict | None) -> WeightScheme | None:
         for part in filter(None, text.split(",")):
             key, _, value = part.partition("=")
             key = key.strip().replace("-", "_")
-            if key not in ("bits", "group_size", "sym"):
-                raise ConfigError(f"unknown layer setting {key!r} in {text!r}: use bits=, group_size=, sym=")
-            fields[key] = value.strip().lower() in ("1", "true", "yes") if key == "sym" else int(value)
+            if key not in ("bits", "group_size", "sym", "kquant"):
+                raise ConfigError(f"unknown layer setting {key!r} in {text!r}: use bits=, group_size=, sym=, kquant=")
+            fields[key] = value.strip().lower() in ("1", "true", "yes") if key in ("sym", "kquant") else int(value)
         return WeightScheme(**fields)
     return WeightScheme.preset(text)
 
@@ -94,7 +146,7 @@ DEFAULT_DATASET = "NeelNanda/pile-10k"
 # about the same cost, does not: benchmarks/recipes.py, benchmarks/vs_autoround.py). It
 # also caches hidden states in bf16, as auto-round does under bf16 autocast: half the memory.
 RECIPES = {
-    "fast": {"iters": 128, "batch_size": 3, "clip_search": True, "cache_dtype": "bfloat16", "keep": "last"},
+    "fast": {"iters": 128, "batch_size": 3, "clip_search": True, "cache_dtype": "bfloat16", "keep": "best"},
     "full": {"iters": 200, "batch_size": 8, "clip_search": False, "cache_dtype": "float32", "keep": "best"},
 }
 
@@ -171,7 +223,10 @@ class QuantConfig:
         return chosen
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["scheme"] = self.scheme.to_dict()
+        d["layer_overrides"] = {p: None if s is None else s.to_dict() for p, s in self.layer_overrides.items()}
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QuantConfig:

@@ -40,7 +40,6 @@ from .calibration import DataError, calibration_ids
 from .config import ConfigError, QuantConfig, WeightScheme
 from .hardware import cpu_has_fast_bf16, release_freed_memory
 from .qlinear import QuantLinear
-from .quant.integer import quantize_weight
 from .resume import WorkState, fingerprint
 from .weights import is_lazy, materialize
 
@@ -78,6 +77,7 @@ class QuantizeReport:
 
     quantized: dict[str, WeightScheme] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    fallbacks: dict[str, str] = field(default_factory=dict)  # layer -> "Q4_K -> W5A16G32": rows no K-quant super-block divides
     block_losses: list[tuple[float | None, float | None]] = field(default_factory=list)
     calibration_shape: tuple[int, int] | None = None
     calibration_seconds: float = 0.0  # reading or sampling calibration text
@@ -115,8 +115,8 @@ def plan_layers(model, blocks_name: str, blocks, config: QuantConfig, report: Qu
         tasks = []
         for name, module in find_linears(block).items():
             full = f"{blocks_name}.{i}.{name}"
-            scheme = config.scheme_for(full)
             in_features = linear_weight(module).shape[1]
+            scheme = _fitting(config.scheme_for(full), in_features, full, report)
             _check_finite(full, module)
             if scheme is None:
                 report.skipped[full] = "kept 16-bit by a layer override"
@@ -133,6 +133,16 @@ def plan_layers(model, blocks_name: str, blocks, config: QuantConfig, report: Qu
             raise ConfigError(f"no layer can be quantized with this scheme ({why}): choose a group size that divides the layers' input size, or -1")
         raise UnsupportedModelError(f"{type(model).__name__} has no linear layers in its blocks to quantize")
     return plan
+
+
+def _fitting(scheme: WeightScheme | None, in_features: int, name: str, report: QuantizeReport) -> WeightScheme | None:
+    """The scheme itself, or for a K-quant on rows that hold no whole number of super-blocks the legacy
+    scheme llama.cpp falls back to (recorded in `report.fallbacks`)."""
+    fallback = scheme.fallback() if scheme is not None and not scheme.fits(in_features) else None
+    if fallback is None:
+        return scheme
+    report.fallbacks[name] = f"{scheme.name()} -> {fallback.name()}"
+    return fallback
 
 
 def _check_finite(name: str, module) -> None:
@@ -194,12 +204,11 @@ def _quantize_lm_head(model, config: QuantConfig, report: QuantizeReport) -> Non
         report.notes.append("lm_head is tied to the embeddings: kept 16-bit")
         return
     name = next(n for n, m in model.named_modules() if m is head)
-    scheme = config.scheme_for(name)
+    scheme = _fitting(config.scheme_for(name), head.in_features, name, report)
     if scheme is None or not scheme.fits(head.in_features, config.pad_groups):
         report.skipped[name] = "lm_head: scheme does not fit" if scheme else "kept 16-bit by a layer override"
         return
-    qw = quantize_weight(head.weight.detach(), scheme.bits, scheme.group_size, scheme.sym)
-    _swap(model, "", LayerTask(name, head, scheme), qw)
+    _swap(model, "", LayerTask(name, head, scheme), scheme.quantize(head.weight.detach()))
     report.quantized[name] = scheme
     report.notes.append("lm_head quantized with round-to-nearest")
 
@@ -208,7 +217,7 @@ def quantization_config_dict(config: QuantConfig, report: QuantizeReport) -> dic
     """The `quantization_config` written to config.json: enough for `signround.load` to rebuild every layer."""
     default = config.scheme
     settings = config.to_dict()
-    extra = {name: dataclasses.asdict(s) for name, s in report.quantized.items() if s != default}
+    extra = {name: s.to_dict() for name, s in report.quantized.items() if s != default}
     tuning = {k: v for k, v in settings.items() if k not in ("scheme", "layer_overrides", "device", "amp")}
     return {
         "quant_method": "signround",
@@ -217,7 +226,9 @@ def quantization_config_dict(config: QuantConfig, report: QuantizeReport) -> dic
         "bits": default.bits,
         "group_size": default.group_size,
         "sym": default.sym,
+        **({"kquant": True} if default.kquant else {}),
         "packing": "gptq-int32",          # qweight (in*bits/32, out), qzeros (groups, out*bits/32), scales (groups, out)
+                                          # K-quant layers: qweight, super_scales/super_mins (in/256, out), scale_codes/min_codes (groups, out)
         "zero_point": "stored",           # qzeros hold the zero point itself (no GPTQ v1 minus-one)
         "layer_overrides": settings["layer_overrides"],
         "extra_config": extra,
@@ -301,6 +312,10 @@ def quantize(model, config: QuantConfig | None = None, *, tokenizer=None, calibr
     check_causal(model, blocks)
     if report.skipped:
         warnings.warn(f"{len(report.skipped)} layers stay unquantized: " + "; ".join(f"{n} ({why})" for n, why in report.skipped.items()))
+    if report.fallbacks:
+        kinds = sorted(set(report.fallbacks.values()))
+        warnings.warn(f"{len(report.fallbacks)} layers hold no whole number of 256-weight K-quant super-blocks per row and take "
+                      f"llama.cpp's fallback ({', '.join(kinds)}): " + ", ".join(report.fallbacks))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     if algorithm.needs_calibration:

@@ -9,6 +9,7 @@ from torch import nn
 from .config import WeightScheme
 from .hardware import cpu_has_fast_bf16
 from .quant.integer import QuantizedWeight, dequantize_weight, group_size_for
+from .quant.kquant import SUPER_BLOCK, KQuantized, dequantize_k
 from .quant.packing import pack_qweight, pack_qzeros, packed_rows, unpack_qweight, unpack_qzeros
 
 
@@ -17,7 +18,9 @@ class QuantLinear(nn.Module):
     (groups, packed out) int32, `scales` (groups, out) fp16, optional `bias`.
 
     The weight is rebuilt in the input's dtype at each call (CPU and CUDA alike), so memory holds
-    only the packed form.
+    only the packed form. A K-quant scheme stores its scales as llama.cpp does instead of `qzeros` and
+    `scales`: `super_scales` (in/256, out) fp16 and `scale_codes` (groups, out) int8, and for the
+    asymmetric types `super_mins` fp16 and `min_codes` uint8 alike.
     """
 
     def __init__(self, in_features: int, out_features: int, scheme: WeightScheme, bias: bool, dtype=torch.float16, device=None):
@@ -25,23 +28,43 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
         groups = scheme.groups(in_features)
         self.register_buffer("qweight", torch.zeros(packed_rows(in_features, scheme.bits), out_features, dtype=torch.int32, device=device))
-        self.register_buffer("qzeros", torch.zeros(groups, packed_rows(out_features, scheme.bits), dtype=torch.int32, device=device))
-        self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16, device=device))
+        if scheme.kquant:
+            supers = in_features // SUPER_BLOCK
+            self.register_buffer("super_scales", torch.zeros(supers, out_features, dtype=torch.float16, device=device))
+            self.register_buffer("scale_codes", torch.zeros(groups, out_features, dtype=torch.int8, device=device))
+            if not scheme.sym:
+                self.register_buffer("super_mins", torch.zeros(supers, out_features, dtype=torch.float16, device=device))
+                self.register_buffer("min_codes", torch.zeros(groups, out_features, dtype=torch.uint8, device=device))
+        else:
+            self.register_buffer("qzeros", torch.zeros(groups, packed_rows(out_features, scheme.bits), dtype=torch.int32, device=device))
+            self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
 
     @classmethod
-    def from_quantized(cls, qw: QuantizedWeight, scheme: WeightScheme, bias: torch.Tensor | None) -> QuantLinear:
-        out_features, in_features = qw.shape
+    def from_quantized(cls, qw: QuantizedWeight | KQuantized, scheme: WeightScheme, bias: torch.Tensor | None) -> QuantLinear:
+        out_features, in_features = qw.codes.shape
         layer = cls(in_features, out_features, scheme, bias is not None, device=qw.codes.device)
         layer.qweight.copy_(pack_qweight(qw.codes, scheme.bits))
-        layer.qzeros.copy_(pack_qzeros(qw.zero, scheme.bits))
-        layer.scales.copy_(qw.scale.t())
+        if scheme.kquant:
+            layer.super_scales.copy_(qw.d.t())
+            layer.scale_codes.copy_(qw.sc.t())
+            if not scheme.sym:
+                layer.super_mins.copy_(qw.dmin.t())
+                layer.min_codes.copy_(qw.m.t())
+        else:
+            layer.qzeros.copy_(pack_qzeros(qw.zero, scheme.bits))
+            layer.scales.copy_(qw.scale.t())
         if bias is not None:
             layer.bias = bias.detach().clone()
         return layer
 
-    def quantized_weight(self) -> QuantizedWeight:
+    def quantized_weight(self) -> QuantizedWeight | KQuantized:
+        """The codes and scales, unpacked: a `KQuantized` for K-quant schemes."""
         bits = self.scheme.bits
+        if self.scheme.kquant:
+            asym = not self.scheme.sym
+            return KQuantized(unpack_qweight(self.qweight, bits, self.in_features), self.super_scales.t(), self.scale_codes.t().to(torch.int16),
+                              self.super_mins.t() if asym else None, self.min_codes.t().to(torch.int16) if asym else None, self.scheme.ktype)
         return QuantizedWeight(
             codes=unpack_qweight(self.qweight, bits, self.in_features),
             scale=self.scales.t(),
@@ -51,6 +74,8 @@ class QuantLinear(nn.Module):
         )
 
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
+        if self.scheme.kquant:
+            return dequantize_k(self.quantized_weight()).to(dtype)
         return dequantize_weight(self.quantized_weight(), dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -67,7 +92,7 @@ class QuantLinear(nn.Module):
     INT4_MAX_ROWS = 32
 
     def _int4_fits(self, x: torch.Tensor) -> bool:
-        return (self.scheme.bits == 4 and x.device.type == "cpu" and x.dtype == torch.bfloat16
+        return (self.scheme.bits == 4 and not self.scheme.kquant and x.device.type == "cpu" and x.dtype == torch.bfloat16
                 and x.numel() // self.in_features <= self.INT4_MAX_ROWS and self.out_features % 16 == 0
                 and group_size_for(self.in_features, self.scheme.group_size) in (32, 64, 128, 256)
                 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"))
@@ -101,4 +126,5 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         s = self.scheme
-        return f"in_features={self.in_features}, out_features={self.out_features}, bits={s.bits}, group_size={s.group_size}, sym={s.sym}"
+        kind = s.name() if s.kquant else f"bits={s.bits}, group_size={s.group_size}, sym={s.sym}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {kind}"

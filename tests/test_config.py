@@ -38,6 +38,7 @@ def test_config_round_trips_through_its_dict():
     ({"lr": 0.0}, "lr=0.0 must be positive"),
     ({"amp": "int8"}, "amp='int8' is not one of"),
     ({"keep": "first"}, "keep='first' is not one of best, last"),
+    ({"scheme": {"bits": 4, "group_size": 128, "kquant": True}}, "no K-quant has 4 bits, groups of 128, sym: use Q2_K"),
     ({"scheme": "W1A16"}, "unknown scheme 'W1A16'"),
     ({"layer_overrides": {"x": "bits=3,colour=red"}}, "unknown layer setting 'colour'"),
 ])
@@ -51,8 +52,18 @@ def test_recipes_fill_only_what_is_unset():
 
     assert QuantConfig().iters == RECIPES["fast"]["iters"] and QuantConfig().clip_search is True and QuantConfig().batch_size == RECIPES["fast"]["batch_size"]
     full = QuantConfig(recipe="full")
-    assert (full.iters, full.clip_search, full.keep) == (200, False, "best") and QuantConfig().keep == "last"
+    assert (full.iters, full.clip_search, full.keep) == (200, False, "best") and QuantConfig().keep == "best"
     assert QuantConfig(recipe="full", iters=50, clip_search=True).iters == 50
     assert QuantConfig.from_dict(full.to_dict()) == full
     with pytest.raises(ConfigError, match="recipe='slow' is not one of fast, full"):
         QuantConfig(recipe="slow")
+
+
+def test_k_quant_presets_are_llama_cpp_types():
+    q4 = WeightScheme.preset("q4_k")
+    assert (q4.bits, q4.group_size, q4.sym, q4.kquant, q4.name()) == (4, 32, False, True, "Q4_K")
+    assert q4.bits_per_weight(512) == 4.5 and WeightScheme.preset("Q6_K").bits_per_weight(256) == 6.5625
+    assert q4.fits(512) and not q4.fits(576) and q4.fallback() == WeightScheme(5, 32, True)
+    assert WeightScheme.preset("W4A16").fallback() is None and "kquant" not in WeightScheme().to_dict()
+    config = QuantConfig(scheme="Q3_K", layer_overrides={"down": "Q6_K"})
+    assert QuantConfig.from_dict(config.to_dict()) == config and parse_scheme("bits=6,group_size=16,kquant=true").name() == "Q6_K"

@@ -117,3 +117,22 @@ def test_nan_weight_is_named_before_any_work():
     with pytest.raises(CorruptWeightsError, match=r"model.layers.1.mlp.up_proj.weight holds NaN or Inf"):
         signround.quantize(model, QuantConfig(method="rtn", scheme="W4A16G32"), progress=False)
     assert isinstance(model.model.layers[0].mlp.up_proj, torch.nn.Linear)  # nothing was touched
+
+
+@pytest.mark.parametrize("scheme", ["Q3_K", "Q4_K"])  # one symmetric, one with float minimums
+def test_k_quant_save_load_round_trip(scheme, tmp_path):
+    """K-quant layers keep their scales as llama.cpp stores them (fp16 super-scales, integer codes) and
+    reload to the weights that were evaluated."""
+    model = make("llama", hidden_size=256, intermediate_size=512, head_dim=64)
+    signround.quantize(model, QuantConfig(scheme=scheme, iters=4, nsamples=8, seqlen=16, batch_size=4), calibration=calib_ids(8, 16), progress=False)
+    layer = model.model.layers[0].mlp.up_proj
+    assert layer.scheme.name() == scheme and not hasattr(layer, "scales") and layer.scale_codes.dtype == torch.int8
+    ids = calib_ids(4, 16)
+    with torch.no_grad():
+        fake = model(ids).logits
+    config = json.loads((signround.save(model, tmp_path / "out") / "config.json").read_text())
+    assert config["quantization_config"]["kquant"] is True
+    reloaded = signround.load(tmp_path / "out")
+    assert torch.equal(reloaded.model.layers[0].mlp.up_proj.dequantized_weight(), layer.dequantized_weight())
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, fake, atol=2e-3 * fake.abs().max().item(), rtol=1e-2)  # fp16-stored norms/embeddings

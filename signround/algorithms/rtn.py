@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from ..blocks import linear_weight
-from ..quant.integer import quantize_weight
 from .base import BlockResult, register
 
 
@@ -12,8 +11,4 @@ class RTN:
     needs_calibration = False
 
     def quantize_block(self, block, layers, data, config) -> BlockResult:
-        weights = {}
-        for task in layers:
-            s = task.scheme
-            weights[task.name] = quantize_weight(linear_weight(task.module).detach(), s.bits, s.group_size, s.sym)
-        return BlockResult(weights)
+        return BlockResult({task.name: task.scheme.quantize(linear_weight(task.module).detach()) for task in layers})

@@ -24,6 +24,7 @@ class Format:
 
     name: str
     fits: str
+    holds_kquants = False  # llama.cpp's K-quant scales (quantized per 256 weights) have a place only in GGUF
 
     def refusal(self, scheme: WeightScheme, in_features: int) -> str | None:
         """Why a layer with this scheme and input width cannot be written, or None."""
@@ -77,6 +78,9 @@ def _refuse(fmt: Format, model, layers: dict[str, tuple[WeightScheme, int]]) -> 
     if reason:
         raise FormatError(f"format {fmt.name} cannot hold this model: {reason}")
     for layer_name, (scheme, in_features) in layers.items():
+        if scheme.kquant and not fmt.holds_kquants:
+            raise FormatError(f"format {fmt.name} cannot hold {layer_name} as {scheme.name()}: K-quant scales are quantized per 256 weights, "
+                              f"which only GGUF stores; export it as gguf, or quantize for {fmt.name} with an integer scheme ({fmt.fits})")
         reason = fmt.refusal(scheme, in_features)
         if reason:
             raise FormatError(f"format {fmt.name} cannot hold {layer_name} as {scheme.name()}: {reason}; {fmt.name} takes {fmt.fits}")
@@ -158,4 +162,4 @@ class GPTQLayout(Format):
 
 def default_scheme(model) -> WeightScheme:
     qcfg = model.config.quantization_config
-    return WeightScheme(qcfg["bits"], qcfg["group_size"], qcfg["sym"])
+    return WeightScheme(qcfg["bits"], qcfg["group_size"], qcfg["sym"], qcfg.get("kquant", False))

@@ -1,12 +1,13 @@
 """llama.cpp's GGUF file (`OUT/model.gguf`) for LLaMA-architecture models, with the tuned codes
-written into the legacy block types that hold them exactly:
+written into the block types that hold them exactly:
 
     4-bit sym  -> Q4_0  (q - 8) * d          4-bit asym -> Q4_1  q * d + m   (m = -zero * scale, in fp16)
     5-bit sym  -> Q5_0  (q - 16) * d         5-bit asym -> Q5_1  q * d + m
     8-bit sym  -> Q8_0  q * d  (q = code - 128)
+    the K-quant schemes Q2_K .. Q6_K -> the K types of the same name (layouts in `gguf_blocks`)
 
-Every block is 32 weights along the input dimension with its own fp16 scale, so only group-32 schemes
-fit. Query and key rows are reordered as llama.cpp's converter does (its rotary layout); rows carry
+Every legacy block is 32 weights along the input dimension with its own fp16 scale, so only group-32
+integer schemes fit; K-quant schemes were tuned with their scales already quantized as the K types store them. Query and key rows are reordered as llama.cpp's converter does (its rotary layout); rows carry
 their groups along, so the codes move unchanged. Embeddings and the untied output layer are written
 in F16, norms in F32, and the tokenizer (vocabulary, merges, special tokens, chat template) is carried
 over so that llama.cpp and transformers' GGUF loader rebuild it.
@@ -22,6 +23,7 @@ import torch
 
 from ..blocks import find_blocks
 from . import Format, quantized_layers, register_format
+from .gguf_blocks import encode_k_blocks
 
 FILE_NAME = "model.gguf"
 _ARCHITECTURES = ("llama", "mistral")
@@ -31,6 +33,22 @@ def _types():
     from gguf import GGMLQuantizationType as T
 
     return {(4, True): T.Q4_0, (4, False): T.Q4_1, (5, True): T.Q5_0, (5, False): T.Q5_1, (8, True): T.Q8_0}
+
+
+def ggml_type(scheme):
+    """The GGML tensor type that holds a layer of this scheme."""
+    from gguf import GGMLQuantizationType
+
+    return GGMLQuantizationType[scheme.ktype.name] if scheme.kquant else _types()[(scheme.bits, scheme.sym)]
+
+
+def _file_type(kind):
+    """The `general.file_type` llama.cpp reports for a model mostly of this tensor type."""
+    import gguf
+
+    f, t = gguf.LlamaFileType, gguf.GGMLQuantizationType
+    return {t.Q4_0: f.MOSTLY_Q4_0, t.Q4_1: f.MOSTLY_Q4_1, t.Q5_0: f.MOSTLY_Q5_0, t.Q5_1: f.MOSTLY_Q5_1, t.Q8_0: f.MOSTLY_Q8_0,
+            t.Q2_K: f.MOSTLY_Q2_K, t.Q3_K: f.MOSTLY_Q3_K_S, t.Q4_K: f.MOSTLY_Q4_K_S, t.Q5_K: f.MOSTLY_Q5_K_S, t.Q6_K: f.MOSTLY_Q6_K}[kind]
 
 
 def _f16_bytes(x: torch.Tensor) -> np.ndarray:
@@ -67,9 +85,13 @@ def llama_row_order(rows: int, heads: int) -> torch.Tensor:
 @register_format
 class GGUFFormat(Format):
     name = "gguf"
-    fits = "group-32 schemes of 4 bit (Q4_0 sym, Q4_1 asym), 5 bit (Q5_0, Q5_1) or 8 bit sym (Q8_0), on LLaMA-architecture models"
+    fits = ("group-32 schemes of 4 bit (Q4_0 sym, Q4_1 asym), 5 bit (Q5_0, Q5_1) or 8 bit sym (Q8_0), and the K-quant schemes "
+            "Q2_K .. Q6_K, on LLaMA-architecture models")
+    holds_kquants = True
 
     def refusal(self, scheme, in_features):
+        if scheme.kquant:
+            return None if scheme.fits(in_features) else f"the layer's width {in_features} is no whole number of 256-weight super-blocks"
         if scheme.group_size != 32:
             return f"its legacy quant blocks hold 32 weights each, not groups of {scheme.group_size}"
         if (scheme.bits, scheme.sym) not in _types():
@@ -104,13 +126,9 @@ class GGUFFormat(Format):
         writer.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or (cfg.rope_parameters or {}).get("rope_theta", 10000.0)))
         writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
         writer.add_vocab_size(cfg.vocab_size)
-        types = _types()
         layers = quantized_layers(model)
-        kinds = {types[(m.scheme.bits, m.scheme.sym)] for m in layers.values()}
-        file_type = {types[(4, True)]: gguf.LlamaFileType.MOSTLY_Q4_0, types[(4, False)]: gguf.LlamaFileType.MOSTLY_Q4_1,
-                     types[(5, True)]: gguf.LlamaFileType.MOSTLY_Q5_0, types[(5, False)]: gguf.LlamaFileType.MOSTLY_Q5_1,
-                     types[(8, True)]: gguf.LlamaFileType.MOSTLY_Q8_0}
-        writer.add_file_type(file_type[next(iter(kinds))] if len(kinds) == 1 else gguf.LlamaFileType.MOSTLY_F16)
+        kinds = [ggml_type(m.scheme) for m in layers.values()]
+        writer.add_file_type(_file_type(max(set(kinds), key=kinds.count)))  # as llama.cpp names a Q4_K_M file by its main type
         _add_tokenizer(writer, tokenizer, cfg.vocab_size)
 
         names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, len(blocks))
@@ -123,12 +141,14 @@ class GGUFFormat(Format):
             if base in layers:
                 layer = layers[base]
                 qw = layer.quantized_weight()
-                codes, scale, zero = qw.codes, qw.scale, qw.zero
-                if heads_here:
+                if heads_here:  # rows carry their groups and super-blocks along
                     order = llama_row_order(layer.out_features, heads_here)
-                    codes, scale, zero = codes[order], scale[order], zero[order]
-                data = encode_blocks(codes, scale, zero, layer.scheme.bits, layer.scheme.sym)
-                writer.add_tensor(f"{gguf_name}.weight", data, raw_dtype=types[(layer.scheme.bits, layer.scheme.sym)])
+                    qw = qw._replace(**{k: v[order] for k, v in qw._asdict().items() if isinstance(v, torch.Tensor)})
+                if layer.scheme.kquant:
+                    data = encode_k_blocks(qw)
+                else:
+                    data = encode_blocks(qw.codes, qw.scale, qw.zero, layer.scheme.bits, layer.scheme.sym)
+                writer.add_tensor(f"{gguf_name}.weight", data, raw_dtype=ggml_type(layer.scheme))
                 continue
             if heads_here and tensor.dim() == 2:
                 tensor = tensor[llama_row_order(tensor.shape[0], heads_here)]

@@ -68,3 +68,12 @@ def test_either_choice_lowers_block_losses(keep):
     config = QuantConfig(scheme="W3A16G32", iters=40, nsamples=16, seqlen=32, batch_size=4, keep=keep)
     report = signround.quantize(model, config, calibration=calib_ids(16, 32), progress=False)
     assert all(tuned < rtn for rtn, tuned in report.block_losses), report.block_losses
+
+
+@pytest.mark.parametrize("scheme", ["Q2_K", "Q3_K", "Q4_K"])
+def test_signround_lowers_block_losses_with_k_quant_scales(scheme):
+    """Tuning goes through the quantized group scales (and float minimums) of llama.cpp's K types."""
+    model = make("llama", hidden_size=256, intermediate_size=512, head_dim=64)
+    config = QuantConfig(scheme=scheme, iters=40, nsamples=16, seqlen=32, batch_size=4)
+    report = signround.quantize(model, config, calibration=calib_ids(16, 32), progress=False)
+    assert not report.fallbacks and all(tuned < rtn for rtn, tuned in report.block_losses), report.block_losses

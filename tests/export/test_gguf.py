@@ -99,3 +99,47 @@ def test_k_quant_blocks_decode_in_the_gguf_package_to_our_weights(name):
     data = encode_k_blocks(kq)
     assert data.shape == (6, 3 * quants.GGML_QUANT_SIZES[GGMLQuantizationType[name]][1])
     np.testing.assert_array_equal(quants.dequantize(data, GGMLQuantizationType[name]), dequantize_k(kq).numpy())
+
+
+K_WIDE = dict(hidden_size=256, intermediate_size=512, head_dim=64)  # rows of whole 256-weight super-blocks, o_proj's too
+
+
+@pytest.mark.parametrize("name", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+def test_k_quant_model_loads_in_transformers_with_our_logits_and_weights(tmp_path, tokenizer, name):
+    """Tuned with its scales quantized as the K type stores them, then read back by transformers' GGUF
+    loader (same logits) and by the gguf package (exactly our weights; q/k rows in llama.cpp's order)."""
+    model = make("llama", vocab_size=len(tokenizer), **K_WIDE)
+    signround.quantize(model, signround.QuantConfig(scheme=name, iters=4, nsamples=4, seqlen=16, batch_size=2),
+                       calibration=torch.randint(0, len(tokenizer), (4, 16)), progress=False)
+    export(model, tokenizer, tmp_path / "out", "gguf")
+    theirs = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out", gguf_file=FILE_NAME).eval()
+    ids = torch.randint(0, len(tokenizer), (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits.float(), model(ids).logits.float(), atol=3e-3, rtol=3e-3)
+    tensors = {t.name: t for t in GGUFReader(tmp_path / "out" / FILE_NAME).tensors}
+    cfg = model.config
+    for hf, gguf_name, heads in (("self_attn.q_proj", "attn_q", cfg.num_attention_heads), ("self_attn.k_proj", "attn_k", cfg.num_key_value_heads),
+                                 ("mlp.down_proj", "ffn_down", None)):
+        layer = model.model.layers[1].get_submodule(hf)
+        t = tensors[f"blk.1.{gguf_name}.weight"]
+        assert t.tensor_type.name == name
+        got = torch.from_numpy(np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)).reshape(layer.out_features, layer.in_features)
+        want = layer.dequantized_weight()
+        torch.testing.assert_close(got, want[llama_row_order(layer.out_features, heads)] if heads else want, atol=0, rtol=0)
+
+
+def test_k_quant_falls_back_to_a_legacy_type_where_rows_are_no_whole_super_blocks(tmp_path, tokenizer):
+    """As llama.cpp does: Q4_K on 64-wide o_proj rows becomes Q5_0 (a warning names the layers)."""
+    model = make("llama", vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512)  # o_proj takes 4 heads x 16
+    with pytest.warns(UserWarning, match=r"2 layers .* llama.cpp's fallback \(Q4_K -> W5A16G32\)"):
+        report = signround.quantize(model, signround.QuantConfig(scheme="Q4_K", method="rtn"), progress=False)
+    assert sorted(report.fallbacks) == [f"model.layers.{i}.self_attn.o_proj" for i in range(2)]
+    export(model, tokenizer, tmp_path / "out", "gguf")
+    kinds = {t.name: t.tensor_type.name for t in GGUFReader(tmp_path / "out" / FILE_NAME).tensors}
+    assert kinds["blk.0.attn_output.weight"] == "Q5_0" and kinds["blk.0.attn_q.weight"] == "Q4_K"
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "auto_round", "awq", "compressed-tensors"])
+def test_k_quant_schemes_are_refused_by_formats_without_k_scales(fmt):
+    with pytest.raises(FormatError, match=f"format {fmt} cannot hold .* as Q4_K: K-quant scales are quantized per 256 weights, which only GGUF stores"):
+        check_formats([fmt], make("llama", **K_WIDE), signround.QuantConfig(scheme="Q4_K"))
