@@ -2,7 +2,7 @@
 SmolLM2-135M in llama.cpp itself, and report its perplexity next to signround's own on the same
 token ids (wt2, no BOS).
 
-    python benchmarks/llama_cpp_interop.py                 # RTN codes, Q4_0 and Q4_1, 4,096 tokens
+    python benchmarks/llama_cpp_interop.py                 # RTN codes, Q4_0, Q4_1 and the K-quants, 4,096 tokens
     python benchmarks/llama_cpp_interop.py --method signround --iters 50
 
 Building llama-cpp-python from source takes minutes (too slow for CI), which is why this is a script
@@ -33,7 +33,8 @@ from signround.export import export
 from signround.export.gguf import FILE_NAME
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SCHEMES = {"Q4_0": "bits=4,group_size=32,sym=true", "Q4_1": "bits=4,group_size=32,sym=false", "Q8_0": "bits=8,group_size=32,sym=true"}
+SCHEMES = {"Q4_0": "bits=4,group_size=32,sym=true", "Q4_1": "bits=4,group_size=32,sym=false", "Q8_0": "bits=8,group_size=32,sym=true",
+           **{k: k for k in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")}}  # K-quants: 576-wide layers take llama.cpp's legacy fallback
 
 
 def ensure_llama_cpp() -> None:
@@ -66,7 +67,7 @@ def llama_cpp_perplexity(gguf_path: Path, ids: torch.Tensor, window: int) -> flo
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--types", default="Q4_0,Q4_1", type=lambda s: s.split(","), help=f"GGUF block types: {', '.join(SCHEMES)}")
+    p.add_argument("--types", default="Q4_0,Q4_1,Q2_K,Q3_K,Q4_K,Q5_K,Q6_K", type=lambda s: s.split(","), help=f"GGUF block types: {', '.join(SCHEMES)}")
     p.add_argument("--method", default="rtn")
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--tokens", type=int, default=4096)
@@ -94,6 +95,8 @@ def main() -> None:
     lines = [f"# {args.model} GGUF export run in llama.cpp (llama-cpp-python {llama_cpp.__version__})", "",
              f"{args.method} codes{f', {args.iters} iters' if args.method != 'rtn' else ''}; wt2 first {args.tokens} tokens, "
              f"windows of {args.window}, no BOS, the same token ids for both; {datetime.datetime.now().isoformat(timespec='minutes')}", "",
+             "K-quant rows: the layers with 576-wide rows (all but down_proj) take llama.cpp's fallback type (Q4_K -> Q5_0, "
+             "Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K/Q3_K -> Q4_0), as llama.cpp's own quantizer does", "",
              "| GGUF type | signround ppl | llama.cpp ppl | diff |", "|---|---|---|---|"]
     lines += [f"| {q} | {a:.3f} | {b:.3f} | {(b / a - 1) * 100:+.2f}% |" for q, a, b in rows]
     RESULTS.mkdir(exist_ok=True)
