@@ -47,21 +47,26 @@ def test_transformers_gguf_loader_reproduces_our_logits(tmp_path, tokenizer, sch
     assert reread(text).input_ids == tokenizer(text).input_ids
 
 
-@pytest.mark.parametrize("scheme", list(SCHEMES))
-def test_gguf_package_dequantizes_to_our_weights(tmp_path, tokenizer, scheme):
-    model = quantized(tokenizer, scheme)
-    export(model, tokenizer, tmp_path / "out", "gguf")
-    tensors = {t.name: t for t in GGUFReader(tmp_path / "out" / FILE_NAME).tensors}
+def _written_and_ours(model, tensors):
+    """For block 1's q, k and down projections: (GGUF tensor type, the gguf package's dequantization of
+    the written tensor, our dequantized weight in llama.cpp's row order)."""
     cfg = model.config
     for hf, name, heads in (("self_attn.q_proj", "attn_q", cfg.num_attention_heads), ("self_attn.k_proj", "attn_k", cfg.num_key_value_heads),
                             ("mlp.down_proj", "ffn_down", None)):
         layer = model.model.layers[1].get_submodule(hf)
         t = tensors[f"blk.1.{name}.weight"]
-        assert t.tensor_type.name == SCHEMES[scheme]
         got = torch.from_numpy(np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)).reshape(layer.out_features, layer.in_features)
         want = layer.dequantized_weight()
-        if heads:
-            want = want[llama_row_order(layer.out_features, heads)]
+        yield t.tensor_type.name, got, want[llama_row_order(layer.out_features, heads)] if heads else want
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_gguf_package_dequantizes_to_our_weights(tmp_path, tokenizer, scheme):
+    model = quantized(tokenizer, scheme)
+    export(model, tokenizer, tmp_path / "out", "gguf")
+    tensors = {t.name: t for t in GGUFReader(tmp_path / "out" / FILE_NAME).tensors}
+    for kind, got, want in _written_and_ours(model, tensors):
+        assert kind == SCHEMES[scheme]
         exact = "sym=true" in scheme  # asym blocks store the offset -zero*scale rounded to fp16
         torch.testing.assert_close(got, want, atol=0 if exact else 2e-3 * want.abs().max().item(), rtol=0 if exact else 1e-3)
     assert tensors["token_embd.weight"].tensor_type.name == "F16" and tensors["blk.0.attn_norm.weight"].tensor_type.name == "F32"
@@ -116,16 +121,9 @@ def test_k_quant_model_loads_in_transformers_with_our_logits_and_weights(tmp_pat
     ids = torch.randint(0, len(tokenizer), (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(theirs(ids).logits.float(), model(ids).logits.float(), atol=3e-3, rtol=3e-3)
-    tensors = {t.name: t for t in GGUFReader(tmp_path / "out" / FILE_NAME).tensors}
-    cfg = model.config
-    for hf, gguf_name, heads in (("self_attn.q_proj", "attn_q", cfg.num_attention_heads), ("self_attn.k_proj", "attn_k", cfg.num_key_value_heads),
-                                 ("mlp.down_proj", "ffn_down", None)):
-        layer = model.model.layers[1].get_submodule(hf)
-        t = tensors[f"blk.1.{gguf_name}.weight"]
-        assert t.tensor_type.name == name
-        got = torch.from_numpy(np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)).reshape(layer.out_features, layer.in_features)
-        want = layer.dequantized_weight()
-        torch.testing.assert_close(got, want[llama_row_order(layer.out_features, heads)] if heads else want, atol=0, rtol=0)
+    for kind, got, want in _written_and_ours(model, {t.name: t for t in GGUFReader(tmp_path / "out" / FILE_NAME).tensors}):
+        assert kind == name
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
 def test_k_quant_falls_back_to_a_legacy_type_where_rows_are_no_whole_super_blocks(tmp_path, tokenizer):
