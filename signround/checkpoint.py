@@ -203,8 +203,9 @@ def _shard_files(folder: Path) -> list[Path]:
     return files
 
 
-def _scheme(qcfg: dict, layer: str) -> WeightScheme:
-    spec = qcfg.get("extra_config", {}).get(layer)
+def stored_scheme(qcfg: dict, layer: str | None = None) -> WeightScheme:
+    """The scheme a saved `quantization_config` gives `layer` (its default scheme when `layer` is None)."""
+    spec = qcfg.get("extra_config", {}).get(layer) if layer else None
     if spec:
         return WeightScheme(**spec)
     return WeightScheme(qcfg["bits"], qcfg["group_size"], qcfg["sym"], qcfg.get("kquant", False))
@@ -238,7 +239,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
         linear = model.get_submodule(name)
         weight = linear.weight
         in_features, out_features = (weight.shape[1], weight.shape[0]) if isinstance(linear, torch.nn.Linear) else weight.shape
-        q = QuantLinear(in_features, out_features, _scheme(qcfg, name), getattr(linear, "bias", None) is not None, dtype=weight.dtype)
+        q = QuantLinear(in_features, out_features, stored_scheme(qcfg, name), getattr(linear, "bias", None) is not None, dtype=weight.dtype)
         set_submodule(model, name, q)
     missing, unexpected = model.load_state_dict(state, strict=False)
     model.tie_weights()

@@ -161,5 +161,6 @@ class GPTQLayout(Format):
 
 
 def default_scheme(model) -> WeightScheme:
-    qcfg = model.config.quantization_config
-    return WeightScheme(qcfg["bits"], qcfg["group_size"], qcfg["sym"], qcfg.get("kquant", False))
+    from ..checkpoint import stored_scheme
+
+    return stored_scheme(model.config.quantization_config)
