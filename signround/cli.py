@@ -19,7 +19,7 @@ def _add_quantize(sub) -> None:
     p = sub.add_parser("quantize", help="quantize a model and save the packed result")
     p.add_argument("model", help="local HF folder, .gguf file, hub id, or built-in name (smollm2-135m)")
     p.add_argument("-o", "--output", required=True, help="output folder (must be new or empty unless --overwrite)")
-    p.add_argument("--scheme", default="W4A16", help="preset: W2A16, W3A16, W4A16 (default), W8A16, with optional G<group>, e.g. W2A16G64; or a llama.cpp K-quant: Q2_K .. Q6_K")
+    p.add_argument("--scheme", default="W4A16", help="preset: W2A16, W3A16, W4A16 (default), W8A16, with optional G<group>, e.g. W2A16G64; or a llama.cpp K-quant: Q2_K .. Q6_K, or a K mixture: Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M")
     p.add_argument("--bits", type=int, help="override the preset's bits (2-8)")
     p.add_argument("--group-size", type=int, help="override the preset's group size (-1: per output channel)")
     sym = p.add_mutually_exclusive_group()
@@ -139,9 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args):
     from .config import QuantConfig, WeightScheme, parse_scheme
+    from .mixtures import base_type, find_mixture
 
-    scheme = WeightScheme.preset(args.scheme)
+    mixture = find_mixture(args.scheme)
+    scheme = WeightScheme.preset(base_type(mixture) if mixture else args.scheme)
     changes = {k: v for k, v in (("bits", args.bits), ("group_size", args.group_size), ("sym", args.sym)) if v is not None}
+    if mixture and changes:
+        raise _usage(f"--scheme {mixture} sets every layer's K type: drop --bits/--group-size/--sym/--asym, or change layers with --layer REGEX=SPEC")
     scheme = dataclasses.replace(scheme, **changes)
     overrides = {}
     for item in args.layer:
@@ -150,7 +154,7 @@ def config_from_args(args):
             raise _usage(f"--layer {item!r} must look like REGEX=SPEC, e.g. 'down_proj=W8A16'")
         overrides[pattern] = parse_scheme(spec)
     return QuantConfig(
-        scheme=scheme, method=args.method, layer_overrides=overrides, quantize_lm_head=args.quantize_lm_head,
+        scheme=scheme, mixture=mixture, method=args.method, layer_overrides=overrides, quantize_lm_head=args.quantize_lm_head,
         recipe=args.recipe, iters=args.iters, clip_search=args.clip_search, keep=args.keep,
         nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size, grad_accum=args.grad_accum,
         lr=args.lr, minmax_lr=args.minmax_lr, seed=args.seed, quantized_inputs=not args.fp_inputs, device=args.device, amp=args.amp,
@@ -312,14 +316,14 @@ def cmd_compare(args) -> None:
     import shlex
 
     from .compare import GridSettings, run_grid, write_report
-    from .config import WeightScheme
+    from .config import QuantConfig
     from .evaluate import EvalSettings
     from .models import resolve
 
     resolve(args.model)
     schemes = [s for s in args.schemes.split(",") if s]
     for scheme in schemes:
-        WeightScheme.preset(scheme)
+        QuantConfig(scheme=scheme)  # a preset or a K mixture; anything else fails here, before any run
     if not (args.ppl or args.tasks):
         raise _usage("nothing to compare on: give --ppl TEXT and/or --tasks JSON")
     grid = GridSettings(args.model, [m for m in args.methods.split(",") if m], schemes, shlex.split(args.quantize_args))

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import mixtures
 from .quant import integer, kquant
 from .quant.integer import num_groups
 
@@ -86,7 +87,7 @@ class WeightScheme:
         m = _PRESET.match(name.strip())
         if not m:
             raise ConfigError(f"unknown scheme {name!r}: use W2A16, W3A16, W4A16, W8A16, optionally with G<group> (e.g. W2A16G64), "
-                              f"or a llama.cpp K-quant: {', '.join(kquant.K_TYPES)}")
+                              f"or a llama.cpp K-quant: {', '.join(kquant.K_TYPES)} (mixtures: {', '.join(mixtures.MIXTURES)})")
         bits = int(m.group(1))
         group = int(m.group(2)) if m.group(2) else 128
         return cls(bits=bits, group_size=group, sym=bits != 2)
@@ -156,10 +157,13 @@ class QuantConfig:
     """Everything that decides the quantized result. Serialised into the output's `quantization_config`.
 
     `layer_overrides` maps a regular expression (searched in the layer's full name) to a scheme, or to
-    None to keep matching layers in 16 bit; the last matching pattern wins.
+    None to keep matching layers in 16 bit; the last matching pattern wins. `mixture` names one of
+    llama.cpp's K-quant mixtures (`mixtures.MIXTURES`, e.g. Q4_K_M): its base type is the scheme and
+    its rules pick bigger types per layer; overrides still win. `scheme="Q4_K_M"` sets both.
     """
 
     scheme: WeightScheme = field(default_factory=WeightScheme)
+    mixture: str | None = None
     method: str = "signround"
     layer_overrides: dict[str, WeightScheme | None] = field(default_factory=dict)
     quantize_lm_head: bool = False
@@ -187,10 +191,21 @@ class QuantConfig:
         for name, value in RECIPES[self.recipe].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
+        if isinstance(self.scheme, str) and mixtures.find_mixture(self.scheme):
+            self.mixture = self.mixture or mixtures.find_mixture(self.scheme)
+            self.scheme = WeightScheme.preset(mixtures.base_type(self.mixture))
         if isinstance(self.scheme, str):
             self.scheme = WeightScheme.preset(self.scheme)
         elif isinstance(self.scheme, dict):
             self.scheme = WeightScheme(**self.scheme)
+        if self.mixture is not None:
+            name = mixtures.find_mixture(self.mixture)
+            if name is None:
+                raise ConfigError(f"unknown mixture {self.mixture!r}: use one of {', '.join(mixtures.MIXTURES)}")
+            if self.scheme != WeightScheme.preset(mixtures.base_type(name)):
+                raise ConfigError(f"mixture {name} is built on {mixtures.base_type(name)}, not {self.scheme.name()}: "
+                                  f"drop the scheme's bits/group/sym settings, or use --layer overrides on top of the mixture")
+            self.mixture = name
         self.layer_overrides = {pattern: parse_scheme(spec) for pattern, spec in dict(self.layer_overrides).items()}
         for pattern in self.layer_overrides:
             try:
@@ -214,9 +229,12 @@ class QuantConfig:
         if self.amp not in ("auto", "bf16", "fp16", "off"):
             raise ConfigError(f"amp={self.amp!r} is not one of auto, bf16, fp16, off")
 
-    def scheme_for(self, layer_name: str) -> WeightScheme | None:
-        """The scheme a layer gets after overrides (None: keep it unquantized)."""
+    def scheme_for(self, layer_name: str, block: tuple[int, int] | None = None) -> WeightScheme | None:
+        """The scheme a layer gets after the mixture and the overrides (None: keep it unquantized).
+        `block`: (index, count) of the decoder block holding the layer; None for lm_head."""
         chosen: WeightScheme | None = self.scheme
+        if self.mixture:
+            chosen = WeightScheme.preset(mixtures.mixture_type(self.mixture, layer_name, block))
         for pattern, scheme in self.layer_overrides.items():
             if re.search(pattern, layer_name):
                 chosen = scheme

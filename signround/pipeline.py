@@ -116,7 +116,7 @@ def plan_layers(model, blocks_name: str, blocks, config: QuantConfig, report: Qu
         for name, module in find_linears(block).items():
             full = f"{blocks_name}.{i}.{name}"
             in_features = linear_weight(module).shape[1]
-            scheme = _fitting(config.scheme_for(full), in_features, full, report)
+            scheme = _fitting(config.scheme_for(full, (i, len(blocks))), in_features, full, report)
             _check_finite(full, module)
             if scheme is None:
                 report.skipped[full] = "kept 16-bit by a layer override"
@@ -218,7 +218,7 @@ def quantization_config_dict(config: QuantConfig, report: QuantizeReport) -> dic
     default = config.scheme
     settings = config.to_dict()
     extra = {name: s.to_dict() for name, s in report.quantized.items() if s != default}
-    tuning = {k: v for k, v in settings.items() if k not in ("scheme", "layer_overrides", "device", "amp")}
+    tuning = {k: v for k, v in settings.items() if k not in ("scheme", "mixture", "layer_overrides", "device", "amp")}
     return {
         "quant_method": "signround",
         "version": __version__,
@@ -227,6 +227,7 @@ def quantization_config_dict(config: QuantConfig, report: QuantizeReport) -> dic
         "group_size": default.group_size,
         "sym": default.sym,
         **({"kquant": True} if default.kquant else {}),
+        **({"mixture": config.mixture} if config.mixture else {}),  # llama.cpp's name for the per-layer K types in extra_config
         "packing": "gptq-int32",          # qweight (in*bits/32, out), qzeros (groups, out*bits/32), scales (groups, out)
                                           # K-quant layers: qweight, super_scales/super_mins (in/256, out), scale_codes/min_codes (groups, out)
         "zero_point": "stored",           # qzeros hold the zero point itself (no GPTQ v1 minus-one)

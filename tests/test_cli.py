@@ -16,6 +16,7 @@ def run(capsys, *argv):
     (["quantize", "{model}", "-o", "{out}", "--bits", "9"], "bits=9 is not supported: choose an integer from 2 to 8"),
     (["quantize", "{model}", "-o", "{out}", "--scheme", "W5B9"], "unknown scheme 'W5B9'"),
     (["quantize", "{model}", "-o", "{out}", "--group-size", "0"], "group_size=0 is not valid"),
+    (["quantize", "{model}", "-o", "{out}", "--scheme", "Q4_K_M", "--bits", "3"], "--scheme Q4_K_M sets every layer's K type: drop --bits"),
     (["quantize", "{model}", "-o", "{out}", "--nsamples", "0"], "nsamples=0 is out of range"),
     (["quantize", "{model}", "-o", "{out}", "--method", "magic"], "unknown method 'magic'"),
     (["quantize", "{model}", "-o", "{out}", "--layer", "down_proj"], "must look like REGEX=SPEC"),

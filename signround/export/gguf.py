@@ -128,7 +128,8 @@ class GGUFFormat(Format):
         writer.add_vocab_size(cfg.vocab_size)
         layers = quantized_layers(model)
         kinds = [ggml_type(m.scheme) for m in layers.values()]
-        writer.add_file_type(_file_type(max(set(kinds), key=kinds.count)))  # as llama.cpp names a Q4_K_M file by its main type
+        mixture = (getattr(model.config, "quantization_config", None) or {}).get("mixture")
+        writer.add_file_type(gguf.LlamaFileType[f"MOSTLY_{mixture}"] if mixture else _file_type(max(set(kinds), key=kinds.count)))
         _add_tokenizer(writer, tokenizer, cfg.vocab_size)
 
         names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, len(blocks))
