@@ -26,19 +26,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import protocol
 
 import signround
-from signround.config import parse_scheme
 from signround.evaluate import perplexity
 from signround.export import export, quantized_layers
 
 RESULTS = Path(__file__).resolve().parent / "results"
-RUNS = [  # (scheme, format, theoretical bits per weight of that format's tensors)
-    ("W4A16G64", "gptq", lambda n_in, n_out: 4 + (16 + 4) / 64 + 32 / n_out),            # + g_idx, one int32 per input column
-    ("W4A16G64", "auto_round", lambda n_in, n_out: 4 + (16 + 4) / 64),
-    ("W4A16G64", "compressed-tensors", lambda n_in, n_out: 4 + 16 / 64 + 64 / (n_in * n_out)),  # sym: no zero points; + weight_shape
-    ("bits=4,group_size=64,sym=false", "awq", lambda n_in, n_out: 4 + (16 + 4) / 64),
-    ("bits=4,group_size=32,sym=true", "gguf", lambda n_in, n_out: 4.5),                   # Q4_0: fp16 d per 32
-    ("bits=4,group_size=32,sym=false", "gguf", lambda n_in, n_out: 5.0),                  # Q4_1: fp16 d and m per 32
+RUNS = [  # (scheme, format, theoretical bits per weight of a layer in that format)
+    ("W4A16G64", "gptq", lambda m: 4 + (16 + 4) / 64 + 32 / m.out_features),                # + g_idx, one int32 per input column
+    ("W4A16G64", "auto_round", lambda m: 4 + (16 + 4) / 64),
+    ("W4A16G64", "compressed-tensors", lambda m: 4 + 16 / 64 + 64 / (m.in_features * m.out_features)),  # sym: no zero points; + weight_shape
+    ("bits=4,group_size=64,sym=false", "awq", lambda m: 4 + (16 + 4) / 64),
+    ("bits=4,group_size=32,sym=true", "gguf", lambda m: ggml_bits(m)),                       # Q4_0: fp16 d per 32
+    ("bits=4,group_size=32,sym=false", "gguf", lambda m: ggml_bits(m)),                      # Q4_1: fp16 d and m per 32
+    ("Q4_K_M", "gguf", lambda m: ggml_bits(m)),  # Q4_K/Q6_K, and Q5_0/Q8_0 where rows are no whole 256-weight super-blocks
+    ("Q6_K", "gguf", lambda m: ggml_bits(m)),
 ]
+
+
+def ggml_bits(layer) -> float:
+    """Bits per weight of the GGML block type this layer is written as."""
+    from gguf import GGML_QUANT_SIZES
+
+    from signround.export.gguf import ggml_type
+
+    block, nbytes = GGML_QUANT_SIZES[ggml_type(layer.scheme)]
+    return nbytes * 8 / block
 
 
 def consumer(folder: Path, fmt: str):
@@ -82,7 +93,7 @@ def main() -> None:
     for scheme, fmt, theory in RUNS:
         if scheme not in quantized:
             model = signround.load_model(args.model)[0]
-            signround.quantize(model, signround.QuantConfig(scheme=parse_scheme(scheme), method="rtn"), progress=False)
+            signround.quantize(model, signround.QuantConfig(scheme=scheme, method="rtn"), progress=False)
             quantized[scheme] = (model, perplexity(model, ids))
         model, ours = quantized[scheme]
         layers = quantized_layers(model)
@@ -91,7 +102,7 @@ def main() -> None:
             theirs = perplexity(consumer(folder, fmt), ids)
             bits = stored_bits(folder, fmt, layers)
         numel = sum(m.in_features * m.out_features for m in layers.values())
-        expected = sum(theory(m.in_features, m.out_features) * m.in_features * m.out_features for m in layers.values()) / numel
+        expected = sum(theory(m) * m.in_features * m.out_features for m in layers.values()) / numel
         rows.append({"scheme": scheme, "format": fmt, "ppl_ours": ours, "ppl_consumer": theirs, "ppl_diff": theirs / ours - 1,
                      "bits_per_weight": bits, "theoretical_bits": expected, "size_diff": bits / expected - 1})
         print(json.dumps(rows[-1]), flush=True)

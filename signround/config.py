@@ -195,7 +195,9 @@ class QuantConfig:
             self.mixture = self.mixture or mixtures.find_mixture(self.scheme)
             self.scheme = WeightScheme.preset(mixtures.base_type(self.mixture))
         if isinstance(self.scheme, str):
-            self.scheme = WeightScheme.preset(self.scheme)
+            self.scheme = parse_scheme(self.scheme)
+            if self.scheme is None:
+                raise ConfigError("the default scheme cannot be 16-bit: keep layers unquantized with layer_overrides={REGEX: 'fp16'}")
         elif isinstance(self.scheme, dict):
             self.scheme = WeightScheme(**self.scheme)
         if self.mixture is not None:
