@@ -7,7 +7,7 @@
 Every run is its own process (its peak RSS is its own); calibration is gutenberg-128x512.
 
     python benchmarks/memory.py                       # both tables
-    python benchmarks/memory.py --tables depth --iters 2
+    python benchmarks/memory.py --tables caches        # the other table stays as the last run wrote it
 """
 
 from __future__ import annotations
@@ -97,6 +97,18 @@ def main() -> None:
         stamp = f"updated {datetime.datetime.now().isoformat(timespec='minutes')}"
         (RESULTS / "memory.md").write_text("\n".join(lines + ["", stamp]) + "\n")
 
+    previous = (RESULTS / "memory.md").read_text() if (RESULTS / "memory.md").is_file() else ""
+
+    def kept(title: str) -> list[str]:
+        """A table not run this time, as the previous file had it (with its own settings in its heading)."""
+        for section in previous.split("\n## ")[1:]:
+            if section.startswith(title):
+                body = section.split("\nupdated ")[0].rstrip("\n").splitlines()
+                return ["## " + body[0], *body[1:], ""]
+        return []
+
+    if "depth" not in args.tables:
+        lines += kept("Peak RSS against depth")
     if "depth" in args.tables:
         lines += [f"## Peak RSS against depth (iters {args.iters})", "", "| blocks | streamed MiB | loaded whole MiB |", "|---|---|---|"]
         for layers in args.depths:
@@ -104,6 +116,8 @@ def main() -> None:
             lines.append(f"| {layers} | {streamed['peak_rss_mib']:.0f} | {whole['peak_rss_mib']:.0f} |")
             write()
         lines.append("")
+    if "caches" not in args.tables:
+        lines += kept("Activation caches")
     if "caches" in args.tables:
         lines += [f"## Activation caches ({args.cache_layers} blocks, iters {args.cache_iters}, streamed)", "",
                   "| cache dtype | where | tuning s | peak RSS MiB | wt2-32k ppl |", "|---|---|---|---|---|"]

@@ -416,9 +416,11 @@ def _capture(model, blocks, ids, device, caches: CacheFactory):
     return cache, calls
 
 
-def _mse(a, b, batch_size: int) -> float:
-    total = sum(F.mse_loss(a.rows(sl), b.rows(sl), reduction="sum").item() for sl in iter_batches(a.shape[0], batch_size))
-    return total / a.shape.numel()
+def _mse(a, b, batch_size: int, rows: int | None = None) -> float:
+    """Mean squared difference of two caches over their first `rows` rows (all when None)."""
+    rows = a.shape[0] if rows is None else min(rows, a.shape[0])
+    total = sum(F.mse_loss(a.rows(sl), b.rows(sl), reduction="sum").item() for sl in iter_batches(rows, batch_size))
+    return total / (a.shape.numel() // a.shape[0] * rows)
 
 
 def _quantize_one(model, blocks_name, blocks, i, tasks, algorithm, config, fp_in, q_in, calls, device, amp_dtype, caches: CacheFactory):
@@ -440,7 +442,7 @@ def _quantize_one(model, blocks_name, blocks, i, tasks, algorithm, config, fp_in
     loss_after = None
     if algorithm.needs_calibration:
         q_out = run_block(blocks[i], q_in, data.call, config.batch_size, device, amp_dtype, caches.empty(q_in.shape))
-        loss_after = _mse(q_out, fp_out, config.batch_size)
+        loss_after = _mse(q_out, fp_out, config.batch_size, result.loss_rows)  # the rows loss_before was measured on
         for old in {id(fp_in): fp_in, id(q_in): q_in}.values():
             old.discard()
         fp_in, q_in = fp_out, q_out

@@ -41,6 +41,7 @@ class BlockData:
 class BlockResult:
     weights: dict[str, QuantizedWeight]
     loss_before: float | None = None   # block-output MSE at the plain-RTN starting point
+    loss_rows: int | None = None       # ... over the first this many calibration rows (None: all)
     notes: list[str] = field(default_factory=list)
     steps: int = 0                     # optimiser steps taken
 

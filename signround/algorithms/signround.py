@@ -175,4 +175,4 @@ class SignRound:
                 best_state = start_state
             for p, best in zip((p for t in tunables for p in t.params()), best_state):
                 p.copy_(best)
-        return BlockResult({t.task.name: t.final() for t in tunables}, loss_before=loss_before, notes=notes, steps=steps)
+        return BlockResult({t.task.name: t.final() for t in tunables}, loss_before=loss_before, loss_rows=probe, notes=notes, steps=steps)
