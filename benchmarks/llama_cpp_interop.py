@@ -2,7 +2,7 @@
 SmolLM2-135M in llama.cpp itself, and report its perplexity next to signround's own on the same
 token ids (wt2, no BOS).
 
-    python benchmarks/llama_cpp_interop.py                 # RTN codes, Q4_0, Q4_1 and the K-quants, 4,096 tokens
+    python benchmarks/llama_cpp_interop.py                 # RTN codes, Q4_0, Q4_1, the K-quants and Q4_K_M, 4,096 tokens
     python benchmarks/llama_cpp_interop.py --method signround --iters 50
 
 Building llama-cpp-python from source takes minutes (too slow for CI), which is why this is a script
@@ -27,14 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import protocol
 
 import signround
-from signround.config import parse_scheme
 from signround.evaluate import perplexity
 from signround.export import export
 from signround.export.gguf import FILE_NAME
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SCHEMES = {"Q4_0": "bits=4,group_size=32,sym=true", "Q4_1": "bits=4,group_size=32,sym=false", "Q8_0": "bits=8,group_size=32,sym=true",
-           **{k: k for k in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")}}  # K-quants: 576-wide layers take llama.cpp's legacy fallback
+           **{k: k for k in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_K_M")}}  # K-quants: 576-wide layers take llama.cpp's legacy fallback
 
 
 def ensure_llama_cpp() -> None:
@@ -67,7 +66,7 @@ def llama_cpp_perplexity(gguf_path: Path, ids: torch.Tensor, window: int) -> flo
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--types", default="Q4_0,Q4_1,Q2_K,Q3_K,Q4_K,Q5_K,Q6_K", type=lambda s: s.split(","), help=f"GGUF block types: {', '.join(SCHEMES)}")
+    p.add_argument("--types", default="Q4_0,Q4_1,Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,Q4_K_M", type=lambda s: s.split(","), help=f"GGUF block types: {', '.join(SCHEMES)}")
     p.add_argument("--method", default="rtn")
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--tokens", type=int, default=4096)
@@ -81,7 +80,7 @@ def main() -> None:
     rows = []
     for qtype in args.types:
         model = signround.load_model(args.model)[0]
-        config = signround.QuantConfig(scheme=parse_scheme(SCHEMES[qtype]), method=args.method, iters=args.iters, nsamples=32, seqlen=512)
+        config = signround.QuantConfig(scheme=SCHEMES[qtype], method=args.method, iters=args.iters, nsamples=32, seqlen=512)
         signround.quantize(model, config, tokenizer=tokenizer, calibration=calibration, progress=False)
         ours = perplexity(model, ids, seqlen=args.window)
         with tempfile.TemporaryDirectory() as tmp:
