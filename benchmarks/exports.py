@@ -30,16 +30,6 @@ from signround.evaluate import perplexity
 from signround.export import export, quantized_layers
 
 RESULTS = Path(__file__).resolve().parent / "results"
-RUNS = [  # (scheme, format, theoretical bits per weight of a layer in that format)
-    ("W4A16G64", "gptq", lambda m: 4 + (16 + 4) / 64 + 32 / m.out_features),                # + g_idx, one int32 per input column
-    ("W4A16G64", "auto_round", lambda m: 4 + (16 + 4) / 64),
-    ("W4A16G64", "compressed-tensors", lambda m: 4 + 16 / 64 + 64 / (m.in_features * m.out_features)),  # sym: no zero points; + weight_shape
-    ("bits=4,group_size=64,sym=false", "awq", lambda m: 4 + (16 + 4) / 64),
-    ("bits=4,group_size=32,sym=true", "gguf", lambda m: ggml_bits(m)),                       # Q4_0: fp16 d per 32
-    ("bits=4,group_size=32,sym=false", "gguf", lambda m: ggml_bits(m)),                      # Q4_1: fp16 d and m per 32
-    ("Q4_K_M", "gguf", lambda m: ggml_bits(m)),  # Q4_K/Q6_K, and Q5_0/Q8_0 where rows are no whole 256-weight super-blocks
-    ("Q6_K", "gguf", lambda m: ggml_bits(m)),
-]
 
 
 def ggml_bits(layer) -> float:
@@ -50,6 +40,18 @@ def ggml_bits(layer) -> float:
 
     block, nbytes = GGML_QUANT_SIZES[ggml_type(layer.scheme)]
     return nbytes * 8 / block
+
+
+RUNS = [  # (scheme, format, theoretical bits per weight of a layer in that format)
+    ("W4A16G64", "gptq", lambda m: 4 + (16 + 4) / 64 + 32 / m.out_features),                # + g_idx, one int32 per input column
+    ("W4A16G64", "auto_round", lambda m: 4 + (16 + 4) / 64),
+    ("W4A16G64", "compressed-tensors", lambda m: 4 + 16 / 64 + 64 / (m.in_features * m.out_features)),  # sym: no zero points; + weight_shape
+    ("bits=4,group_size=64,sym=false", "awq", lambda m: 4 + (16 + 4) / 64),
+    ("bits=4,group_size=32,sym=true", "gguf", ggml_bits),                       # Q4_0: fp16 d per 32
+    ("bits=4,group_size=32,sym=false", "gguf", ggml_bits),                      # Q4_1: fp16 d and m per 32
+    ("Q4_K_M", "gguf", ggml_bits),  # Q4_K/Q6_K, and Q5_0/Q8_0 where rows are no whole 256-weight super-blocks
+    ("Q6_K", "gguf", ggml_bits),
+]
 
 
 def consumer(folder: Path, fmt: str):

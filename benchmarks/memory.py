@@ -107,8 +107,6 @@ def main() -> None:
                 return ["## " + body[0], *body[1:], ""]
         return []
 
-    if "depth" not in args.tables:
-        lines += kept("Peak RSS against depth")
     if "depth" in args.tables:
         lines += [f"## Peak RSS against depth (iters {args.iters})", "", "| blocks | streamed MiB | loaded whole MiB |", "|---|---|---|"]
         for layers in args.depths:
@@ -116,8 +114,8 @@ def main() -> None:
             lines.append(f"| {layers} | {streamed['peak_rss_mib']:.0f} | {whole['peak_rss_mib']:.0f} |")
             write()
         lines.append("")
-    if "caches" not in args.tables:
-        lines += kept("Activation caches")
+    else:
+        lines += kept("Peak RSS against depth")
     if "caches" in args.tables:
         lines += [f"## Activation caches ({args.cache_layers} blocks, iters {args.cache_iters}, streamed)", "",
                   "| cache dtype | where | tuning s | peak RSS MiB | wt2-32k ppl |", "|---|---|---|---|---|"]
@@ -126,6 +124,8 @@ def main() -> None:
                 row = run(args, args.cache_layers, True, cache_dtype, offload, iters=args.cache_iters, ppl=True)
                 lines.append(f"| {cache_dtype} | {'disk' if offload else 'memory'} | {row['tuning_s']:.0f} | {row['peak_rss_mib']:.0f} | {row['ppl']:.3f} |")
                 write()
+    else:
+        lines += kept("Activation caches")
     write()
     print((RESULTS / "memory.md").read_text())
 

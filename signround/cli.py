@@ -139,14 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args):
     from .config import QuantConfig, WeightScheme, parse_scheme
-    from .mixtures import base_type, find_mixture
+    from .mixtures import find_mixture
 
-    mixture = find_mixture(args.scheme)
-    scheme = WeightScheme.preset(base_type(mixture) if mixture else args.scheme)
+    mixture = find_mixture(args.scheme)  # QuantConfig resolves it into its base scheme and per-layer rules
     changes = {k: v for k, v in (("bits", args.bits), ("group_size", args.group_size), ("sym", args.sym)) if v is not None}
     if mixture and changes:
         raise _usage(f"--scheme {mixture} sets every layer's K type: drop --bits/--group-size/--sym/--asym, or change layers with --layer REGEX=SPEC")
-    scheme = dataclasses.replace(scheme, **changes)
+    scheme = mixture or dataclasses.replace(WeightScheme.preset(args.scheme), **changes)
     overrides = {}
     for item in args.layer:
         pattern, sep, spec = item.partition("=")
@@ -154,7 +153,7 @@ def config_from_args(args):
             raise _usage(f"--layer {item!r} must look like REGEX=SPEC, e.g. 'down_proj=W8A16'")
         overrides[pattern] = parse_scheme(spec)
     return QuantConfig(
-        scheme=scheme, mixture=mixture, method=args.method, layer_overrides=overrides, quantize_lm_head=args.quantize_lm_head,
+        scheme=scheme, method=args.method, layer_overrides=overrides, quantize_lm_head=args.quantize_lm_head,
         recipe=args.recipe, iters=args.iters, clip_search=args.clip_search, keep=args.keep,
         nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size, grad_accum=args.grad_accum,
         lr=args.lr, minmax_lr=args.minmax_lr, seed=args.seed, quantized_inputs=not args.fp_inputs, device=args.device, amp=args.amp,

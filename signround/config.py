@@ -191,23 +191,26 @@ class QuantConfig:
         for name, value in RECIPES[self.recipe].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
-        if isinstance(self.scheme, str) and mixtures.find_mixture(self.scheme):
-            self.mixture = self.mixture or mixtures.find_mixture(self.scheme)
-            self.scheme = WeightScheme.preset(mixtures.base_type(self.mixture))
+        if self.mixture is not None:
+            name = mixtures.find_mixture(self.mixture)
+            if name is None:
+                raise ConfigError(f"unknown mixture {self.mixture!r}: use one of {', '.join(mixtures.MIXTURES)}")
+            self.mixture = name
+        named = mixtures.find_mixture(self.scheme) if isinstance(self.scheme, str) else None
+        if named:
+            if self.mixture not in (None, named):
+                raise ConfigError(f"scheme {named} and mixture {self.mixture} disagree: give one of them")
+            self.mixture = named
+            self.scheme = WeightScheme.preset(mixtures.base_type(named))
         if isinstance(self.scheme, str):
             self.scheme = parse_scheme(self.scheme)
             if self.scheme is None:
                 raise ConfigError("the default scheme cannot be 16-bit: keep layers unquantized with layer_overrides={REGEX: 'fp16'}")
         elif isinstance(self.scheme, dict):
             self.scheme = WeightScheme(**self.scheme)
-        if self.mixture is not None:
-            name = mixtures.find_mixture(self.mixture)
-            if name is None:
-                raise ConfigError(f"unknown mixture {self.mixture!r}: use one of {', '.join(mixtures.MIXTURES)}")
-            if self.scheme != WeightScheme.preset(mixtures.base_type(name)):
-                raise ConfigError(f"mixture {name} is built on {mixtures.base_type(name)}, not {self.scheme.name()}: "
-                                  f"drop the scheme's bits/group/sym settings, or use --layer overrides on top of the mixture")
-            self.mixture = name
+        if self.mixture is not None and self.scheme != WeightScheme.preset(mixtures.base_type(self.mixture)):
+            raise ConfigError(f"mixture {self.mixture} is built on {mixtures.base_type(self.mixture)}, not {self.scheme.name()}: "
+                              f"drop the scheme's bits/group/sym settings, or use --layer overrides on top of the mixture")
         self.layer_overrides = {pattern: parse_scheme(spec) for pattern, spec in dict(self.layer_overrides).items()}
         for pattern in self.layer_overrides:
             try:

@@ -57,6 +57,9 @@ def test_mixture_config_round_trips_and_bad_ones_are_refused():
         QuantConfig(mixture="Q9_K_M")
     with pytest.raises(ConfigError, match="mixture Q4_K_M is built on Q4_K, not W4A16"):
         QuantConfig(mixture="Q4_K_M")
+    with pytest.raises(ConfigError, match="scheme Q4_K_S and mixture Q4_K_M disagree"):
+        QuantConfig(scheme="Q4_K_S", mixture="Q4_K_M")
+    assert QuantConfig(scheme="Q4_K_M", mixture="q4_k_m").mixture == "Q4_K_M"
     assert set(MIXTURES) == {"Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M"}
 
 
