@@ -78,7 +78,8 @@ def write_table(results: dict, args, path: Path) -> None:
     lines = [
         f"# Perplexity (wt2-32k) of {args.model}, calibration gutenberg-{args.nsamples}x{args.seqlen}",
         "",
-        f"signround recipe {args.recipe}: iters {args.iters}, batch {args.batch_size}, keep the {args.keep} step, seed {args.seed}, layers {args.layers or 'all'}; "
+        f"signround recipe {args.recipe}: iters {args.iters}, batch {args.batch_size}, keep the {args.keep} step, seed {args.seed}, "
+        f"layers {args.layers or 'all'}; "
         f"machine: {protocol.cpu_name()}, {torch.get_num_threads()} threads, bf16 autocast {'on' if cpu_has_fast_bf16() else 'off (no AMX/AVX512-BF16: fp32)'}",
         "",
         f"fp32 perplexity: {fp:.3f}" if fp else "fp32 perplexity: (not run)",

@@ -240,5 +240,6 @@ def test_bad_input_gives_the_documented_one_line_error(row, tmp_path, tiny_model
     expected = readme_rows()[row]
     assert seen.code == 2, seen
     assert matches(expected, seen.line), f"\nexpected: {expected}\nseen:     {seen.line}"
-    if row not in ("no decoder blocks with linear layers", "NaN or Inf during tuning (a warning; the block keeps its best finite state, else its starting point)"):
+    if row not in ("no decoder blocks with linear layers",
+                   "NaN or Inf during tuning (a warning; the block keeps its best finite state, else its starting point)"):
         assert seen.line.startswith("signround: ")

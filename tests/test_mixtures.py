@@ -44,7 +44,10 @@ def test_q4_k_m_gives_v_and_down_q6_k_in_the_chosen_blocks_and_q4_k_elsewhere():
 
 def test_q3_k_m_rules_and_overrides_win():
     config = QuantConfig(scheme="Q3_K_M", layer_overrides={r"layers\.0\.self_attn\.v_proj": "Q6_K"})
-    kind = lambda name, i: config.scheme_for(f"model.layers.{i}.{name}", (i, 32)).name()
+
+    def kind(name, i):
+        return config.scheme_for(f"model.layers.{i}.{name}", (i, 32)).name()
+
     assert [kind("self_attn.v_proj", i) for i in range(4)] == ["Q6_K", "Q5_K", "Q4_K", "Q4_K"]
     assert [kind("mlp.down_proj", i) for i in (0, 1, 2, 31)] == ["Q5_K", "Q5_K", "Q4_K", "Q4_K"]
     assert kind("self_attn.o_proj", 5) == "Q4_K" and kind("mlp.up_proj", 5) == "Q3_K"

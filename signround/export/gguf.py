@@ -7,7 +7,8 @@ written into the block types that hold them exactly:
     the K-quant schemes Q2_K .. Q6_K -> the K types of the same name (layouts in `gguf_blocks`)
 
 Every legacy block is 32 weights along the input dimension with its own fp16 scale, so only group-32
-integer schemes fit; K-quant schemes were tuned with their scales already quantized as the K types store them. Query and key rows are reordered as llama.cpp's converter does (its rotary layout); rows carry
+integer schemes fit; K-quant schemes were tuned with their scales already quantized as the K types
+store them. Query and key rows are reordered as llama.cpp's converter does (its rotary layout); rows carry
 their groups along, so the codes move unchanged. Embeddings and the untied output layer are written
 in F16, norms in F32, and the tokenizer (vocabulary, merges, special tokens, chat template) is carried
 over so that llama.cpp and transformers' GGUF loader rebuild it.

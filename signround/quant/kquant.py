@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import torch
 
-from .integer import SCALE_EPS, from_groups, group_range, round_ste, round_clamp_ste, to_groups
+from .integer import SCALE_EPS, from_groups, group_range, round_clamp_ste, round_ste, to_groups
 
 SUPER_BLOCK = 256
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from signround.quant.integer import dequantize_weight, quantize_weight, round_ste, to_groups, from_groups
+from signround.quant.integer import dequantize_weight, from_groups, quantize_weight, round_ste, to_groups
 from signround.quant.kquant import K_TYPES, SUPER_BLOCK, dequantize_k, fake_quant_k, k_qparams, quantize_k
 
 NAMES = list(K_TYPES)
