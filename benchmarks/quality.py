@@ -39,7 +39,8 @@ AUTOROUND_RECORDED = {("rtn", "W4A16"): 22.63, ("rtn", "W3A16"): 47.62, ("rtn", 
 def run_ours(base, tokenizer, method, scheme, calib, eval_ids, args) -> dict:
     model = copy.deepcopy(base)
     config = signround.QuantConfig(scheme=scheme, method=method, recipe=args.recipe, iters=args.iters, nsamples=args.nsamples, seqlen=args.seqlen,
-                                   batch_size=args.batch_size, seed=args.seed, keep=args.keep)
+                                   batch_size=args.batch_size, seed=args.seed, keep=args.keep,
+                                   tame_outliers=args.tame_outliers)
     work = RESULTS / "work" / key("signround", method, scheme, args).replace("|", "_")  # survives a session's end: the run resumes
     report = signround.quantize(model, config, tokenizer=tokenizer, calibration=calib, work_dir=work)
     row = {"ppl": perplexity(model, eval_ids), "tuning_s": report.tuning_seconds, "bits_per_weight": report.bits_per_weight,
@@ -70,6 +71,8 @@ def run_autoround(base, tokenizer, method, scheme, calib, eval_ids, args) -> dic
 def key(tool, method, scheme, args) -> str:
     recipe = "" if args.recipe == "full" or tool != "signround" else f"|recipe-{args.recipe}"
     recipe += f"|keep-{args.keep}" if (tool, method) == ("signround", "signround") and args.keep != "best" else ""  # rows from before --keep kept the best
+    if (tool, method) == ("signround", "signround") and args.tame_outliers is not None:  # rows from before the option had it off
+        recipe += f"|tame-{'on' if args.tame_outliers else 'off'}"
     return f"{tool}|{method}|{scheme}|iters{args.iters}|n{args.nsamples}x{args.seqlen}|bs{args.batch_size}|layers{args.layers or 'all'}|seed{args.seed}{recipe}"
 
 
@@ -120,6 +123,7 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--batch-size", type=int, help="default: the recipe's")
     p.add_argument("--keep", choices=["best", "last"], help="default: the recipe's")
+    p.add_argument("--tame-outliers", choices=["on", "off"], help="weigh down attention-sink tokens in the loss (default: the recipe's)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--layers", type=int, help="truncate the model to its first N blocks")
     p.add_argument("--tools", default="signround,auto-round", type=lambda s: s.split(","),
@@ -128,6 +132,7 @@ def main() -> None:
     p.add_argument("--name", default="quality", help="results file stem in benchmarks/results/")
     p.add_argument("--table-only", action="store_true", help="rewrite the markdown table from the stored results and stop")
     args = p.parse_args()
+    args.tame_outliers = None if args.tame_outliers is None else args.tame_outliers == "on"
     args.iters = args.iters or RECIPES[args.recipe]["iters"]
     args.batch_size = args.batch_size or RECIPES[args.recipe]["batch_size"]
     args.keep = args.keep or RECIPES[args.recipe]["keep"]

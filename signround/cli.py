@@ -39,6 +39,11 @@ def _add_quantize(sub) -> None:
     clip.add_argument("--clip-search", dest="clip_search", action="store_true", default=None,
                       help="start the clipping scales at an activation-weighted search (default: the recipe's)")
     clip.add_argument("--no-clip-search", dest="clip_search", action="store_false")
+    tame = p.add_mutually_exclusive_group()
+    tame.add_argument("--tame-outliers", dest="tame_outliers", action="store_true", default=None,
+                      help="weigh tokens with massive hidden states (attention sinks) down to a typical token's weight in the "
+                           "block loss (default: the recipe's; fast: on)")
+    tame.add_argument("--no-tame-outliers", dest="tame_outliers", action="store_false")
     p.add_argument("--keep", choices=["best", "last"],
                    help="which step's parameters a block keeps: the lowest batch loss, or the last (default: the recipe's)")
     p.add_argument("--nsamples", type=int, default=128)
@@ -155,7 +160,7 @@ def config_from_args(args):
         overrides[pattern] = parse_scheme(spec)
     return QuantConfig(
         scheme=scheme, method=args.method, layer_overrides=overrides, quantize_lm_head=args.quantize_lm_head,
-        recipe=args.recipe, iters=args.iters, clip_search=args.clip_search, keep=args.keep,
+        recipe=args.recipe, iters=args.iters, clip_search=args.clip_search, keep=args.keep, tame_outliers=args.tame_outliers,
         nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size, grad_accum=args.grad_accum,
         lr=args.lr, minmax_lr=args.minmax_lr, seed=args.seed, quantized_inputs=not args.fp_inputs, device=args.device, amp=args.amp,
         cache_dtype=args.cache_dtype,

@@ -147,8 +147,8 @@ DEFAULT_DATASET = "NeelNanda/pile-10k"
 # about the same cost, does not: benchmarks/recipes.py, benchmarks/vs_autoround.py). It
 # also caches hidden states in bf16, as auto-round does under bf16 autocast: half the memory.
 RECIPES = {
-    "fast": {"iters": 128, "batch_size": 3, "clip_search": True, "cache_dtype": "bfloat16", "keep": "best"},
-    "full": {"iters": 200, "batch_size": 8, "clip_search": False, "cache_dtype": "float32", "keep": "best"},
+    "fast": {"iters": 128, "batch_size": 3, "clip_search": True, "cache_dtype": "bfloat16", "keep": "best", "tame_outliers": True},
+    "full": {"iters": 200, "batch_size": 8, "clip_search": False, "cache_dtype": "float32", "keep": "best", "tame_outliers": False},
 }
 
 
@@ -180,6 +180,7 @@ class QuantConfig:
     seed: int = 42
     clip_search: bool | None = None  # start the clipping scales at an activation-weighted search instead of 1.0
     keep: str | None = None          # "best": the step with the lowest batch loss (auto-round); "last": the final step
+    tame_outliers: bool | None = None  # weigh down tokens with massive hidden states (attention sinks) in the loss
     quantized_inputs: bool = True    # tune on the inputs the already-quantized blocks produce
     cache_dtype: str | None = None   # dtype of the hidden states cached between blocks: float32, bfloat16 or float16
     device: str = "auto"
@@ -231,6 +232,8 @@ class QuantConfig:
             raise ConfigError(f"cache_dtype={self.cache_dtype!r} is not one of float32, bfloat16, float16")
         if self.keep not in ("best", "last"):
             raise ConfigError(f"keep={self.keep!r} is not one of best, last")
+        if not isinstance(self.tame_outliers, bool):
+            raise ConfigError(f"tame_outliers={self.tame_outliers!r} must be True or False")
         if self.amp not in ("auto", "bf16", "fp16", "off"):
             raise ConfigError(f"amp={self.amp!r} is not one of auto, bf16, fp16, off")
 

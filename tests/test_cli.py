@@ -77,3 +77,14 @@ def test_eval_prints_table_and_writes_json(capsys, tmp_path, tiny_model_dir):
     record = json.loads((tmp_path / "r.json").read_text())
     assert record["metrics"]["tasks"]["toy"]["n"] == 3 and record["metrics"]["perplexity"][str(text)]["tokens"] == 100
     assert record["versions"]["signround"] and record["wall_seconds"] > 0
+
+
+def test_recipe_flags_reach_the_config():
+    from signround.cli import build_parser, config_from_args
+
+    def config(*argv):
+        return config_from_args(build_parser().parse_args(["quantize", "m", "-o", "out", *argv]))
+
+    assert config().tame_outliers is True and config("--recipe", "full").tame_outliers is False
+    assert config("--no-tame-outliers").tame_outliers is False and config("--recipe", "full", "--tame-outliers").tame_outliers is True
+    assert config("--no-clip-search").clip_search is False and config("--keep", "last").keep == "last"

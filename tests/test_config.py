@@ -38,6 +38,7 @@ def test_config_round_trips_through_its_dict():
     ({"lr": 0.0}, "lr=0.0 must be positive"),
     ({"amp": "int8"}, "amp='int8' is not one of"),
     ({"keep": "first"}, "keep='first' is not one of best, last"),
+    ({"tame_outliers": "yes"}, "tame_outliers='yes' must be True or False"),
     ({"scheme": {"bits": 4, "group_size": 128, "kquant": True}}, "no K-quant has 4 bits, groups of 128, sym: use Q2_K"),
     ({"scheme": "W1A16"}, "unknown scheme 'W1A16'"),
     ({"layer_overrides": {"x": "bits=3,colour=red"}}, "unknown layer setting 'colour'"),
@@ -54,6 +55,8 @@ def test_recipes_fill_only_what_is_unset():
     full = QuantConfig(recipe="full")
     assert (full.iters, full.clip_search, full.keep) == (200, False, "best") and QuantConfig().keep == "best"
     assert QuantConfig(recipe="full", iters=50, clip_search=True).iters == 50
+    assert QuantConfig().tame_outliers is True and full.tame_outliers is False
+    assert QuantConfig(tame_outliers=False).tame_outliers is False
     assert QuantConfig.from_dict(full.to_dict()) == full
     with pytest.raises(ConfigError, match="recipe='slow' is not one of fast, full"):
         QuantConfig(recipe="slow")
