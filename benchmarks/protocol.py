@@ -23,6 +23,8 @@ def gutenberg_calibration(tokenizer, nsamples: int = 128, seqlen: int = 512, dat
     """"gutenberg-128x512": books joined by a blank line in sorted name order, 4,000-character slices at
     offsets from random.Random(0), each tokenized and cut to its first `seqlen` tokens."""
     files = sorted((data / "gutenberg").glob("*.txt"))
+    if not files:
+        raise SystemExit(f"no gutenberg/*.txt under {data}: the benchmarks expect ../shared/data beside the checkout")
     text = "\n\n".join(_decode(f.read_bytes()) for f in files)
     rng = random.Random(0)
     rows = []

@@ -17,11 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import __version__
-from .algorithms import BlockData, BlockResult, LayerTask, get_algorithm
+from .algorithms import BlockData, BlockResult, LayerTask, block_loss, get_algorithm
 from .blocks import (
     UnsupportedModelError,
     capture_block_inputs,
@@ -416,11 +415,12 @@ def _capture(model, blocks, ids, device, caches: CacheFactory):
     return cache, calls
 
 
-def _mse(a, b, batch_size: int, rows: int | None = None) -> float:
-    """Mean squared difference of two caches over their first `rows` rows (all when None)."""
-    rows = a.shape[0] if rows is None else min(rows, a.shape[0])
-    total = sum(F.mse_loss(a.rows(sl), b.rows(sl), reduction="sum").item() for sl in iter_batches(rows, batch_size))
-    return total / (a.shape.numel() // a.shape[0] * rows)
+def _loss(output, target, batch_size: int, rows: int | None, tame_outliers: bool) -> float:
+    """The block loss (`block_loss`, as tuned) of an output cache against a target cache over their
+    first `rows` rows (all when None), batch by batch."""
+    rows = output.shape[0] if rows is None else min(rows, output.shape[0])
+    return sum(block_loss(output.rows(sl), target.rows(sl), tame_outliers).item() * (sl.stop - sl.start)
+               for sl in iter_batches(rows, batch_size)) / rows
 
 
 def _quantize_one(model, blocks_name, blocks, i, tasks, algorithm, config, fp_in, q_in, calls, device, amp_dtype, caches: CacheFactory):
@@ -442,7 +442,7 @@ def _quantize_one(model, blocks_name, blocks, i, tasks, algorithm, config, fp_in
     loss_after = None
     if algorithm.needs_calibration:
         q_out = run_block(blocks[i], q_in, data.call, config.batch_size, device, amp_dtype, caches.empty(q_in.shape))
-        loss_after = _mse(q_out, fp_out, config.batch_size, result.loss_rows)  # the rows loss_before was measured on
+        loss_after = _loss(q_out, fp_out, config.batch_size, result.loss_rows, config.tame_outliers)  # the rows loss_before was measured on
         for old in {id(fp_in): fp_in, id(q_in): q_in}.values():
             old.discard()
         fp_in, q_in = fp_out, q_out

@@ -85,6 +85,6 @@ def test_recipe_flags_reach_the_config():
     def config(*argv):
         return config_from_args(build_parser().parse_args(["quantize", "m", "-o", "out", *argv]))
 
-    assert config().tame_outliers is True and config("--recipe", "full").tame_outliers is False
-    assert config("--no-tame-outliers").tame_outliers is False and config("--recipe", "full", "--tame-outliers").tame_outliers is True
+    assert config().tame_outliers is False and config("--tame-outliers").tame_outliers is True
+    assert config("--recipe", "full", "--no-tame-outliers").tame_outliers is False and config("--recipe", "full").tame_outliers is False
     assert config("--no-clip-search").clip_search is False and config("--keep", "last").keep == "last"

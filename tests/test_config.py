@@ -55,8 +55,8 @@ def test_recipes_fill_only_what_is_unset():
     full = QuantConfig(recipe="full")
     assert (full.iters, full.clip_search, full.keep) == (200, False, "best") and QuantConfig().keep == "best"
     assert QuantConfig(recipe="full", iters=50, clip_search=True).iters == 50
-    assert QuantConfig().tame_outliers is True and full.tame_outliers is False
-    assert QuantConfig(tame_outliers=False).tame_outliers is False
+    assert QuantConfig().tame_outliers is False and full.tame_outliers is False
+    assert QuantConfig(tame_outliers=True).tame_outliers is True
     assert QuantConfig.from_dict(full.to_dict()) == full
     with pytest.raises(ConfigError, match="recipe='slow' is not one of fast, full"):
         QuantConfig(recipe="slow")

@@ -118,7 +118,7 @@ def test_epoch_batches_use_every_row_equally_often():
 
 
 def test_block_loss_weighs_a_massive_token_down_to_a_typical_tokens_weight():
-    from signround.algorithms.signround import block_loss
+    from signround.algorithms import block_loss
 
     target = torch.ones(2, 8, 16)
     target[:, 0] *= 100.0  # an attention sink: 10^4 times a typical token's energy

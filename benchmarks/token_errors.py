@@ -1,0 +1,59 @@
+"""Where a quantized model's hidden-state error sits, token by token: the share of the squared error
+at each depth that falls on the first token (the attention sink, whose hidden state is massive) and
+on the four worst tokens of each row, with the sink's energy against a typical token's. This is what
+the plain block-output MSE SignRound minimises is made of (`--tame-outliers` weighs it otherwise).
+
+    python benchmarks/token_errors.py            # W4A16 round-to-nearest, 8 gutenberg rows of 512 tokens
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import protocol
+
+import signround
+from signround.quant.integer import fake_quant
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--scheme", default="W4A16")
+    p.add_argument("--rows", type=int, default=8)
+    args = p.parse_args()
+    scheme = signround.WeightScheme.preset(args.scheme)
+    model, tokenizer = signround.load_model(args.model)
+    ids = protocol.gutenberg_calibration(tokenizer, args.rows, 512)
+    quantized = copy.deepcopy(model)
+    with torch.no_grad():
+        for module in quantized.model.layers.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.copy_(fake_quant(module.weight, scheme.bits, scheme.group_size, scheme.sym))
+        original = model(ids, output_hidden_states=True).hidden_states
+        rounded = quantized(ids, output_hidden_states=True).hidden_states
+    lines = [f"# Hidden-state error by token: {args.model}, {args.scheme} round-to-nearest, {args.rows} gutenberg rows of 512 tokens", "",
+             "| after block | first token's share of the squared error | 4 worst tokens' share | first token's energy / median token's |",
+             "|---|---|---|---|"]
+    for depth in range(1, len(original)):
+        err = (original[depth] - rounded[depth]).pow(2).sum(-1)
+        energy = original[depth].pow(2).sum(-1)
+        lines.append(f"| {depth - 1} | {err[:, 0].sum() / err.sum():.2f} | {err.topk(4, dim=1).values.sum() / err.sum():.2f} | "
+                     f"{energy[:, 0].mean() / energy.median():.0f} |")
+    lines += ["", f"updated {datetime.datetime.now().isoformat(timespec='minutes')}"]
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "token_errors.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
