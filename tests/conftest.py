@@ -8,6 +8,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+@pytest.fixture(autouse=True)
+def seeded():
+    """Every test starts from the same random state, so a pass or a failure repeats on the next run."""
+    import torch
+
+    torch.manual_seed(0)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED.is_dir():
