@@ -12,7 +12,6 @@ kernels need, so the group-128 scheme is written as group 64 (and GGUF's blocks 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 import tempfile
@@ -28,8 +27,6 @@ import protocol
 import signround
 from signround.evaluate import perplexity
 from signround.export import export, quantized_layers
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def ggml_bits(layer) -> float:
@@ -118,10 +115,7 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['scheme']} | {r['format']} | {who[r['format']]} | {r['ppl_ours']:.3f} | {r['ppl_consumer']:.3f} | {r['ppl_diff'] * 100:+.2f}% | "
                      f"{r['bits_per_weight']:.3f} | {r['theoretical_bits']:.3f} | {r['size_diff'] * 100:+.2f}% |")
-    lines += ["", f"{datetime.datetime.now().isoformat(timespec='minutes')}"]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "exports.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    protocol.write_result("exports.md", lines)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     bad = [r for r in rows if abs(r["ppl_diff"]) > 0.005 or abs(r["size_diff"]) > 0.03]

@@ -11,7 +11,6 @@ short inputs (decoding) and dequantizes for long ones (prefill); `dtype=torch.fl
 from __future__ import annotations
 
 import argparse
-import datetime
 import statistics
 import sys
 import tempfile
@@ -26,8 +25,6 @@ import protocol
 import signround
 from signround.evaluate import perplexity
 from signround.hardware import cpu_has_fast_bf16
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def weight_bytes(model) -> int:
@@ -90,14 +87,11 @@ def main() -> None:
     ref_prefill, ref_decode = rows[0][1], rows[0][2]
     lines = [f"# CPU inference of {args.model}: {args.scheme} against the original", "",
              f"{torch.get_num_threads()} threads, {protocol.cpu_name()}, fast bf16 matmul: {'yes' if cpu_has_fast_bf16() else 'no (AVX2 only)'}; "
-             f"prefill {args.prefill} tokens, decode {args.decode} tokens after a 16-token prompt; perplexity on wt2's first {args.ppl_tokens} tokens; "
-             f"{datetime.datetime.now().isoformat(timespec='minutes')}", "",
+             f"prefill {args.prefill} tokens, decode {args.decode} tokens after a 16-token prompt; perplexity on wt2's first {args.ppl_tokens} tokens", "",
              "| model | prefill tok/s | vs fp32 | decode tok/s | vs fp32 | weights + buffers (MiB) | wt2 ppl |", "|---|---|---|---|---|---|---|"]
     for name, prefill, decode, mib, ppl in rows:
         lines.append(f"| {name} | {prefill:.0f} | {prefill / ref_prefill:.2f}x | {decode:.1f} | {decode / ref_decode:.2f}x | {mib:.0f} | {ppl:.3f} |")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "inference.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    protocol.write_result("inference.md", lines)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ and not a test. Writes benchmarks/results/llama_cpp.md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
 import math
 import subprocess
@@ -31,7 +30,6 @@ from signround.evaluate import perplexity
 from signround.export import export
 from signround.export.gguf import FILE_NAME
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SCHEMES = {"Q4_0": "bits=4,group_size=32,sym=true", "Q4_1": "bits=4,group_size=32,sym=false", "Q8_0": "bits=8,group_size=32,sym=true",
            **{k: k for k in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_K_M")}}  # K-quants: 576-wide layers take llama.cpp's legacy fallback
 
@@ -93,14 +91,12 @@ def main() -> None:
 
     lines = [f"# {args.model} GGUF export run in llama.cpp (llama-cpp-python {llama_cpp.__version__})", "",
              f"{args.method} codes{f', {args.iters} iters' if args.method != 'rtn' else ''}; wt2 first {args.tokens} tokens, "
-             f"windows of {args.window}, no BOS, the same token ids for both; {datetime.datetime.now().isoformat(timespec='minutes')}", "",
+             f"windows of {args.window}, no BOS, the same token ids for both", "",
              "K-quant rows: the layers with 576-wide rows (all but down_proj) take llama.cpp's fallback type (Q4_K -> Q5_0, "
              "Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K/Q3_K -> Q4_0), as llama.cpp's own quantizer does", "",
              "| GGUF type | signround ppl | llama.cpp ppl | diff |", "|---|---|---|---|"]
     lines += [f"| {q} | {a:.3f} | {b:.3f} | {(b / a - 1) * 100:+.2f}% |" for q, a, b in rows]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "llama_cpp.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    protocol.write_result("llama_cpp.md", lines)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ Every run is its own process (its peak RSS is its own); calibration is gutenberg
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import subprocess
 import sys
@@ -23,8 +22,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import protocol
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def child(args) -> dict:
@@ -93,11 +90,9 @@ def main() -> None:
              f"(both streams) is {cache_mib:.0f} MiB", ""]
 
     def write() -> None:  # after every row, so an interrupted run keeps what it measured
-        RESULTS.mkdir(exist_ok=True)
-        stamp = f"updated {datetime.datetime.now().isoformat(timespec='minutes')}"
-        (RESULTS / "memory.md").write_text("\n".join(lines + ["", stamp]) + "\n")
+        protocol.write_result("memory.md", lines, echo=False)
 
-    previous = (RESULTS / "memory.md").read_text() if (RESULTS / "memory.md").is_file() else ""
+    previous = (protocol.RESULTS / "memory.md").read_text() if (protocol.RESULTS / "memory.md").is_file() else ""
 
     def kept(title: str) -> list[str]:
         """A table not run this time, as the previous file had it (with its own settings in its heading)."""
@@ -127,7 +122,7 @@ def main() -> None:
     else:
         lines += kept("Activation caches")
     write()
-    print((RESULTS / "memory.md").read_text())
+    print((protocol.RESULTS / "memory.md").read_text())
 
 
 if __name__ == "__main__":

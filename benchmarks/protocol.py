@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import platform
 import random
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import torch
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _decode(raw: bytes) -> str:
@@ -72,3 +74,13 @@ def status_mib(field: str) -> float:
 
 def peak_rss_mib() -> float:
     return status_mib("VmHWM")
+
+
+def write_result(name: str, lines: list[str], echo: bool = True) -> Path:
+    """A benchmark's markdown table under benchmarks/results/, stamped with when it was measured."""
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / name
+    path.write_text("\n".join([*lines, "", f"updated {datetime.datetime.now().isoformat(timespec='minutes')}"]) + "\n")
+    if echo:
+        print(path.read_text())
+    return path

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import sys
 import time
 from pathlib import Path
@@ -20,7 +19,6 @@ import protocol
 
 import signround
 
-RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = {  # name: QuantConfig overrides
     "full: 200 x 8, RTN start, keep best": dict(recipe="full"),
     "64 x 8, RTN start": dict(recipe="full", iters=64),
@@ -63,9 +61,7 @@ def main() -> None:
         lines.append(f"| {name} | {cost:.2f} | " + " | ".join(f"{after:.4f}" for _, after in report.block_losses)
                      + f" | {time.perf_counter() - start:.0f} |")
         print(lines[-1], flush=True)
-    lines += ["", f"updated {datetime.datetime.now().isoformat(timespec='minutes')}"]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"recipes-{args.layers}.md").write_text("\n".join(lines) + "\n")
+    protocol.write_result(f"recipes-{args.layers}.md", lines, echo=False)
 
 
 if __name__ == "__main__":

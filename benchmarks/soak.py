@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import gc
 import random
 import sys
@@ -24,8 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import protocol
 
 import signround
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 class _Stop(Exception):
@@ -98,15 +95,12 @@ def main() -> None:
 
     growth = rss[-1] - rss[1]  # after the first run: allocator pools and lazily built kernels are warm
     lines = [f"# Soak: {args.model}, {len(args.schemes)} schemes, each straight and interrupted-then-resumed in one process", "",
-             f"iters {args.iters}, {args.nsamples} x {args.seqlen} Gutenberg tokens, {blocks} blocks; "
-             f"{datetime.datetime.now().isoformat(timespec='minutes')}", "",
+             f"iters {args.iters}, {args.nsamples} x {args.seqlen} Gutenberg tokens, {blocks} blocks", "",
              "| scheme | interrupted after block | straight s | resumed s | resumed == straight (bytes) | reload matches | RSS after (MiB) |",
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {s} | {k} | {a:.1f} | {b:.1f} | {'yes' if same else 'NO'} | {'yes' if ok else 'NO'} | {r:.0f} |" for s, k, a, b, same, ok, r in rows]
     lines += ["", f"RSS before the first run {rss[0]:.0f} MiB; growth from the end of run 1 to the end of run {len(rows)}: {growth:+.0f} MiB"]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "soak.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    protocol.write_result("soak.md", lines)
     if not all(same and ok for *_, same, ok, _ in rows) or growth > 200:
         sys.exit("soak failed: a resumed run differs, a result does not reload, or memory grew by more than 200 MiB")
 

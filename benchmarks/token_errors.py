@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import sys
 from pathlib import Path
 
@@ -21,8 +20,6 @@ import protocol
 
 import signround
 from signround.quant.integer import fake_quant
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main() -> None:
@@ -49,10 +46,7 @@ def main() -> None:
         energy = original[depth].pow(2).sum(-1)
         lines.append(f"| {depth - 1} | {err[:, 0].sum() / err.sum():.2f} | {err.topk(4, dim=1).values.sum() / err.sum():.2f} | "
                      f"{energy[:, 0].mean() / energy.median():.0f} |")
-    lines += ["", f"updated {datetime.datetime.now().isoformat(timespec='minutes')}"]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "token_errors.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    protocol.write_result("token_errors.md", lines)
 
 
 if __name__ == "__main__":
