@@ -2,7 +2,7 @@
 with signed gradient descent so that the quantized block reproduces the original block's output.
 
 Per layer: V (out, in) starting at 0, and min/max clipping scales (out, groups) starting at 1 and
-clamped to [0, 1]. Each step samples a batch of cached rows, runs the block with fake-quantized weights
+clamped to [0, 1] in the forward. Each step samples a batch of cached rows, runs the block with fake-quantized weights
 (straight-through rounding) and takes p <- p - lr_t * sign(grad) with lr_t decaying linearly to 0, so
 with lr = 1/iters V can move at most ~0.5. The result is the parameters after the last step
 (`keep="last"`) or those of the step with the lowest batch loss (`keep="best"`, auto-round's choice,
@@ -46,12 +46,13 @@ class _Tunables:
 
     @torch.no_grad()
     def step(self, lr: float, minmax_lr: float) -> None:
-        """One signed step, then the clipping scales projected back onto [0, 1]. Without the projection
-        a scale stepped past 1 sits where the forward's clamp passes it no gradient, frozen for good;
-        projected, it rests at 1 and can come back down (auto-round clamps the same way)."""
+        """One signed step. The clipping scales are not projected back onto [0, 1]: one stepped past 1
+        gets no gradient through the forward's clamp and stays there, its group left unclipped for the
+        rest of the block. Projecting it back (auto-round's choice) let it wander on and cost perplexity:
+        fast recipe, W4A16, 21.80 against 21.14 (benchmarks/results/quality-fast.json)."""
         self.offset.sub_(lr * self.offset.grad.sign())
-        for scale in (self.min_scale, self.max_scale):
-            scale.sub_(minmax_lr * scale.grad.sign()).clamp_(0, 1)
+        self.min_scale.sub_(minmax_lr * self.min_scale.grad.sign())
+        self.max_scale.sub_(minmax_lr * self.max_scale.grad.sign())
         for p in self.params():
             p.grad = None
 
@@ -92,18 +93,6 @@ def _accumulate_importance(store: dict, tunable):
         store[id(tunable)] = store.get(id(tunable), 0) + x.reshape(-1, x.shape[-1]).pow(2).sum(0)
 
     return hook
-
-
-def epoch_batches(n: int, size: int, gen: torch.Generator):
-    """Endless batches of distinct row indices that walk through a fresh shuffle of the n rows each
-    epoch, so every row is used equally often (auto-round's IndexSampler does the same; independent
-    draws leave ~5% of the rows unused over the fast recipe's 3 epochs). An epoch's remainder that
-    cannot fill a batch is skipped."""
-    size = min(size, n)
-    while True:
-        order = torch.randperm(n, generator=gen)
-        for start in range(0, n - size + 1, size):
-            yield order[start:start + size]
 
 
 @contextlib.contextmanager
@@ -165,10 +154,9 @@ class SignRound:
         start_state = [s for t in tunables for s in t.initial_state()]
 
         best_loss, best_state, notes, steps = math.inf, None, [], 0
-        batches = epoch_batches(n, batch * config.grad_accum, gen)
         for step in range(iters):
             steps += 1
-            rows = next(batches)
+            rows = torch.randperm(n, generator=gen)[: batch * config.grad_accum]  # independent draws: epochs cost perplexity (21.27 against 21.14)
             total = 0.0
             for chunk in rows.split(batch):
                 loss = loss_on(chunk) * (len(chunk) / len(rows))
