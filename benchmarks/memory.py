@@ -121,8 +121,7 @@ def main() -> None:
                 write()
     else:
         lines += kept("Activation caches")
-    write()
-    print((protocol.RESULTS / "memory.md").read_text())
+    protocol.write_result("memory.md", lines)
 
 
 if __name__ == "__main__":

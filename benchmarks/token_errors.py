@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import protocol
 
 import signround
+from signround.blocks import as_param_layout, find_blocks, find_linears, linear_weight
 from signround.quant.integer import fake_quant
 
 
@@ -33,9 +34,10 @@ def main() -> None:
     ids = protocol.gutenberg_calibration(tokenizer, args.rows, 512)
     quantized = copy.deepcopy(model)
     with torch.no_grad():
-        for module in quantized.model.layers.modules():
-            if isinstance(module, torch.nn.Linear):
-                module.weight.copy_(fake_quant(module.weight, scheme.bits, scheme.group_size, scheme.sym))
+        for block in find_blocks(quantized)[1]:
+            for module in find_linears(block).values():
+                rounded = fake_quant(linear_weight(module), scheme.bits, scheme.group_size, scheme.sym)
+                module.weight.copy_(as_param_layout(module, rounded))
         original = model(ids, output_hidden_states=True).hidden_states
         rounded = quantized(ids, output_hidden_states=True).hidden_states
     lines = [f"# Hidden-state error by token: {args.model}, {args.scheme} round-to-nearest, {args.rows} gutenberg rows of 512 tokens", "",

@@ -42,7 +42,7 @@ def _add_quantize(sub) -> None:
     tame = p.add_mutually_exclusive_group()
     tame.add_argument("--tame-outliers", dest="tame_outliers", action="store_true", default=None,
                       help="weigh tokens with massive hidden states (attention sinks) down to a typical token's weight in the "
-                           "block loss (default off: at W4A16 on SmolLM2 it cost perplexity)")
+                           "block loss (default off: no perplexity gain shown yet)")
     tame.add_argument("--no-tame-outliers", dest="tame_outliers", action="store_false")
     p.add_argument("--keep", choices=["best", "last"],
                    help="which step's parameters a block keeps: the lowest batch loss, or the last (default: the recipe's)")
