@@ -73,6 +73,8 @@ def key(tool, method, scheme, args) -> str:
     recipe += f"|keep-{args.keep}" if (tool, method) == ("signround", "signround") and args.keep != "best" else ""  # rows from before --keep kept the best
     if (tool, method) == ("signround", "signround") and args.tame_outliers is not None:  # rows from before the option had it off
         recipe += f"|tame-{'on' if args.tame_outliers else 'off'}"
+    if method == "signround" and cpu_has_fast_bf16():  # tuned under bf16 autocast; rows without the tag were tuned in fp32
+        recipe += "|amp-bf16"
     return f"{tool}|{method}|{scheme}|iters{args.iters}|n{args.nsamples}x{args.seqlen}|bs{args.batch_size}|layers{args.layers or 'all'}|seed{args.seed}{recipe}"
 
 
@@ -122,7 +124,7 @@ def main() -> None:
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--batch-size", type=int, help="default: the recipe's")
-    p.add_argument("--keep", choices=["best", "last"], help="default: the recipe's")
+    p.add_argument("--keep", choices=["best", "last", "average"], help="default: the recipe's")
     p.add_argument("--tame-outliers", choices=["on", "off"], help="weigh down attention-sink tokens in the loss (default: the recipe's)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--layers", type=int, help="truncate the model to its first N blocks")

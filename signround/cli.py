@@ -44,8 +44,9 @@ def _add_quantize(sub) -> None:
                       help="weigh tokens with massive hidden states (attention sinks) down to a typical token's weight in the "
                            "block loss (default off: no perplexity gain shown yet)")
     tame.add_argument("--no-tame-outliers", dest="tame_outliers", action="store_false")
-    p.add_argument("--keep", choices=["best", "last"],
-                   help="which step's parameters a block keeps: the lowest batch loss, or the last (default: the recipe's)")
+    p.add_argument("--keep", choices=["best", "last", "average"],
+                   help="which parameters a block keeps: the lowest-batch-loss step's, the last step's, or their mean over the "
+                        "second half of the steps (default: the recipe's)")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, help="calibration tokens per sample (default 2048, or the model's maximum when shorter)")
     p.add_argument("--batch-size", type=int, help="calibration rows per step (default: the recipe's)")

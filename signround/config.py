@@ -146,6 +146,7 @@ DEFAULT_DATASET = "NeelNanda/pile-10k"
 # from the number of steps than from their batch (128 x 3 reaches 128 x 4's block losses; 100 x 4, at
 # about the same cost, does not: benchmarks/recipes.py, benchmarks/vs_autoround.py). It
 # also caches hidden states in bf16, as auto-round does under bf16 autocast: half the memory.
+KEEP = ("best", "last", "average")  # which parameters a tuned block keeps: see algorithms/signround.py
 RECIPES = {
     "fast": {"iters": 128, "batch_size": 3, "clip_search": True, "cache_dtype": "bfloat16", "keep": "best", "tame_outliers": False},
     "full": {"iters": 200, "batch_size": 8, "clip_search": False, "cache_dtype": "float32", "keep": "best", "tame_outliers": False},
@@ -230,8 +231,8 @@ class QuantConfig:
                 raise ConfigError(f"{name}={value} must be positive (or left unset for 1/iters)")
         if self.cache_dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"cache_dtype={self.cache_dtype!r} is not one of float32, bfloat16, float16")
-        if self.keep not in ("best", "last"):
-            raise ConfigError(f"keep={self.keep!r} is not one of best, last")
+        if self.keep not in KEEP:
+            raise ConfigError(f"keep={self.keep!r} is not one of {', '.join(KEEP)}")
         if not isinstance(self.tame_outliers, bool):
             raise ConfigError(f"tame_outliers={self.tame_outliers!r} must be True or False")
         if self.amp not in ("auto", "bf16", "fp16", "off"):

@@ -37,7 +37,7 @@ def test_config_round_trips_through_its_dict():
     ({"batch_size": 0}, "batch_size=0 is out of range"),
     ({"lr": 0.0}, "lr=0.0 must be positive"),
     ({"amp": "int8"}, "amp='int8' is not one of"),
-    ({"keep": "first"}, "keep='first' is not one of best, last"),
+    ({"keep": "first"}, "keep='first' is not one of best, last, average"),
     ({"tame_outliers": "yes"}, "tame_outliers='yes' must be True or False"),
     ({"scheme": {"bits": 4, "group_size": 128, "kquant": True}}, "no K-quant has 4 bits, groups of 128, sym: use Q2_K"),
     ({"scheme": "W1A16"}, "unknown scheme 'W1A16'"),

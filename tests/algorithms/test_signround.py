@@ -62,8 +62,24 @@ def test_keep_chooses_between_the_best_scored_and_the_final_parameters():
     assert not all(torch.equal(last[k], rtn[k]) for k in rtn)
 
 
-@pytest.mark.parametrize("keep", ["best", "last"])
-def test_either_choice_lowers_block_losses(keep):
+def test_tail_average_is_the_mean_of_the_last_half_of_the_steps():
+    from signround.algorithms.signround import _TailAverage
+
+    average = _TailAverage(iters=6)
+    for step in range(6):
+        average.add(step, [torch.full((2,), float(step))])
+    assert torch.equal(average.mean()[0], torch.full((2,), 4.0))  # steps 3, 4, 5
+    assert _TailAverage(iters=4).mean() is None
+
+
+def test_keep_average_differs_from_both_other_choices():
+    best, last, average = (_packed("signround", iters=6, keep=keep) for keep in ("best", "last", "average"))
+    assert not all(torch.equal(average[k], last[k]) for k in last)
+    assert not all(torch.equal(average[k], best[k]) for k in best)
+
+
+@pytest.mark.parametrize("keep", ["best", "last", "average"])
+def test_each_choice_lowers_block_losses(keep):
     model = make("llama")
     config = QuantConfig(scheme="W3A16G32", iters=40, nsamples=16, seqlen=32, batch_size=4, keep=keep)
     report = signround.quantize(model, config, calibration=calib_ids(16, 32), progress=False)
