@@ -40,7 +40,7 @@ from .config import ConfigError, QuantConfig, WeightScheme
 from .hardware import cpu_has_fast_bf16, release_freed_memory
 from .qlinear import QuantLinear
 from .resume import WorkState, fingerprint
-from .weights import is_lazy, materialize
+from .weights import is_lazy, materialize, reload, unload_input_embeddings
 
 log = logging.getLogger("signround")
 
@@ -356,39 +356,44 @@ def quantize(model, config: QuantConfig | None = None, *, tokenizer=None, calibr
             else:
                 fp_in, calls = _capture(model, blocks, ids, device, caches)
                 q_in = fp_in
-    earlier_seconds = state.tuning_seconds if state else 0.0  # blocks finished by an interrupted run
-    start = time.perf_counter()
-    bar = tqdm(total=len(blocks), initial=done, desc=f"{config.method} {config.scheme.name()}", disable=not progress, unit="block")
-    for i in range(done, len(blocks)):
-        block_start = time.perf_counter()
-        _load_block(blocks_name, blocks, i, plan[i], weights)
-        try:
-            fp_in, q_in, losses, notes, steps = _quantize_one(model, blocks_name, blocks, i, plan[i], algorithm, config, fp_in, q_in, calls, device, amp_dtype,
-                                                       caches)
-        except (torch.OutOfMemoryError, MemoryError):
-            raise _out_of_memory(i, device, config, state) from None
-        report.block_losses.append(losses)
-        report.notes.extend(notes)
-        report.tuning_steps += steps
-        if state:
-            state.save_block(i, _block_tensors(blocks[i]), fp_in, q_in, losses, notes, time.perf_counter() - block_start)
-        if streaming:
-            blocks[i].to("meta")
-            release_freed_memory()
-        if losses[1] is not None:
-            bar.set_postfix_str(f"loss {losses[0]:.3g} -> {losses[1]:.3g}")
-            log.info("block %d: loss %.4g -> %.4g", i, *losses)
-        bar.update()
-        if on_block_done:
-            on_block_done(i, report)
-    bar.close()
-    for cache in {id(c): c for c in (fp_in, q_in) if c is not None}.values():
-        cache.discard()
+    unloaded = unload_input_embeddings(model) if streaming else []  # inputs captured: not needed again until the end
+    release_freed_memory()
+    try:
+        earlier_seconds = state.tuning_seconds if state else 0.0  # blocks finished by an interrupted run
+        start = time.perf_counter()
+        bar = tqdm(total=len(blocks), initial=done, desc=f"{config.method} {config.scheme.name()}", disable=not progress, unit="block")
+        for i in range(done, len(blocks)):
+            block_start = time.perf_counter()
+            _load_block(blocks_name, blocks, i, plan[i], weights)
+            try:
+                fp_in, q_in, losses, notes, steps = _quantize_one(model, blocks_name, blocks, i, plan[i], algorithm, config, fp_in, q_in, calls,
+                                                                  device, amp_dtype, caches)
+            except (torch.OutOfMemoryError, MemoryError):
+                raise _out_of_memory(i, device, config, state) from None
+            report.block_losses.append(losses)
+            report.notes.extend(notes)
+            report.tuning_steps += steps
+            if state:
+                state.save_block(i, _block_tensors(blocks[i]), fp_in, q_in, losses, notes, time.perf_counter() - block_start)
+            if streaming:
+                blocks[i].to("meta")
+                release_freed_memory()
+            if losses[1] is not None:
+                bar.set_postfix_str(f"loss {losses[0]:.3g} -> {losses[1]:.3g}")
+                log.info("block %d: loss %.4g -> %.4g", i, *losses)
+            bar.update()
+            if on_block_done:
+                on_block_done(i, report)
+        bar.close()
+        for cache in {id(c): c for c in (fp_in, q_in) if c is not None}.values():
+            cache.discard()
+        report.tuning_seconds = earlier_seconds + time.perf_counter() - start
+    finally:
+        reload(unloaded, weights)
     if config.quantize_lm_head:
         _quantize_lm_head(model, config, report)
     model._apply(lambda t: t if t.is_meta else t.to("cpu"))
 
-    report.tuning_seconds = earlier_seconds + time.perf_counter() - start
     report.peak_memory_bytes = peak_memory_bytes(device)
     sizes = {}
     for name, scheme in report.quantized.items():

@@ -74,3 +74,20 @@ def test_streamed_quantization_saves_the_same_checkpoint(tiny_model_dir, tmp_pat
     assert all(is_lazy(b) for b in find_blocks(lazy)[1]), "finished blocks leave memory"
     streamed = signround.save(lazy, tmp_path / "streamed", tokenizer, weights=finished_blocks(work, lazy))
     assert (streamed / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_streamed_run_holds_no_embedding_while_tuning(tied, tmp_path, smollm2_tokenizer):
+    """Once block 0's inputs are captured the embedding (and a head tied to it) waits on the meta device,
+    and comes back from the checkpoint, still tied, when the blocks are done."""
+    model = make("llama", tie_word_embeddings=tied)
+    lazy, tokenizer, source = open_lazy(str(_save(model, tmp_path / "model", smollm2_tokenizer)))
+    seen = []
+    config = signround.QuantConfig(scheme="W4A16G32", iters=2, nsamples=4, seqlen=16, batch_size=2)
+    signround.quantize(lazy, config, tokenizer=tokenizer, calibration=torch.randint(0, 100, (4, 16)), progress=False,
+                       work_dir=tmp_path / "work", weights=source,
+                       on_block_done=lambda i, report: seen.append((lazy.get_input_embeddings().weight.is_meta, lazy.lm_head.weight.is_meta)))
+    assert seen and all(seen_embed and seen_head == tied for seen_embed, seen_head in seen), seen
+    assert torch.equal(lazy.get_input_embeddings().weight, model.get_input_embeddings().weight)
+    assert torch.equal(lazy.lm_head.weight, model.lm_head.weight)
+    assert (lazy.lm_head.weight is lazy.get_input_embeddings().weight) == tied
