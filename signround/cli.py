@@ -31,7 +31,7 @@ def _add_quantize(sub) -> None:
     p.add_argument("--method", default="signround", help="rtn or signround (default)")
     p.add_argument("--quantize-lm-head", action="store_true", help="also quantize an untied lm_head (round-to-nearest)")
     p.add_argument("--recipe", default="fast", choices=["fast", "full"],
-                   help="fast (default): 128 steps of 3 rows from an activation-weighted clipping search; full: "
+                   help="fast (default): 112 steps of 3 rows from an activation-weighted clipping search; full: "
                         "200 steps of 8 rows from round-to-nearest (the paper's and auto-round's default); both keep the best-loss step; "
                         "--iters, --batch-size, --clip-search and --keep override either")
     p.add_argument("--iters", type=int, help="tuning steps per block (default: the recipe's)")

@@ -65,8 +65,8 @@ class _Tunables:
             self.max_scale.copy_(best)
 
     def initial_state(self):
-        """The starting point: no offset, the initial clipping."""
-        return [torch.zeros_like(self.offset), self.min_scale.detach().clone(), self.max_scale.detach().clone()]
+        """The starting point: no offset (None: zeros, not kept as a weight-sized tensor), the initial clipping."""
+        return [None, self.min_scale.detach().clone(), self.max_scale.detach().clone()]
 
     def fake_weight(self, initial: bool = False) -> torch.Tensor:
         s = self.task.scheme
@@ -80,6 +80,17 @@ class _Tunables:
         s = self.task.scheme
         offset = from_groups(self.offset.detach(), self.weight.shape[1])
         return s.quantize(self.weight, offset, self.min_scale.detach(), self.max_scale.detach())
+
+
+@torch.no_grad()
+def _snapshot(params, into=None):
+    """Copies of `params`, written into the tensors of an earlier snapshot when there is one: a new best
+    step then costs no second weight-sized copy while the old one is let go."""
+    if into is None:
+        return [p.detach().clone() for p in params]
+    for kept, p in zip(into, params):
+        kept.copy_(p)
+    return into
 
 
 class _TailAverage:
@@ -195,7 +206,7 @@ class SignRound:
                 break
             if total < best_loss and config.keep == "best":
                 best_loss = total
-                best_state = [p.detach().clone() for t in tunables for p in t.params()]
+                best_state = _snapshot([p for t in tunables for p in t.params()], into=best_state)
             decay = 1.0 - step / iters
             for t in tunables:
                 t.step(lr * decay, minmax_lr * decay)
@@ -210,5 +221,5 @@ class SignRound:
             if best_state is None:  # no finite step (or keeping the last one): the starting point
                 best_state = start_state
             for p, best in zip((p for t in tunables for p in t.params()), best_state):
-                p.copy_(best)
+                p.zero_() if best is None else p.copy_(best)
         return BlockResult({t.task.name: t.final() for t in tunables}, loss_before=loss_before, loss_rows=probe, notes=notes, steps=steps)
