@@ -188,6 +188,7 @@ class SignRound:
             if config.clip_search:
                 t.search_clipping(importance.get(id(t)))
         start_state = [s for t in tunables for s in t.initial_state()]
+        params = [p for t in tunables for p in t.params()]
 
         best_loss, best_state, notes, steps = math.inf, None, [], 0
         average = _TailAverage(iters) if config.keep == "average" else None
@@ -206,20 +207,20 @@ class SignRound:
                 break
             if total < best_loss and config.keep == "best":
                 best_loss = total
-                best_state = _snapshot([p for t in tunables for p in t.params()], into=best_state)
+                best_state = _snapshot(params, into=best_state)
             decay = 1.0 - step / iters
             for t in tunables:
                 t.step(lr * decay, minmax_lr * decay)
             if average is not None:
-                average.add(step, [p for t in tunables for p in t.params()])
+                average.add(step, params)
 
         with torch.no_grad():
             if config.keep == "last" and not notes:  # a non-finite loss stopped the run: the start instead
-                best_state = [p.detach().clone() for t in tunables for p in t.params()]
+                best_state = _snapshot(params)
             if average is not None and not notes:
                 best_state = average.mean()
             if best_state is None:  # no finite step (or keeping the last one): the starting point
                 best_state = start_state
-            for p, best in zip((p for t in tunables for p in t.params()), best_state):
+            for p, best in zip(params, best_state):
                 p.zero_() if best is None else p.copy_(best)
         return BlockResult({t.task.name: t.final() for t in tunables}, loss_before=loss_before, loss_rows=probe, notes=notes, steps=steps)
