@@ -21,6 +21,7 @@ import signround
 
 VARIANTS = {  # name: QuantConfig overrides
     "full: 200 x 8, RTN start, keep best": dict(recipe="full"),
+    "full, clipping projected onto [0, 1]": dict(recipe="full", project_clipping=True),
     "64 x 8, RTN start": dict(recipe="full", iters=64),
     "64 x 8, clip search": dict(recipe="full", iters=64, clip_search=True),
     "100 x 4, clip search": dict(recipe="full", iters=100, batch_size=4, clip_search=True),
@@ -28,7 +29,9 @@ VARIANTS = {  # name: QuantConfig overrides
     "128 x 4, RTN start": dict(recipe="full", iters=128, batch_size=4),
     "200 x 2, clip search, keep best": dict(recipe="fast", iters=200, batch_size=2, keep="best"),
     "128 x 4, clip search, keep best": dict(recipe="fast", batch_size=4, keep="best"),
-    "fast: 128 x 3, clip search, keep best": dict(recipe="fast"),
+    "fast: 128 x 3, clip search, keep best": dict(recipe="fast", iters=128),
+    "fast: 112 x 3, clip search, keep best": dict(recipe="fast"),
+    "fast, clipping projected onto [0, 1]": dict(recipe="fast", project_clipping=True),
     "128 x 3, clip search, keep best, fp32 caches": dict(recipe="fast", cache_dtype="float32", keep="best"),
     "200 x 3, clip search, keep best": dict(recipe="fast", iters=200, keep="best"),
     "128 x 3, clip search, keep last": dict(recipe="fast", keep="last"),
@@ -61,7 +64,7 @@ def main() -> None:
         lines.append(f"| {name} | {cost:.2f} | " + " | ".join(f"{after:.4f}" for _, after in report.block_losses)
                      + f" | {time.perf_counter() - start:.0f} |")
         print(lines[-1], flush=True)
-    protocol.write_result(f"recipes-{args.layers}.md", lines, echo=False)
+    protocol.write_result(f"recipes-{args.layers}{'' if args.scheme == 'W4A16' else '-' + args.scheme}.md", lines, echo=False)
 
 
 if __name__ == "__main__":

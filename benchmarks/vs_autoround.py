@@ -141,6 +141,8 @@ def write_table(results: dict, args, peaks: dict, path: Path) -> None:
     config = AutoConfig.from_pretrained(source.location, gguf_file=source.gguf_file)
     layers = args.layers or config.num_hidden_layers
     step = flops_per_iter(config, args.batch_size, args.seqlen)
+    measured = {key.split("|")[2] for key in results if not key.startswith("signround|scaling|")}
+    schemes = [*args.schemes, *sorted(measured - set(args.schemes))]  # a run of one scheme keeps the others' rows
     best = max(peaks, key=peaks.get)  # without AMX/AVX512-BF16, bf16 matmuls are far slower than fp32 ones
     lines = [f"# signround vs auto-round: {args.model}, {layers} blocks, calibration gutenberg-{args.nsamples}x{args.seqlen}", "",
              f"machine: {protocol.cpu_name() if args.device == 'cpu' else torch.cuda.get_device_name()}, {torch.get_num_threads()} threads; "
@@ -149,8 +151,10 @@ def write_table(results: dict, args, peaks: dict, path: Path) -> None:
              f"iters {args.iters}, batch {args.batch_size}, lr {args.lr or '1/iters'}; one step of one block is {step / 1e9:.1f} GFLOP forward+backward", "",
              f"| scheme | tool | tuning s | ratio | s/iter | GFLOP/s | share of the {best} matmul peak | ppl | peak RSS MiB |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for scheme in args.schemes:
+    for scheme in schemes:
         ours, theirs = results.get(f"signround|same|{scheme}"), results.get(f"auto-round|same|{scheme}")
+        if theirs is None and same_is_autoround_default(args):
+            theirs = results.get(f"auto-round|default|{scheme}")  # its default run is the same-settings run
         theirs_name = "auto-round" + ("" if not theirs or theirs.get("amp", True) else " (amp off)")
         for tool, row in (("signround", ours), (theirs_name, theirs)):
             if not row:
@@ -162,7 +166,7 @@ def write_table(results: dict, args, peaks: dict, path: Path) -> None:
                          f"{row['ppl']:.3f} | {row['peak_rss_mib']:.0f} |")
     lines += ["", "## Default recipes", "", "| scheme | tool | iters | tuning s | time ratio | ppl | ppl vs auto-round | peak RSS MiB | RSS ratio |",
               "|---|---|---|---|---|---|---|---|---|"]
-    for scheme in args.schemes:
+    for scheme in schemes:
         ours, theirs = results.get(f"signround|default|{scheme}"), results.get(f"auto-round|default|{scheme}")
         for tool, row in (("signround", ours), ("auto-round", theirs)):
             if not row:
@@ -208,6 +212,7 @@ def main() -> None:
                    help="ITERSxNSAMPLESxSEQLEN for the scaling rows (first scheme)")
     p.add_argument("--autoround-amp", default="auto", choices=["auto", "on", "off"])
     p.add_argument("--name", default="vs_autoround", help="results file stem")
+    p.add_argument("--table-only", action="store_true", help="rewrite the markdown table from the stored results and stop")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--recipe", help=argparse.SUPPRESS)
     p.add_argument("--scheme", help=argparse.SUPPRESS)
@@ -231,6 +236,8 @@ def main() -> None:
     setting = f"{args.model}|layers{args.layers or 'all'}|n{args.nsamples}x{args.seqlen}|iters{args.iters}|bs{args.batch_size}|{args.device}"
     results = stored.setdefault(setting, {})
     peaks = {"bf16": matmul_peak(torch.bfloat16, args.device), "fp32": matmul_peak(torch.float32, args.device)}
+    if args.table_only:
+        args.recipes = []
     for point in args.scaling_points if "scaling" in args.recipes else []:
         key = f"signround|scaling|{point}"
         if key not in results:

@@ -45,14 +45,18 @@ class _Tunables:
         return [self.offset, self.min_scale, self.max_scale]
 
     @torch.no_grad()
-    def step(self, lr: float, minmax_lr: float) -> None:
-        """One signed step. The clipping scales are not projected back onto [0, 1]: one stepped past 1
-        gets no gradient through the forward's clamp and stays there, its group left unclipped for the
-        rest of the block. Projecting it back (auto-round's choice) let it wander on and cost perplexity:
-        fast recipe, W4A16, 21.80 against 21.14 (benchmarks/results/quality-fast.json)."""
+    def step(self, lr: float, minmax_lr: float, project: bool = False) -> None:
+        """One signed step. Unless `project`, the clipping scales are not clamped back onto [0, 1]: one
+        stepped past 1 gets no gradient through the forward's clamp and stays there, its group left
+        unclipped for the rest of the block. Projecting it back (auto-round's choice) let it wander on and
+        cost perplexity with the fast recipe at W4A16 (21.80 against 21.14, quality-fast.json); starting
+        at 1.0 (the full recipe) about half the groups may freeze unclipped on the first step instead."""
         self.offset.sub_(lr * self.offset.grad.sign())
         self.min_scale.sub_(minmax_lr * self.min_scale.grad.sign())
         self.max_scale.sub_(minmax_lr * self.max_scale.grad.sign())
+        if project:
+            self.min_scale.clamp_(0, 1)
+            self.max_scale.clamp_(0, 1)
         for p in self.params():
             p.grad = None
 
@@ -210,7 +214,7 @@ class SignRound:
                 best_state = _snapshot(params, into=best_state)
             decay = 1.0 - step / iters
             for t in tunables:
-                t.step(lr * decay, minmax_lr * decay)
+                t.step(lr * decay, minmax_lr * decay, config.project_clipping)
             if average is not None:
                 average.add(step, params)
 

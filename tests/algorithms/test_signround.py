@@ -118,6 +118,31 @@ def test_a_clipping_scale_pushed_past_one_leaves_its_group_unclipped_for_good():
     assert tunable.offset.grad.abs().sum() > 0
 
 
+def test_projected_clipping_scales_stay_in_range_and_keep_their_gradient():
+    """project_clipping (auto-round's step): a scale pushed past 1 is put back at 1, where the forward
+    still passes it a gradient, so a later step can clip the group again."""
+    from signround.algorithms.base import LayerTask
+    from signround.algorithms.signround import _Tunables
+    from signround.config import WeightScheme
+
+    layer = torch.nn.Linear(64, 8, bias=False)
+    tunable = _Tunables(LayerTask("proj", layer, WeightScheme(bits=2, group_size=32, sym=False)), torch.device("cpu"))
+    for p in tunable.params():
+        p.grad = torch.full_like(p, -1.0)
+    tunable.step(0.1, 0.1, project=True)
+    assert torch.equal(tunable.max_scale, torch.ones_like(tunable.max_scale))
+    assert torch.equal(tunable.min_scale, torch.ones_like(tunable.min_scale))
+    (tunable.fake_weight() - layer.weight.detach()).pow(2).sum().backward()
+    assert tunable.max_scale.grad.abs().sum() > 0 and tunable.min_scale.grad.abs().sum() > 0
+
+
+def test_project_clipping_is_a_recipe_setting():
+    assert QuantConfig().project_clipping is False and QuantConfig(recipe="full").project_clipping is False
+    assert QuantConfig(project_clipping=True).project_clipping is True
+    with pytest.raises(signround.ConfigError, match="project_clipping='yes' must be True or False"):
+        QuantConfig(project_clipping="yes")
+
+
 def test_block_loss_weighs_a_massive_token_down_to_a_typical_tokens_weight():
     from signround.algorithms import block_loss
 
