@@ -50,7 +50,7 @@ class _Tunables:
         stepped past 1 gets no gradient through the forward's clamp and stays there, its group left
         unclipped for the rest of the block. Projecting it back (auto-round's choice) let it wander on and
         cost perplexity with the fast recipe at W4A16 (21.80 against 21.14, quality-fast.json); starting
-        at 1.0 (the full recipe) about half the groups may freeze unclipped on the first step instead."""
+        at 1.0 (the full recipe) every group whose first step points up freezes unclipped instead."""
         self.offset.sub_(lr * self.offset.grad.sign())
         self.min_scale.sub_(minmax_lr * self.min_scale.grad.sign())
         self.max_scale.sub_(minmax_lr * self.max_scale.grad.sign())
