@@ -40,7 +40,7 @@ def run_ours(base, tokenizer, method, scheme, calib, eval_ids, args) -> dict:
     model = copy.deepcopy(base)
     config = signround.QuantConfig(scheme=scheme, method=method, recipe=args.recipe, iters=args.iters, nsamples=args.nsamples, seqlen=args.seqlen,
                                    batch_size=args.batch_size, seed=args.seed, keep=args.keep,
-                                   tame_outliers=args.tame_outliers)
+                                   tame_outliers=args.tame_outliers, project_clipping=args.project_clipping)
     work = RESULTS / "work" / key("signround", method, scheme, args).replace("|", "_")  # survives a session's end: the run resumes
     report = signround.quantize(model, config, tokenizer=tokenizer, calibration=calib, work_dir=work)
     row = {"ppl": perplexity(model, eval_ids), "tuning_s": report.tuning_seconds, "bits_per_weight": report.bits_per_weight,
@@ -73,6 +73,8 @@ def key(tool, method, scheme, args) -> str:
     recipe += f"|keep-{args.keep}" if (tool, method) == ("signround", "signround") and args.keep != "best" else ""  # rows from before --keep kept the best
     if (tool, method) == ("signround", "signround") and args.tame_outliers is not None:  # rows from before the option had it off
         recipe += f"|tame-{'on' if args.tame_outliers else 'off'}"
+    if (tool, method) == ("signround", "signround") and args.project_clipping is not None:  # rows from before the option had it off
+        recipe += f"|project-{'on' if args.project_clipping else 'off'}"
     if method == "signround" and cpu_has_fast_bf16():  # tuned under bf16 autocast; rows without the tag were tuned in fp32
         recipe += "|amp-bf16"
     return f"{tool}|{method}|{scheme}|iters{args.iters}|n{args.nsamples}x{args.seqlen}|bs{args.batch_size}|layers{args.layers or 'all'}|seed{args.seed}{recipe}"
@@ -84,6 +86,7 @@ def write_table(results: dict, args, path: Path) -> None:
         f"# Perplexity (wt2-32k) of {args.model}, calibration gutenberg-{args.nsamples}x{args.seqlen}",
         "",
         f"signround recipe {args.recipe}: iters {args.iters}, batch {args.batch_size}, keep the {args.keep} step, seed {args.seed}, "
+        f"clipping projection {'the recipe default' if args.project_clipping is None else 'on' if args.project_clipping else 'off'}, "
         f"layers {args.layers or 'all'}; "
         f"machine: {protocol.cpu_name()}, {torch.get_num_threads()} threads, bf16 autocast {'on' if cpu_has_fast_bf16() else 'off (no AMX/AVX512-BF16: fp32)'}",
         "",
@@ -126,6 +129,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, help="default: the recipe's")
     p.add_argument("--keep", choices=["best", "last", "average"], help="default: the recipe's")
     p.add_argument("--tame-outliers", choices=["on", "off"], help="weigh down attention-sink tokens in the loss (default: the recipe's)")
+    p.add_argument("--project-clipping", choices=["on", "off"], help="clamp the clipping scales onto [0, 1] after each step (default: the recipe's)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--layers", type=int, help="truncate the model to its first N blocks")
     p.add_argument("--tools", default="signround,auto-round", type=lambda s: s.split(","),
@@ -135,6 +139,7 @@ def main() -> None:
     p.add_argument("--table-only", action="store_true", help="rewrite the markdown table from the stored results and stop")
     args = p.parse_args()
     args.tame_outliers = None if args.tame_outliers is None else args.tame_outliers == "on"
+    args.project_clipping = None if args.project_clipping is None else args.project_clipping == "on"
     args.iters = args.iters or RECIPES[args.recipe]["iters"]
     args.batch_size = args.batch_size or RECIPES[args.recipe]["batch_size"]
     args.keep = args.keep or RECIPES[args.recipe]["keep"]

@@ -22,6 +22,7 @@ import signround
 VARIANTS = {  # name: QuantConfig overrides
     "full: 200 x 8, RTN start, keep best": dict(recipe="full"),
     "full, clipping projected onto [0, 1]": dict(recipe="full", project_clipping=True),
+    "full, projected, bf16 caches": dict(recipe="full", project_clipping=True, cache_dtype="bfloat16"),
     "64 x 8, RTN start": dict(recipe="full", iters=64),
     "64 x 8, clip search": dict(recipe="full", iters=64, clip_search=True),
     "100 x 4, clip search": dict(recipe="full", iters=100, batch_size=4, clip_search=True),
@@ -55,6 +56,9 @@ def main() -> None:
              "Block-output MSE after tuning, each block on the inputs the quantized blocks before it produce.", "",
              "| recipe | cost (rows vs full) | " + " | ".join(f"block {i}" for i in range(args.layers)) + " | tuning s |",
              "|---|---|" + "---|" * args.layers + "---|"]
+    name_out = f"recipes-{args.layers}{'' if args.scheme == 'W4A16' else '-' + args.scheme}.md"
+    earlier = (protocol.RESULTS / name_out).read_text().splitlines() if (protocol.RESULTS / name_out).exists() else []
+    lines += [row for row in earlier[6:] if row.startswith("| ") and row.split(" | ")[0][2:] not in args.variants]  # rows not rerun stay
     for name in args.variants:
         config = signround.QuantConfig(scheme=args.scheme, nsamples=128, seqlen=512, **VARIANTS[name])
         model = copy.deepcopy(base)
@@ -64,7 +68,7 @@ def main() -> None:
         lines.append(f"| {name} | {cost:.2f} | " + " | ".join(f"{after:.4f}" for _, after in report.block_losses)
                      + f" | {time.perf_counter() - start:.0f} |")
         print(lines[-1], flush=True)
-    protocol.write_result(f"recipes-{args.layers}{'' if args.scheme == 'W4A16' else '-' + args.scheme}.md", lines, echo=False)
+    protocol.write_result(name_out, lines, echo=False)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ each run in its own process (so peak RSS is its own), the tools alternating:
     python benchmarks/vs_autoround.py --layers 4          # a quick look
     python benchmarks/vs_autoround.py                     # the headline: full depth, W4A16 and W2A16G64
     python benchmarks/vs_autoround.py --device cuda       # the same on a GPU
+    python benchmarks/vs_autoround.py --schemes W3A16 --recipes default --tools signround --no-project-clipping
+                                                          # a signround variant: rows of its own, beside the default's
 
 On a CPU without AMX/AVX512-BF16 auto-round's default bf16 autocast runs ~8x slower than fp32 matmuls;
 `--autoround-amp auto` (default) then turns it off for auto-round as signround does for itself.
@@ -75,6 +77,8 @@ def _child_signround(args) -> dict:
     recipe = {} if args.recipe == "default" else dict(recipe="full", iters=args.iters, batch_size=args.batch_size, lr=args.lr)
     if args.cache_dtype:
         recipe["cache_dtype"] = args.cache_dtype
+    if args.project_clipping is not None:
+        recipe["project_clipping"] = args.project_clipping
     config = signround.QuantConfig(scheme=args.scheme, nsamples=args.nsamples, seqlen=args.seqlen, seed=42, device=args.device, **recipe)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp) / "work"
@@ -121,6 +125,8 @@ def run_child(tool: str, recipe: str, scheme: str, args, extra=()) -> dict:
     argv = [sys.executable, __file__, "--child", tool, "--recipe", recipe, "--scheme", scheme, "--model", args.model, "--device", args.device,
             "--iters", str(args.iters), "--batch-size", str(args.batch_size), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
             "--autoround-amp", args.autoround_amp, *(["--layers", str(args.layers)] if args.layers else []), *extra]
+    if tool == "signround" and args.project_clipping is not None:
+        argv.append("--project-clipping" if args.project_clipping else "--no-project-clipping")
     if args.lr:
         argv += ["--lr", str(args.lr)]
     print(f"== {tool} {recipe} {scheme} {' '.join(extra)}", flush=True)
@@ -130,6 +136,19 @@ def run_child(tool: str, recipe: str, scheme: str, args, extra=()) -> dict:
     row = json.loads(done.stdout.strip().splitlines()[-1])
     print(f"   {row}", flush=True)
     return row
+
+
+def signround_key(recipe: str, scheme: str, args) -> str:
+    """Runs with --project-clipping / --no-project-clipping keep rows of their own beside the recipe-default run."""
+    variant = {None: "", True: "|projected", False: "|unprojected"}[args.project_clipping]
+    return f"signround|{recipe}|{scheme}{variant}"
+
+
+def signround_rows(results: dict, recipe: str, scheme: str) -> list[tuple[str, dict]]:
+    """(label, row) of every signround run of this recipe and scheme, the recipe-default one first."""
+    prefix = f"signround|{recipe}|{scheme}"
+    keys = sorted((k for k in results if k == prefix or k.startswith(prefix + "|")), key=len)
+    return [("signround" + (f" ({k[len(prefix) + 1:]})" if k != prefix else ""), results[k]) for k in keys]
 
 
 def write_table(results: dict, args, peaks: dict, path: Path) -> None:
@@ -152,11 +171,11 @@ def write_table(results: dict, args, peaks: dict, path: Path) -> None:
              f"| scheme | tool | tuning s | ratio | s/iter | GFLOP/s | share of the {best} matmul peak | ppl | peak RSS MiB |",
              "|---|---|---|---|---|---|---|---|---|"]
     for scheme in schemes:
-        ours, theirs = results.get(f"signround|same|{scheme}"), results.get(f"auto-round|same|{scheme}")
+        theirs = results.get(f"auto-round|same|{scheme}")
         if theirs is None and same_is_autoround_default(args):
             theirs = results.get(f"auto-round|default|{scheme}")  # its default run is the same-settings run
         theirs_name = "auto-round" + ("" if not theirs or theirs.get("amp", True) else " (amp off)")
-        for tool, row in (("signround", ours), (theirs_name, theirs)):
+        for tool, row in (*signround_rows(results, "same", scheme), (theirs_name, theirs)):
             if not row:
                 continue
             per_iter = row["tuning_s"] / (row["iters"] * layers)
@@ -167,11 +186,11 @@ def write_table(results: dict, args, peaks: dict, path: Path) -> None:
     lines += ["", "## Default recipes", "", "| scheme | tool | iters | tuning s | time ratio | ppl | ppl vs auto-round | peak RSS MiB | RSS ratio |",
               "|---|---|---|---|---|---|---|---|---|"]
     for scheme in schemes:
-        ours, theirs = results.get(f"signround|default|{scheme}"), results.get(f"auto-round|default|{scheme}")
-        for tool, row in (("signround", ours), ("auto-round", theirs)):
+        theirs = results.get(f"auto-round|default|{scheme}")
+        for tool, row in (*signround_rows(results, "default", scheme), ("auto-round", theirs)):
             if not row:
                 continue
-            vs = f"{(row['ppl'] / theirs['ppl'] - 1) * 100:+.2f}%" if theirs and tool == "signround" else ""
+            vs = f"{(row['ppl'] / theirs['ppl'] - 1) * 100:+.2f}%" if theirs and tool.startswith("signround") else ""
             ratio = f"{row['tuning_s'] / theirs['tuning_s']:.2f}" if theirs else ""
             rss = f"{row['peak_rss_mib'] / theirs['peak_rss_mib']:.2f}" if theirs else ""
             lines.append(f"| {scheme} | {tool} | {row['iters']} | {row['tuning_s']:.0f} | {ratio} | {row['ppl']:.3f} | {vs} | "
@@ -210,9 +229,12 @@ def main() -> None:
                    help="same: identical settings; default: each tool's default recipe; scaling: signround at three sizes of iters x nsamples x seqlen")
     p.add_argument("--scaling-points", default="25x32x512,50x32x512,50x64x512,50x32x256", type=lambda s: s.split(","),
                    help="ITERSxNSAMPLESxSEQLEN for the scaling rows (first scheme)")
+    p.add_argument("--tools", default="signround,auto-round", type=lambda s: s.split(","), help="whose runs to make (rows stored earlier are kept)")
     p.add_argument("--autoround-amp", default="auto", choices=["auto", "on", "off"])
     p.add_argument("--name", default="vs_autoround", help="results file stem")
     p.add_argument("--table-only", action="store_true", help="rewrite the markdown table from the stored results and stop")
+    p.add_argument("--project-clipping", action=argparse.BooleanOptionalAction,
+                   help="signround runs with (or without) the clipping-scale projection, whatever its recipe's default; stored as its own rows")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--recipe", help=argparse.SUPPRESS)
     p.add_argument("--scheme", help=argparse.SUPPRESS)
@@ -247,8 +269,8 @@ def main() -> None:
             store.write_text(json.dumps(stored, indent=1))
     for recipe in [r for r in args.recipes if r != "scaling"]:
         for scheme in args.schemes:
-            for tool in ("signround", "auto-round"):  # alternating, so drifting machine load hits both
-                key = f"{tool}|{recipe}|{scheme}"
+            for tool in [t for t in ("signround", "auto-round") if t in args.tools]:  # alternating, so drifting machine load hits both
+                key = signround_key(recipe, scheme, args) if tool == "signround" else f"{tool}|{recipe}|{scheme}"
                 twin = f"{tool}|{'default' if recipe == 'same' else 'same'}|{scheme}"
                 if key not in results and tool == "auto-round" and twin in results and same_is_autoround_default(args):
                     results[key] = results[twin]  # one run serves both tables: ~100 minutes saved at full depth on CPU

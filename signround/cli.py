@@ -44,11 +44,9 @@ def _add_quantize(sub) -> None:
                       help="weigh tokens with massive hidden states (attention sinks) down to a typical token's weight in the "
                            "block loss (default off: no perplexity gain shown yet)")
     tame.add_argument("--no-tame-outliers", dest="tame_outliers", action="store_false")
-    project = p.add_mutually_exclusive_group()
-    project.add_argument("--project-clipping", dest="project_clipping", action="store_true", default=None,
-                         help="clamp the clipping scales back onto [0, 1] after each step, as auto-round does (default: the "
-                              "recipe's, off: a scale stepped past 1 then stays unclipped)")
-    project.add_argument("--no-project-clipping", dest="project_clipping", action="store_false")
+    p.add_argument("--project-clipping", choices=["on", "off", "auto"],
+                   help="clamp the clipping scales back onto [0, 1] after each step, as auto-round does; off: a scale stepped "
+                        "past 1 stays unclipped; auto: on at <= 3 bits (default: the recipe's, full on, fast auto)")
     p.add_argument("--keep", choices=["best", "last", "average"],
                    help="which parameters a block keeps: the lowest-batch-loss step's, the last step's, or their mean over the "
                         "second half of the steps (default: the recipe's)")
@@ -167,7 +165,7 @@ def config_from_args(args):
     return QuantConfig(
         scheme=scheme, method=args.method, layer_overrides=overrides, quantize_lm_head=args.quantize_lm_head,
         recipe=args.recipe, iters=args.iters, clip_search=args.clip_search, keep=args.keep, tame_outliers=args.tame_outliers,
-        project_clipping=args.project_clipping,
+        project_clipping={"on": True, "off": False}.get(args.project_clipping, args.project_clipping),
         nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size, grad_accum=args.grad_accum,
         lr=args.lr, minmax_lr=args.minmax_lr, seed=args.seed, quantized_inputs=not args.fp_inputs, device=args.device, amp=args.amp,
         cache_dtype=args.cache_dtype,

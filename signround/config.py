@@ -149,11 +149,12 @@ DEFAULT_DATASET = "NeelNanda/pile-10k"
 # fitting of the calibration rows has cost perplexity whenever it was measured. It
 # also caches hidden states in bf16, as auto-round does under bf16 autocast: half the memory.
 KEEP = ("best", "last", "average")  # which parameters a tuned block keeps: see algorithms/signround.py
+PROJECT_AUTO_MAX_BITS = 3  # project_clipping="auto": on for layers of at most this many bits (see README, Methods)
 RECIPES = {
     "fast": {"iters": 112, "batch_size": 3, "clip_search": True, "cache_dtype": "bfloat16", "keep": "best", "tame_outliers": False,
-             "project_clipping": False},
+             "project_clipping": "auto"},
     "full": {"iters": 200, "batch_size": 8, "clip_search": False, "cache_dtype": "float32", "keep": "best", "tame_outliers": False,
-             "project_clipping": False},
+             "project_clipping": True},
 }
 
 
@@ -186,7 +187,7 @@ class QuantConfig:
     clip_search: bool | None = None  # start the clipping scales at an activation-weighted search instead of 1.0
     keep: str | None = None          # "best": the step with the lowest batch loss (auto-round); "last": the final step
     tame_outliers: bool | None = None  # weigh down tokens with massive hidden states (attention sinks) in the loss
-    project_clipping: bool | None = None  # clamp the clipping scales back onto [0, 1] after each step (auto-round)
+    project_clipping: bool | str | None = None  # clamp the clipping scales onto [0, 1] after each step (auto-round); "auto": at low bits
     quantized_inputs: bool = True    # tune on the inputs the already-quantized blocks produce
     cache_dtype: str | None = None   # dtype of the hidden states cached between blocks: float32, bfloat16 or float16
     device: str = "auto"
@@ -238,11 +239,18 @@ class QuantConfig:
             raise ConfigError(f"cache_dtype={self.cache_dtype!r} is not one of float32, bfloat16, float16")
         if self.keep not in KEEP:
             raise ConfigError(f"keep={self.keep!r} is not one of {', '.join(KEEP)}")
-        for name in ("tame_outliers", "project_clipping"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name}={getattr(self, name)!r} must be True or False")
+        if not isinstance(self.tame_outliers, bool):
+            raise ConfigError(f"tame_outliers={self.tame_outliers!r} must be True or False")
+        if not isinstance(self.project_clipping, bool) and self.project_clipping != "auto":
+            raise ConfigError(f"project_clipping={self.project_clipping!r} must be True, False or 'auto' (on at <= {PROJECT_AUTO_MAX_BITS} bits)")
         if self.amp not in ("auto", "bf16", "fp16", "off"):
             raise ConfigError(f"amp={self.amp!r} is not one of auto, bf16, fp16, off")
+
+    def projects_clipping(self, scheme: WeightScheme) -> bool:
+        """Whether a layer of this scheme has its clipping scales projected onto [0, 1] after each step."""
+        if self.project_clipping == "auto":
+            return scheme.bits <= PROJECT_AUTO_MAX_BITS
+        return self.project_clipping
 
     def scheme_for(self, layer_name: str, block: tuple[int, int] | None = None) -> WeightScheme | None:
         """The scheme a layer gets after the mixture and the overrides (None: keep it unquantized).

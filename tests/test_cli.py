@@ -87,5 +87,6 @@ def test_recipe_flags_reach_the_config():
 
     assert config().tame_outliers is False and config("--tame-outliers").tame_outliers is True
     assert config("--recipe", "full", "--no-tame-outliers").tame_outliers is False and config("--recipe", "full").tame_outliers is False
-    assert config().project_clipping is False and config("--project-clipping").project_clipping is True
+    assert config().project_clipping == "auto" and config("--recipe", "full").project_clipping is True
+    assert config("--project-clipping", "on").project_clipping is True and config("--project-clipping", "off").project_clipping is False
     assert config("--no-clip-search").clip_search is False and config("--keep", "last").keep == "last"
