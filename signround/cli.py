@@ -46,7 +46,7 @@ def _add_quantize(sub) -> None:
     tame.add_argument("--no-tame-outliers", dest="tame_outliers", action="store_false")
     p.add_argument("--project-clipping", choices=["on", "off", "auto"],
                    help="clamp the clipping scales back onto [0, 1] after each step, as auto-round does; off: a scale stepped "
-                        "past 1 stays unclipped; auto: on at <= 3 bits (default: the recipe's, full on, fast auto)")
+                        "past 1 stays unclipped; auto: on at 2 bits (default: the recipe's, full on, fast auto)")
     p.add_argument("--keep", choices=["best", "last", "average"],
                    help="which parameters a block keeps: the lowest-batch-loss step's, the last step's, or their mean over the "
                         "second half of the steps (default: the recipe's)")

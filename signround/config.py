@@ -149,7 +149,7 @@ DEFAULT_DATASET = "NeelNanda/pile-10k"
 # fitting of the calibration rows has cost perplexity whenever it was measured. It
 # also caches hidden states in bf16, as auto-round does under bf16 autocast: half the memory.
 KEEP = ("best", "last", "average")  # which parameters a tuned block keeps: see algorithms/signround.py
-PROJECT_AUTO_MAX_BITS = 3  # project_clipping="auto": on for layers of at most this many bits (see README, Methods)
+PROJECT_AUTO_MAX_BITS = 2  # project_clipping="auto": on for layers of at most this many bits (see README, Methods)
 RECIPES = {
     "fast": {"iters": 112, "batch_size": 3, "clip_search": True, "cache_dtype": "bfloat16", "keep": "best", "tame_outliers": False,
              "project_clipping": "auto"},
