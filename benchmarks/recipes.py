@@ -58,7 +58,7 @@ def main() -> None:
              "|---|---|" + "---|" * args.layers + "---|"]
     name_out = f"recipes-{args.layers}{'' if args.scheme == 'W4A16' else '-' + args.scheme}.md"
     earlier = (protocol.RESULTS / name_out).read_text().splitlines() if (protocol.RESULTS / name_out).exists() else []
-    lines += [row for row in earlier[6:] if row.startswith("| ") and row.split(" | ")[0][2:] not in args.variants]  # rows not rerun stay
+    lines += [row for row in earlier[len(lines):] if row.startswith("| ") and row.split(" | ")[0][2:] not in args.variants]  # rows not rerun stay
     for name in args.variants:
         config = signround.QuantConfig(scheme=args.scheme, nsamples=128, seqlen=512, **VARIANTS[name])
         model = copy.deepcopy(base)

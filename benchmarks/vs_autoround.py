@@ -138,10 +138,10 @@ def run_child(tool: str, recipe: str, scheme: str, args, extra=()) -> dict:
     return row
 
 
-def signround_key(recipe: str, scheme: str, args) -> str:
+def signround_key(recipe: str, scheme_or_point: str, args) -> str:
     """Runs with --project-clipping / --no-project-clipping keep rows of their own beside the recipe-default run."""
     variant = {None: "", True: "|projected", False: "|unprojected"}[args.project_clipping]
-    return f"signround|{recipe}|{scheme}{variant}"
+    return f"signround|{recipe}|{scheme_or_point}{variant}"
 
 
 def signround_rows(results: dict, recipe: str, scheme: str) -> list[tuple[str, dict]]:
@@ -195,7 +195,7 @@ def write_table(results: dict, args, peaks: dict, path: Path) -> None:
             rss = f"{row['peak_rss_mib'] / theirs['peak_rss_mib']:.2f}" if theirs else ""
             lines.append(f"| {scheme} | {tool} | {row['iters']} | {row['tuning_s']:.0f} | {ratio} | {row['ppl']:.3f} | {vs} | "
                          f"{row['peak_rss_mib']:.0f} | {rss} |")
-    scaling = sorted((v for k, v in results.items() if k.startswith("signround|scaling|")), key=lambda r: (r["iters"], r["nsamples"], r["seqlen"]))
+    scaling = sorted((v for k, v in results.items() if k.startswith("signround|scaling|") and k == signround_key("scaling", k.split("|")[2], args)), key=lambda r: (r["iters"], r["nsamples"], r["seqlen"]))
     if len(scaling) >= 3:
         lines += ["", "## Tuning time against the work (signround)", "",
                   "A step processes batch x seqlen tokens of one block whatever nsamples is; nsamples x seqlen tokens go through each block",
@@ -261,7 +261,7 @@ def main() -> None:
     if args.table_only:
         args.recipes = []
     for point in args.scaling_points if "scaling" in args.recipes else []:
-        key = f"signround|scaling|{point}"
+        key = signround_key("scaling", point, args)
         if key not in results:
             iters, nsamples, seqlen = (int(x) for x in point.split("x"))
             sized = argparse.Namespace(**{**vars(args), "iters": iters, "nsamples": nsamples, "seqlen": seqlen})

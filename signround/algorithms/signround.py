@@ -195,6 +195,7 @@ class SignRound:
         start_state = [s for t in tunables for s in t.initial_state()]
         params = [p for t in tunables for p in t.params()]
 
+        projected = [config.projects_clipping(t.task.scheme) for t in tunables]
         best_loss, best_state, notes, steps = math.inf, None, [], 0
         average = _TailAverage(iters) if config.keep == "average" else None
         for step in range(iters):
@@ -214,8 +215,8 @@ class SignRound:
                 best_loss = total
                 best_state = _snapshot(params, into=best_state)
             decay = 1.0 - step / iters
-            for t in tunables:
-                t.step(lr * decay, minmax_lr * decay, config.projects_clipping(t.task.scheme))
+            for t, project in zip(tunables, projected):
+                t.step(lr * decay, minmax_lr * decay, project)
             if average is not None:
                 average.add(step, params)
 
