@@ -88,7 +88,8 @@ def _child_signround(args) -> dict:
         materialize_blocks(model, finished_blocks(work, model))
     ppl = perplexity(model.to(args.device), protocol.wikitext_ids(tokenizer).to(args.device))
     return {"tuning_s": report.tuning_seconds, "iters": config.iters, "steps": report.tuning_steps, "ppl": ppl, "peak_rss_mib": rss,
-            "batch": config.batch_size, "nsamples": args.nsamples, "seqlen": args.seqlen, "work": config.iters * args.nsamples * args.seqlen}
+            "batch": config.batch_size, "nsamples": args.nsamples, "seqlen": args.seqlen, "work": config.iters * args.nsamples * args.seqlen,
+            "compile": config.compile}
 
 
 def _child_autoround(args) -> dict:

@@ -29,14 +29,19 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, _conv1d_type()))
 
 
+def stores_transposed(module: nn.Module) -> bool:
+    """Whether the layer keeps its weight as (in_features, out_features) (GPT-2's Conv1D)."""
+    return isinstance(module, _conv1d_type())
+
+
 def linear_weight(module: nn.Module) -> torch.Tensor:
     """The weight as (out_features, in_features), whatever the layer's own layout."""
-    return module.weight.t() if isinstance(module, _conv1d_type()) else module.weight
+    return module.weight.t() if stores_transposed(module) else module.weight
 
 
 def as_param_layout(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
     """Inverse of `linear_weight`: an (out, in) weight in the layout `module.weight` uses."""
-    return weight.t() if isinstance(module, _conv1d_type()) else weight
+    return weight.t() if stores_transposed(module) else weight
 
 
 def num_layers(config) -> int | None:

@@ -64,6 +64,9 @@ def _add_quantize(sub) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
                    help="autocast dtype for tuning; auto: bf16 on CUDA and on CPUs with AMX/AVX512-BF16, else fp32")
+    p.add_argument("--compile", default="auto", choices=["on", "off", "auto"],
+                   help="run the tuning step through torch.compile (~55 s once on 2 CPU cores, then ~5%% faster steps); "
+                        "auto: on runs of at least 20000 rows (blocks x iters x batch: the full recipe) where a compiler is found")
     p.add_argument("--dataset", nargs="+", help="calibration: .txt/.jsonl/.parquet files or folders, or a hub dataset (default NeelNanda/pile-10k, "
                                                 "falling back to self-generated text offline)")
     p.add_argument("--eval-text", help="print perplexity before and after on this text file")
@@ -168,7 +171,7 @@ def config_from_args(args):
         project_clipping={"on": True, "off": False}.get(args.project_clipping, args.project_clipping),
         nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size, grad_accum=args.grad_accum,
         lr=args.lr, minmax_lr=args.minmax_lr, seed=args.seed, quantized_inputs=not args.fp_inputs, device=args.device, amp=args.amp,
-        cache_dtype=args.cache_dtype,
+        cache_dtype=args.cache_dtype, compile={"on": True, "off": False}.get(args.compile, args.compile),
     )
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import mixtures
+from .hardware import can_compile
 from .quant import integer, kquant
 from .quant.integer import num_groups
 
@@ -149,6 +150,9 @@ DEFAULT_DATASET = "NeelNanda/pile-10k"
 # fitting of the calibration rows has cost perplexity whenever it was measured. It
 # also caches hidden states in bf16, as auto-round does under bf16 autocast: half the memory.
 KEEP = ("best", "last", "average")  # which parameters a tuned block keeps: see algorithms/signround.py
+# compile="auto": on from this many rows through the tuned blocks (blocks x iters x batch). SmolLM2, 2 CPU cores:
+# ~55 s of compile against ~27 ms saved per step of 8 rows, so the full recipe (48000) gains, the fast one (10080) would not
+COMPILE_MIN_ROWS = 20000
 PROJECT_AUTO_MAX_BITS = 2  # project_clipping="auto": on for layers of at most this many bits (see README, Methods)
 RECIPES = {
     "fast": {"iters": 112, "batch_size": 3, "clip_search": True, "cache_dtype": "bfloat16", "keep": "best", "tame_outliers": False,
@@ -192,6 +196,7 @@ class QuantConfig:
     cache_dtype: str | None = None   # dtype of the hidden states cached between blocks: float32, bfloat16 or float16
     device: str = "auto"
     amp: str = "auto"                # auto | bf16 | fp16 | off
+    compile: bool | str = "auto"     # torch.compile the tuning step; "auto": on long runs where inductor can build
 
     def __post_init__(self):
         if self.recipe not in RECIPES:
@@ -243,6 +248,8 @@ class QuantConfig:
             raise ConfigError(f"tame_outliers={self.tame_outliers!r} must be True or False")
         if not isinstance(self.project_clipping, bool) and self.project_clipping != "auto":
             raise ConfigError(f"project_clipping={self.project_clipping!r} must be True, False or 'auto' (on at <= {PROJECT_AUTO_MAX_BITS} bits)")
+        if not isinstance(self.compile, bool) and self.compile != "auto":
+            raise ConfigError(f"compile={self.compile!r} must be True, False or 'auto' (on from {COMPILE_MIN_ROWS} rows of tuning: blocks x iters x batch)")
         if self.amp not in ("auto", "bf16", "fp16", "off"):
             raise ConfigError(f"amp={self.amp!r} is not one of auto, bf16, fp16, off")
 
@@ -251,6 +258,15 @@ class QuantConfig:
         if self.project_clipping == "auto":
             return scheme.bits <= PROJECT_AUTO_MAX_BITS
         return self.project_clipping
+
+    def compiles(self, device: torch.device, blocks: int) -> bool:
+        """Whether tuning runs its step through torch.compile: its one-off compile (~55 s on 2 CPU cores)
+        only pays back over a long run, and needs a compiler for the device."""
+        if self.compile == "auto":
+            return self.iters * blocks * self.batch_size >= COMPILE_MIN_ROWS and can_compile(device)
+        if self.compile and not can_compile(device):
+            raise ConfigError(f"compile=True needs a C++ compiler (CPU) or triton (CUDA) for {device}: install one, or use compile=False")
+        return self.compile
 
     def scheme_for(self, layer_name: str, block: tuple[int, int] | None = None) -> WeightScheme | None:
         """The scheme a layer gets after the mixture and the overrides (None: keep it unquantized).

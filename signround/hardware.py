@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
+import os
+import shutil
 
 import torch
 
@@ -29,3 +32,10 @@ def release_freed_memory() -> None:
     lib = _libc()
     if lib is not None:
         lib.malloc_trim(0)
+
+
+def can_compile(device: torch.device) -> bool:
+    """Whether torch.compile's inductor can build kernels here: a C++ compiler for CPU, triton for CUDA."""
+    if device.type == "cpu":
+        return any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++", "c++"))
+    return device.type == "cuda" and importlib.util.find_spec("triton") is not None

@@ -438,7 +438,7 @@ def _quantize_one(model, blocks_name, blocks, i, tasks, algorithm, config, fp_in
         fp_out = run_block(blocks[i], fp_in, call, config.batch_size, device, amp_dtype, caches.empty(fp_in.shape))
         if config.quantized_inputs and fp_in is not q_in:  # the original stream's inputs are done with: one cache less
             fp_in.discard()
-        data = BlockData(q_in if config.quantized_inputs else fp_in, fp_out, call, device, amp_dtype, i)
+        data = BlockData(q_in if config.quantized_inputs else fp_in, fp_out, call, device, amp_dtype, i, len(blocks))
     # a block whose every layer is kept 16-bit by overrides has nothing to tune: it is only run
     result = algorithm.quantize_block(blocks[i], tasks, data, config) if tasks else BlockResult({})
     for task in tasks:

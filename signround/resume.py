@@ -90,7 +90,8 @@ def fingerprint(model, config, tokenizer, calibration, compute: str = "", weight
 
 # Settings added after the state format was fixed, with the value that runs of earlier versions used.
 ADDED_SETTINGS = {"setting.cache_dtype": "float32", "setting.recipe": "full", "setting.clip_search": False, "setting.keep": "best", "setting.mixture": None,
-                  "setting.tame_outliers": False, "setting.project_clipping": False}
+                  "setting.tame_outliers": False, "setting.project_clipping": False,
+                  "setting.compile": False}
 
 
 def _differences(old: dict, new: dict) -> list[str]:

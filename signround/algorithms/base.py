@@ -27,7 +27,7 @@ class LayerTask:
 class BlockData:
     """Calibration data for one block: `inputs` to tune on, `targets` the original block produced (caches
     of (samples, seqlen, hidden) read with `.rows(index)` in fp32, see cache.py), and how the block is
-    called; `device` is where to compute."""
+    called; `device` is where to compute; `blocks` how many blocks the model has (the run's length)."""
 
     inputs: HiddenCache
     targets: HiddenCache
@@ -35,6 +35,7 @@ class BlockData:
     device: torch.device
     amp_dtype: torch.dtype | None
     index: int
+    blocks: int = 1
 
 
 @dataclass

@@ -14,13 +14,14 @@ reliable guide to perplexity at that scale.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import warnings
 
 import torch
 from torch.func import functional_call
 
-from ..blocks import as_param_layout, autocast, block_output, iter_batches, linear_weight
+from ..blocks import block_output, iter_batches, linear_weight, stores_transposed
 from ..quant.integer import from_groups, search_clipping, to_groups
 from .base import BlockData, BlockResult, LayerTask, block_loss, register
 
@@ -29,7 +30,7 @@ class _Tunables:
     """The trainable tensors of one layer, kept in fp32 on the compute device; the weight and the
     offsets are kept grouped (out, groups, group_size), the layout every step works in."""
 
-    def __init__(self, task: LayerTask, device):
+    def __init__(self, task: LayerTask, device, dtype: torch.dtype):
         self.task = task
         w = linear_weight(task.module).detach()
         self.weight = w.to(device=device, dtype=torch.float32)
@@ -39,7 +40,9 @@ class _Tunables:
         self.min_scale = torch.ones(w.shape[0], groups, device=device, requires_grad=True)
         self.max_scale = torch.ones(w.shape[0], groups, device=device, requires_grad=True)
         self.param_name = f"{task.name}.weight"
-        self.param_dtype = task.module.weight.dtype
+        # what the traced step treats as constants (identical across a model's blocks, so no recompiles);
+        # `dtype` is the fake weight's: the autocast dtype the layer would cast it to anyway
+        self.spec = (self.param_name, task.scheme, w.shape[1], dtype, stores_transposed(task.module))
 
     def params(self):
         return [self.offset, self.min_scale, self.max_scale]
@@ -52,9 +55,9 @@ class _Tunables:
         clipping tunable: at W2A16G64 that is worth 125.5 against 144.4 (fast recipe), while at W3A16 and
         W4A16, from the fast recipe's searched start, freezing is the better regulariser (30.26 against
         31.30, 21.06 against 21.51)."""
-        self.offset.sub_(lr * self.offset.grad.sign())
-        self.min_scale.sub_(minmax_lr * self.min_scale.grad.sign())
-        self.max_scale.sub_(minmax_lr * self.max_scale.grad.sign())
+        self.offset.add_(self.offset.grad.sign_(), alpha=-lr)  # the gradients are dropped below: signed in place
+        self.min_scale.add_(self.min_scale.grad.sign_(), alpha=-minmax_lr)
+        self.max_scale.add_(self.max_scale.grad.sign_(), alpha=-minmax_lr)
         if project:
             self.min_scale.clamp_(0, 1)
             self.max_scale.clamp_(0, 1)
@@ -73,18 +76,42 @@ class _Tunables:
         """The starting point: no offset (None: zeros, not kept as a weight-sized tensor), the initial clipping."""
         return [None, self.min_scale.detach().clone(), self.max_scale.detach().clone()]
 
+    def tensors(self, initial: bool = False):
+        """What the fake weight is computed from: the weight alone at the starting point."""
+        return (self.grouped, None, None, None) if initial else (self.grouped, self.offset, self.min_scale, self.max_scale)
+
     def fake_weight(self, initial: bool = False) -> torch.Tensor:
-        s = self.task.scheme
-        if initial:
-            wg = s.fake_quant_groups(self.grouped)
-        else:
-            wg = s.fake_quant_groups(self.grouped, self.offset, self.min_scale, self.max_scale)
-        return as_param_layout(self.task.module, from_groups(wg, self.weight.shape[1]).to(self.param_dtype))
+        return _fake_weights([self.spec], [self.tensors(initial)])[self.param_name]
 
     def final(self):
         s = self.task.scheme
         offset = from_groups(self.offset.detach(), self.weight.shape[1])
         return s.quantize(self.weight, offset, self.min_scale.detach(), self.max_scale.detach())
+
+
+def _fake_weights(specs, tensors) -> dict[str, torch.Tensor]:
+    """The layers' straight-through quantize-dequantized weights, by parameter name, in each module's layout."""
+    weights = {}
+    for (name, scheme, in_features, dtype, transposed), (grouped, offset, min_scale, max_scale) in zip(specs, tensors):
+        w = from_groups(scheme.fake_quant_groups(grouped, offset, min_scale, max_scale), in_features).to(dtype)
+        weights[name] = w.t() if transposed else w
+    return weights
+
+
+def _tuned_loss(block, specs, tensors, x, y, args, kwargs, amp_dtype, tame_outliers: bool) -> torch.Tensor:
+    """One batch's block loss with fake-quantized weights: the whole step's forward, as one function
+    so that torch.compile can fuse its elementwise work (quantize-dequantize, norms, activations,
+    residual adds, casts) around the matmuls, as auto-round compiles its block forward."""
+    weights = _fake_weights(specs, tensors)
+    with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        out = block_output(functional_call(block, weights, (x, *args), kwargs))
+    return block_loss(out.float(), y.float(), tame_outliers)
+
+
+@functools.cache
+def _compiled_tuned_loss():
+    """`_tuned_loss` through torch.compile, made once per process; the blocks of a model share its graphs."""
+    return torch.compile(_tuned_loss)
 
 
 @torch.no_grad()
@@ -161,7 +188,10 @@ class SignRound:
 
     def _tune(self, block, layers, data: BlockData, config) -> BlockResult:
         device = data.device
-        tunables = [_Tunables(t, device) for t in layers]
+        tunables = [_Tunables(t, device, data.amp_dtype or t.module.weight.dtype) for t in layers]
+        specs = [t.spec for t in tunables]
+        # K-quants stay eager: inductor drops the fp16 round trip of their super-block scales
+        step_loss = _compiled_tuned_loss() if config.compiles(device, data.blocks) and not any(s[1].kquant for s in specs) else _tuned_loss
         n = data.inputs.shape[0]
         batch = min(config.batch_size, n)
         iters = config.iters
@@ -169,15 +199,12 @@ class SignRound:
         minmax_lr = config.minmax_lr or lr
         gen = torch.Generator().manual_seed(config.seed * 100003 + data.index)
 
-        def forward(x, initial=False):
-            weights = {t.param_name: t.fake_weight(initial) for t in tunables}
-            with autocast(device, data.amp_dtype):
-                return block_output(functional_call(block, weights, (x, *data.call.args), data.call.kwargs))
-
         def loss_on(rows: torch.Tensor, initial=False) -> torch.Tensor:
             x = data.inputs.rows(rows).to(device)
             y = data.targets.rows(rows).to(device)
-            return block_loss(forward(x, initial).float(), y.float(), config.tame_outliers)
+            loss = _tuned_loss if initial else step_loss
+            return loss(block, specs, [t.tensors(initial) for t in tunables], x, y, data.call.args, data.call.kwargs,
+                        data.amp_dtype, config.tame_outliers)
 
         importance = {}
         hooks = [t.task.module.register_forward_pre_hook(_accumulate_importance(importance, t)) for t in tunables] if config.clip_search else []

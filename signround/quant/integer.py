@@ -137,8 +137,14 @@ class _RoundClampSTE(torch.autograd.Function):
 
 
 def round_clamp_ste(wg, offset, scale, zero, maxq: int, zero_in_round: bool = False) -> torch.Tensor:
-    """Dequantized `clamp(round(wg / scale + offset) + zero, 0, maxq)`, straight-through (see `_RoundClampSTE`)."""
-    return _RoundClampSTE.apply(wg, offset, scale, zero, maxq, zero_in_round)
+    """Dequantized `clamp(round(wg / scale + offset) + zero, 0, maxq)`, straight-through (see `_RoundClampSTE`).
+    Under `torch.compile` the plain expression instead: inductor fuses it into one kernel each way (a
+    third of the eager function's time), where the hand-written one would stay a series of passes."""
+    if not torch.compiler.is_compiling():
+        return _RoundClampSTE.apply(wg, offset, scale, zero, maxq, zero_in_round)
+    x = wg / scale if offset is None else wg / scale + offset
+    codes = round_ste(x + zero) if zero_in_round else round_ste(x) + zero
+    return (codes.clamp(0, maxq) - zero) * scale
 
 
 def fake_quant_groups(wg: torch.Tensor, bits: int, sym: bool, offset=None, min_scale=None, max_scale=None) -> torch.Tensor:

@@ -105,7 +105,7 @@ def test_a_clipping_scale_pushed_past_one_leaves_its_group_unclipped_for_good():
 
     layer = torch.nn.Linear(64, 8, bias=False)
     scheme = WeightScheme(bits=4, group_size=32, sym=False)
-    tunable = _Tunables(LayerTask("proj", layer, scheme), torch.device("cpu"))
+    tunable = _Tunables(LayerTask("proj", layer, scheme), torch.device("cpu"), torch.float32)
     for p in tunable.params():
         p.grad = torch.full_like(p, -1.0)  # descent pushes the scales up, past 1
     tunable.step(0.1, 0.1)
@@ -126,7 +126,7 @@ def test_projected_clipping_scales_stay_in_range_and_keep_their_gradient():
     from signround.config import WeightScheme
 
     layer = torch.nn.Linear(64, 8, bias=False)
-    tunable = _Tunables(LayerTask("proj", layer, WeightScheme(bits=2, group_size=32, sym=False)), torch.device("cpu"))
+    tunable = _Tunables(LayerTask("proj", layer, WeightScheme(bits=2, group_size=32, sym=False)), torch.device("cpu"), torch.float32)
     for p in tunable.params():
         p.grad = torch.full_like(p, -1.0)
     tunable.step(0.1, 0.1, project=True)
@@ -165,3 +165,41 @@ def test_block_loss_weighs_a_massive_token_down_to_a_typical_tokens_weight():
     assert torch.isclose(tamed, torch.tensor(typical_err))  # tamed, every token counts like a typical one
     uniform = torch.ones(2, 8, 16)
     assert torch.isclose(block_loss(uniform * 1.1, uniform, True), block_loss(uniform * 1.1, uniform, False))  # no outlier: plain MSE
+
+
+@pytest.mark.parametrize("arch,scheme", [("llama", "W2A16G32"), ("gpt2", "W4A16G32")])
+def test_compiled_tuning_step_matches_the_eager_one(arch, scheme):
+    """compile=True traces the whole step (quantize-dequantize in its plain-op form, the block, the loss)
+    through torch.compile; it must tune to the eager step's result: the same block losses and, but for a
+    rare rounding decision flipped by a gradient's last bits, the same codes. gpt2: transposed Conv1D weights."""
+    from signround.hardware import can_compile
+
+    if not can_compile(torch.device("cpu")):
+        pytest.fail("no C++ compiler for torch.compile: install g++ (build-essential)")
+    reports, codes = [], []
+    for compile in (False, True):
+        model = make(arch)
+        config = QuantConfig(scheme=scheme, iters=6, nsamples=8, seqlen=32, batch_size=4, amp="off", compile=compile)
+        reports.append(signround.quantize(model, config, calibration=calib_ids(8, 32), progress=False))
+        codes.append(torch.cat([v.flatten() for k, v in sorted(model.state_dict().items()) if k.endswith("qweight")]))
+    from signround.algorithms.signround import _compiled_tuned_loss
+
+    assert _compiled_tuned_loss.cache_info().currsize == 1  # the compiled step was the one taken
+    eager, compiled = reports
+    for (a_before, a_after), (b_before, b_after) in zip(eager.block_losses, compiled.block_losses):
+        assert b_before == pytest.approx(a_before, rel=1e-5) and b_after == pytest.approx(a_after, rel=0.02)
+    assert (codes[0] == codes[1]).float().mean() > 0.99
+
+
+def test_compile_auto_waits_for_a_run_long_enough_to_repay_it():
+    """~55 s of compile repays only long runs: SmolLM2's 30 blocks with the full recipe, not the fast one."""
+    from signround.config import ConfigError
+    from signround.hardware import can_compile
+
+    cpu = torch.device("cpu")
+    assert not QuantConfig(iters=10).compiles(cpu, blocks=2)
+    assert not QuantConfig(recipe="fast").compiles(cpu, blocks=30)
+    assert QuantConfig(recipe="full").compiles(cpu, blocks=30) == can_compile(cpu)
+    assert not QuantConfig(recipe="full", compile=False).compiles(cpu, blocks=30)
+    with pytest.raises(ConfigError, match="compile="):
+        QuantConfig(compile="yes")
