@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 from tiny_models import calib_ids, make
@@ -189,6 +191,22 @@ def test_compiled_tuning_step_matches_the_eager_one(arch, scheme):
     for (a_before, a_after), (b_before, b_after) in zip(eager.block_losses, compiled.block_losses):
         assert b_before == pytest.approx(a_before, rel=1e-5) and b_after == pytest.approx(a_after, rel=0.02)
     assert (codes[0] == codes[1]).float().mean() > 0.99
+
+
+def test_a_compiled_step_that_disagrees_with_the_eager_one_is_dropped_for_the_block(monkeypatch):
+    """A miscompiled graph (as inductor once gave for bf16 partial groups) must not tune the block: the
+    first step checks the compiled loss against the eager one and falls back, saying so."""
+    from signround.algorithms import signround as algorithm
+    from signround.hardware import can_compile
+
+    if not can_compile(torch.device("cpu")):
+        pytest.fail("no C++ compiler for torch.compile: install g++ (build-essential)")
+    monkeypatch.setattr(algorithm, "_compiled_tuned_loss", lambda: lambda *args: algorithm._tuned_loss(*args) * 3)
+    config = QuantConfig(scheme="W4A16G32", iters=6, nsamples=8, seqlen=32, batch_size=4, amp="off")
+    expected = signround.quantize(make("llama"), dataclasses.replace(config, compile=False), calibration=calib_ids(8, 32), progress=False)
+    with pytest.warns(UserWarning, match="compiled step's loss disagrees"):
+        report = signround.quantize(make("llama"), dataclasses.replace(config, compile=True), calibration=calib_ids(8, 32), progress=False)
+    assert report.block_losses == expected.block_losses
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
