@@ -168,11 +168,16 @@ def config_from_args(args):
     return QuantConfig(
         scheme=scheme, method=args.method, layer_overrides=overrides, quantize_lm_head=args.quantize_lm_head,
         recipe=args.recipe, iters=args.iters, clip_search=args.clip_search, keep=args.keep, tame_outliers=args.tame_outliers,
-        project_clipping={"on": True, "off": False}.get(args.project_clipping, args.project_clipping),
+        project_clipping=_on_off_auto(args.project_clipping),
         nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size, grad_accum=args.grad_accum,
         lr=args.lr, minmax_lr=args.minmax_lr, seed=args.seed, quantized_inputs=not args.fp_inputs, device=args.device, amp=args.amp,
-        cache_dtype=args.cache_dtype, compile={"on": True, "off": False}.get(args.compile, args.compile),
+        cache_dtype=args.cache_dtype, compile=_on_off_auto(args.compile),
     )
+
+
+def _on_off_auto(choice: str | None):
+    """A CLI on/off/auto choice as the config field takes it: True, False, "auto" (None: unset)."""
+    return {"on": True, "off": False}.get(choice, choice)
 
 
 class _usage(ValueError):

@@ -21,7 +21,7 @@ import warnings
 import torch
 from torch.func import functional_call
 
-from ..blocks import block_output, iter_batches, linear_weight, stores_transposed
+from ..blocks import autocast, block_output, iter_batches, linear_weight, stores_transposed
 from ..quant.integer import from_groups, search_clipping, to_groups
 from .base import BlockData, BlockResult, LayerTask, block_loss, register
 
@@ -80,9 +80,6 @@ class _Tunables:
         """What the fake weight is computed from: the weight alone at the starting point."""
         return (self.grouped, None, None, None) if initial else (self.grouped, self.offset, self.min_scale, self.max_scale)
 
-    def fake_weight(self, initial: bool = False) -> torch.Tensor:
-        return _fake_weights([self.spec], [self.tensors(initial)])[self.param_name]
-
     def final(self):
         s = self.task.scheme
         offset = from_groups(self.offset.detach(), self.weight.shape[1])
@@ -105,7 +102,7 @@ def _tuned_loss(block, specs, tensors, x, y, args, kwargs, amp_dtype, tame_outli
     so that torch.compile can fuse its elementwise work (quantize-dequantize, norms, activations,
     residual adds, casts) around the matmuls, as auto-round compiles its block forward."""
     weights = _fake_weights(specs, tensors)
-    with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+    with autocast(x.device, amp_dtype):
         out = block_output(functional_call(block, weights, (x, *args), kwargs))
     return block_loss(out.float(), y.float(), tame_outliers)
 

@@ -101,7 +101,7 @@ def test_a_clipping_scale_pushed_past_one_leaves_its_group_unclipped_for_good():
     """Unprojected signed descent (projection cost perplexity): a scale stepped above 1 quantizes like
     1, no clipping, and the forward's clamp passes it no gradient, so it stays."""
     from signround.algorithms.base import LayerTask
-    from signround.algorithms.signround import _Tunables
+    from signround.algorithms.signround import _fake_weights, _Tunables
     from signround.config import WeightScheme
     from signround.quant.integer import fake_quant
 
@@ -114,8 +114,8 @@ def test_a_clipping_scale_pushed_past_one_leaves_its_group_unclipped_for_good():
     assert torch.allclose(tunable.max_scale, torch.full_like(tunable.max_scale, 1.1))
     assert torch.allclose(tunable.offset, torch.full_like(tunable.offset, 0.1))
     tunable.offset.data.zero_()
-    assert torch.equal(tunable.fake_weight().detach(), fake_quant(layer.weight.detach(), 4, 32, False))
-    tunable.fake_weight().pow(2).sum().backward()
+    assert torch.equal(_fake_weights([tunable.spec], [tunable.tensors()])["proj.weight"].detach(), fake_quant(layer.weight.detach(), 4, 32, False))
+    _fake_weights([tunable.spec], [tunable.tensors()])["proj.weight"].pow(2).sum().backward()
     assert tunable.max_scale.grad.abs().sum() == 0 and tunable.min_scale.grad.abs().sum() == 0
     assert tunable.offset.grad.abs().sum() > 0
 
@@ -124,7 +124,7 @@ def test_projected_clipping_scales_stay_in_range_and_keep_their_gradient():
     """project_clipping (auto-round's step): a scale pushed past 1 is put back at 1, where the forward
     still passes it a gradient, so a later step can clip the group again."""
     from signround.algorithms.base import LayerTask
-    from signround.algorithms.signround import _Tunables
+    from signround.algorithms.signround import _fake_weights, _Tunables
     from signround.config import WeightScheme
 
     layer = torch.nn.Linear(64, 8, bias=False)
@@ -134,7 +134,7 @@ def test_projected_clipping_scales_stay_in_range_and_keep_their_gradient():
     tunable.step(0.1, 0.1, project=True)
     assert torch.equal(tunable.max_scale, torch.ones_like(tunable.max_scale))
     assert torch.equal(tunable.min_scale, torch.ones_like(tunable.min_scale))
-    (tunable.fake_weight() - layer.weight.detach()).pow(2).sum().backward()
+    (_fake_weights([tunable.spec], [tunable.tensors()])["proj.weight"] - layer.weight.detach()).pow(2).sum().backward()
     assert tunable.max_scale.grad.abs().sum() > 0 and tunable.min_scale.grad.abs().sum() > 0
 
 
