@@ -77,8 +77,9 @@ def _child_signround(args) -> dict:
     recipe = {} if args.recipe == "default" else dict(recipe="full", iters=args.iters, batch_size=args.batch_size, lr=args.lr)
     if args.cache_dtype:
         recipe["cache_dtype"] = args.cache_dtype
-    if args.project_clipping is not None:
-        recipe["project_clipping"] = args.project_clipping
+    for name in VARIANT_SETTINGS:
+        if getattr(args, name) is not None:
+            recipe[name] = getattr(args, name)
     config = signround.QuantConfig(scheme=args.scheme, nsamples=args.nsamples, seqlen=args.seqlen, seed=42, device=args.device, **recipe)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp) / "work"
@@ -126,8 +127,8 @@ def run_child(tool: str, recipe: str, scheme: str, args, extra=()) -> dict:
     argv = [sys.executable, __file__, "--child", tool, "--recipe", recipe, "--scheme", scheme, "--model", args.model, "--device", args.device,
             "--iters", str(args.iters), "--batch-size", str(args.batch_size), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
             "--autoround-amp", args.autoround_amp, *(["--layers", str(args.layers)] if args.layers else []), *extra]
-    if tool == "signround" and args.project_clipping is not None:
-        argv.append("--project-clipping" if args.project_clipping else "--no-project-clipping")
+    if tool == "signround":
+        argv += variant_argv(args)
     if args.lr:
         argv += ["--lr", str(args.lr)]
     print(f"== {tool} {recipe} {scheme} {' '.join(extra)}", flush=True)
@@ -139,17 +140,32 @@ def run_child(tool: str, recipe: str, scheme: str, args, extra=()) -> dict:
     return row
 
 
+# signround settings a run may override beside its recipe: each gives the run a row of its own
+VARIANT_SETTINGS = {"project_clipping": ("projected", "unprojected"), "clip_search": ("clip search", "RTN start"), "cache_dtype": None}
+
+
+def variant_argv(args) -> list[str]:
+    """The command-line flags that repeat this run's variant settings in a child."""
+    argv = []
+    for name, labels in VARIANT_SETTINGS.items():
+        value, flag = getattr(args, name), "--" + name.replace("_", "-")
+        if value is not None:
+            argv += [flag, value] if labels is None else [flag if value else "--no-" + flag[2:]]
+    return argv
+
+
 def signround_key(recipe: str, scheme_or_point: str, args) -> str:
-    """Runs with --project-clipping / --no-project-clipping keep rows of their own beside the recipe-default run."""
-    variant = {None: "", True: "|projected", False: "|unprojected"}[args.project_clipping]
-    return f"signround|{recipe}|{scheme_or_point}{variant}"
+    """Runs with variant settings (--project-clipping, --clip-search, --cache-dtype) keep rows of their own beside the recipe-default run."""
+    parts = [(f"{value} caches" if labels is None else labels[0 if value else 1])
+             for name, labels in VARIANT_SETTINGS.items() if (value := getattr(args, name)) is not None]
+    return f"signround|{recipe}|{scheme_or_point}" + "".join(f"|{part}" for part in parts)
 
 
 def signround_rows(results: dict, recipe: str, scheme: str) -> list[tuple[str, dict]]:
     """(label, row) of every signround run of this recipe and scheme, the recipe-default one first."""
     prefix = f"signround|{recipe}|{scheme}"
     keys = sorted((k for k in results if k == prefix or k.startswith(prefix + "|")), key=len)
-    return [("signround" + (f" ({k[len(prefix) + 1:]})" if k != prefix else ""), results[k]) for k in keys]
+    return [("signround" + (f" ({k[len(prefix) + 1:].replace('|', ', ')})" if k != prefix else ""), results[k]) for k in keys]
 
 
 def write_table(results: dict, args, peaks: dict, path: Path) -> None:
@@ -236,10 +252,11 @@ def main() -> None:
     p.add_argument("--table-only", action="store_true", help="rewrite the markdown table from the stored results and stop")
     p.add_argument("--project-clipping", action=argparse.BooleanOptionalAction,
                    help="signround runs with (or without) the clipping-scale projection, whatever its recipe's default; stored as its own rows")
+    p.add_argument("--clip-search", action=argparse.BooleanOptionalAction, help="signround variant: start the clipping scales at the search (or not)")
+    p.add_argument("--cache-dtype", choices=["float32", "bfloat16"], help="signround variant: the activation caches' dtype")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--recipe", help=argparse.SUPPRESS)
     p.add_argument("--scheme", help=argparse.SUPPRESS)
-    p.add_argument("--cache-dtype", help=argparse.SUPPRESS)
     p.add_argument("--offload", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
