@@ -20,14 +20,15 @@ import protocol
 import signround
 
 VARIANTS = {  # name: QuantConfig overrides
-    "full: 200 x 8, RTN start, keep best": dict(recipe="full"),
-    "full, clipping projected onto [0, 1]": dict(recipe="full", project_clipping=True),
-    "full, projected, bf16 caches": dict(recipe="full", project_clipping=True, cache_dtype="bfloat16"),
-    "64 x 8, RTN start": dict(recipe="full", iters=64),
-    "64 x 8, clip search": dict(recipe="full", iters=64, clip_search=True),
-    "100 x 4, clip search": dict(recipe="full", iters=100, batch_size=4, clip_search=True),
-    "160 x 2, clip search": dict(recipe="full", iters=160, batch_size=2, clip_search=True),
-    "128 x 4, RTN start": dict(recipe="full", iters=128, batch_size=4),
+    "paper, unprojected: 200 x 8, RTN start, keep best": dict(recipe="paper", project_clipping=False),
+    "paper: clipping projected onto [0, 1]": dict(recipe="paper"),
+    "paper, bf16 caches": dict(recipe="paper", cache_dtype="bfloat16"),
+    "full 200 x 8 (clip search, projected at 2 bits, bf16 caches)": dict(recipe="full"),
+    "64 x 8, RTN start": dict(recipe="paper", project_clipping=False, iters=64),
+    "64 x 8, clip search": dict(recipe="paper", project_clipping=False, iters=64, clip_search=True),
+    "100 x 4, clip search": dict(recipe="paper", project_clipping=False, iters=100, batch_size=4, clip_search=True),
+    "160 x 2, clip search": dict(recipe="paper", project_clipping=False, iters=160, batch_size=2, clip_search=True),
+    "128 x 4, RTN start": dict(recipe="paper", project_clipping=False, iters=128, batch_size=4),
     "200 x 2, clip search, keep best": dict(recipe="fast", iters=200, batch_size=2, keep="best"),
     "128 x 4, clip search, keep best": dict(recipe="fast", batch_size=4, keep="best"),
     "fast: 128 x 3, clip search, keep best": dict(recipe="fast", iters=128),

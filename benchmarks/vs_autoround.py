@@ -182,7 +182,8 @@ def write_table(results: dict, args, peaks: dict, path: Path) -> None:
     best = max(peaks, key=peaks.get)  # without AMX/AVX512-BF16, bf16 matmuls are far slower than fp32 ones
     lines = [f"# signround vs auto-round: {args.model}, {layers} blocks, calibration gutenberg-{args.nsamples}x{args.seqlen}", "",
              f"machine: {protocol.cpu_name() if args.device == 'cpu' else torch.cuda.get_device_name()}, {torch.get_num_threads()} threads; "
-             f"matmul peak measured in this run: bf16 {peaks['bf16']:.1f} GFLOP/s, fp32 {peaks['fp32']:.1f} GFLOP/s", "",
+             f"matmul peak measured in this run: bf16 {peaks['bf16']:.1f} GFLOP/s, fp32 {peaks['fp32']:.1f} GFLOP/s "
+             f"(each row's share is of the peak measured beside its own run; * where that was not recorded)", "",
              "## Same settings", "",
              f"iters {args.iters}, batch {args.batch_size}, lr {args.lr or '1/iters'}; one step of one block is {step / 1e9:.1f} GFLOP forward+backward", "",
              f"| scheme | tool | tuning s | ratio | s/iter | GFLOP/s | share of the {best} matmul peak | ppl | peak RSS MiB |",
@@ -198,7 +199,9 @@ def write_table(results: dict, args, peaks: dict, path: Path) -> None:
             per_iter = row["tuning_s"] / (row["iters"] * layers)
             rate = step / per_iter / 1e9
             ratio = f"{row['tuning_s'] / theirs['tuning_s']:.2f}" if theirs else ""
-            lines.append(f"| {scheme} | {tool} | {row['tuning_s']:.0f} | {ratio} | {per_iter:.3f} | {rate:.0f} | {rate / peaks[best]:.0%} | "
+            own = row.get("matmul_peaks")  # the peak measured beside the row's own run; older rows share this run's (*)
+            share = f"{rate / own[best]:.0%}" if own else f"{rate / peaks[best]:.0%}*"
+            lines.append(f"| {scheme} | {tool} | {row['tuning_s']:.0f} | {ratio} | {per_iter:.3f} | {rate:.0f} | {share} | "
                          f"{row['ppl']:.3f} | {row['peak_rss_mib']:.0f} |")
     lines += ["", "## Default recipes", "", "| scheme | tool | iters | tuning s | time ratio | ppl | ppl vs auto-round | peak RSS MiB | RSS ratio |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -293,7 +296,7 @@ def main() -> None:
                 if key not in results and tool == "auto-round" and twin in results and same_is_autoround_default(args):
                     results[key] = results[twin]  # one run serves both tables: ~100 minutes saved at full depth on CPU
                 elif key not in results:
-                    results[key] = run_child(tool, recipe, scheme, args)
+                    results[key] = {**run_child(tool, recipe, scheme, args), "matmul_peaks": peaks}
                     store.write_text(json.dumps(stored, indent=1))
                     write_table(results, args, peaks, RESULTS / f"{args.name}-{'all' if not args.layers else args.layers}.md")
     write_table(results, args, peaks, RESULTS / f"{args.name}-{'all' if not args.layers else args.layers}.md")

@@ -30,10 +30,11 @@ def _add_quantize(sub) -> None:
                    help="per-layer override, e.g. 'down_proj=W8A16', 'q_proj=bits=3,group_size=64' or 'lm_head|mlp.0=fp16'")
     p.add_argument("--method", default="signround", help="rtn or signround (default)")
     p.add_argument("--quantize-lm-head", action="store_true", help="also quantize an untied lm_head (round-to-nearest)")
-    p.add_argument("--recipe", default="fast", choices=["fast", "full"],
-                   help="fast (default): 112 steps of 3 rows from an activation-weighted clipping search; full: "
-                        "200 steps of 8 rows from round-to-nearest (the paper's and auto-round's default); both keep the best-loss step; "
-                        "--iters, --batch-size, --clip-search and --keep override either")
+    p.add_argument("--recipe", default="fast", choices=["fast", "full", "paper"],
+                   help="fast (default): 112 steps of 3 rows from an activation-weighted clipping search; full: 200 steps of 8 rows "
+                        "from the same start; paper: 200 steps of 8 rows from round-to-nearest, clipping projected (the paper's and "
+                        "auto-round's default); all keep the best-loss step; --iters, --batch-size, --clip-search, --keep, "
+                        "--project-clipping and --cache-dtype override any")
     p.add_argument("--iters", type=int, help="tuning steps per block (default: the recipe's)")
     clip = p.add_mutually_exclusive_group()
     clip.add_argument("--clip-search", dest="clip_search", action="store_true", default=None,

@@ -141,14 +141,15 @@ def parse_scheme(spec: str | WeightScheme | dict | None) -> WeightScheme | None:
 DEFAULT_DATASET = "NeelNanda/pile-10k"
 
 
-# Tuning recipes. "full" is the paper's and auto-round's default: 200 steps from plain round-to-nearest.
-# "fast" starts the clipping scales at an activation-weighted search, which leaves less for the steps to
-# do, and takes more but smaller steps: 112 x 3 rows is a fifth of 200 x 8, and signed descent gains more
-# from the number of steps than from their batch (128 x 3 reaches 128 x 4's block losses; 100 x 4, at
-# about the same cost, does not: benchmarks/recipes.py, benchmarks/vs_autoround.py). 112 steps gave a
-# better full-depth perplexity than 128 (SmolLM2 W4A16 under bf16 autocast: 21.06 against 21.17): more
-# fitting of the calibration rows has cost perplexity whenever it was measured. It
-# also caches hidden states in bf16, as auto-round does under bf16 autocast: half the memory.
+# Tuning recipes. "paper" is the paper's and auto-round's default: 200 steps of 8 rows from plain
+# round-to-nearest, the clipping scales projected onto [0, 1] after each step. "full" takes the same 200 x 8
+# from a better start: the clipping scales begin at an activation-weighted search, projected only at 2 bits,
+# hidden states cached in bf16 (SmolLM2 W4A16 under bf16 autocast: 21.06 against the paper recipe's 21.23;
+# auto-round 21.02). "fast" keeps that start and takes more but smaller steps: 112 x 3 rows is a fifth of
+# 200 x 8, and signed descent gains more from the number of steps than from their batch (128 x 3 reaches
+# 128 x 4's block losses; 100 x 4, at about the same cost, does not: benchmarks/recipes.py,
+# benchmarks/vs_autoround.py). 112 steps gave a better full-depth perplexity than 128 (21.06 against 21.17):
+# more fitting of the calibration rows has cost perplexity whenever it was measured.
 KEEP = ("best", "last", "average")  # which parameters a tuned block keeps: see algorithms/signround.py
 # compile="auto": on from this many rows through the tuned blocks (blocks x iters x batch). SmolLM2, 2 CPU cores:
 # ~55 s of compile against ~27 ms saved per step of 8 rows, so the full recipe (48000) gains, the fast one (10080) would not
@@ -157,8 +158,10 @@ PROJECT_AUTO_MAX_BITS = 2  # project_clipping="auto": on for layers of at most t
 RECIPES = {
     "fast": {"iters": 112, "batch_size": 3, "clip_search": True, "cache_dtype": "bfloat16", "keep": "best", "tame_outliers": False,
              "project_clipping": "auto"},
-    "full": {"iters": 200, "batch_size": 8, "clip_search": False, "cache_dtype": "float32", "keep": "best", "tame_outliers": False,
-             "project_clipping": True},
+    "full": {"iters": 200, "batch_size": 8, "clip_search": True, "cache_dtype": "bfloat16", "keep": "best", "tame_outliers": False,
+             "project_clipping": "auto"},
+    "paper": {"iters": 200, "batch_size": 8, "clip_search": False, "cache_dtype": "float32", "keep": "best", "tame_outliers": False,
+              "project_clipping": True},
 }
 
 

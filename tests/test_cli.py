@@ -87,7 +87,10 @@ def test_recipe_flags_reach_the_config():
 
     assert config().tame_outliers is False and config("--tame-outliers").tame_outliers is True
     assert config("--recipe", "full", "--no-tame-outliers").tame_outliers is False and config("--recipe", "full").tame_outliers is False
-    assert config().project_clipping == "auto" and config("--recipe", "full").project_clipping is True
+    assert config().project_clipping == "auto" and config("--recipe", "paper").project_clipping is True
+    from signround.config import RECIPES
+
+    assert all(config("--recipe", name).recipe == name for name in RECIPES)
     assert config("--project-clipping", "on").project_clipping is True and config("--project-clipping", "off").project_clipping is False
     assert config().compile == "auto" and config("--compile", "on").compile is True and config("--compile", "off").compile is False
     assert config("--no-clip-search").clip_search is False and config("--keep", "last").keep == "last"

@@ -52,9 +52,10 @@ def test_recipes_fill_only_what_is_unset():
     from signround.config import RECIPES
 
     assert QuantConfig().iters == RECIPES["fast"]["iters"] and QuantConfig().clip_search is True and QuantConfig().batch_size == RECIPES["fast"]["batch_size"]
-    full = QuantConfig(recipe="full")
-    assert (full.iters, full.clip_search, full.keep) == (200, False, "best") and QuantConfig().keep == "best"
-    assert QuantConfig(recipe="full", iters=50, clip_search=True).iters == 50
+    full, paper = QuantConfig(recipe="full"), QuantConfig(recipe="paper")
+    assert (full.iters, full.batch_size, full.clip_search, full.keep) == (200, 8, True, "best") and QuantConfig().keep == "best"
+    assert (paper.iters, paper.batch_size, paper.clip_search, paper.cache_dtype) == (200, 8, False, "float32")
+    assert QuantConfig(recipe="paper", iters=50, clip_search=True).iters == 50
     assert QuantConfig().tame_outliers is False and full.tame_outliers is False
     assert QuantConfig(tame_outliers=True).tame_outliers is True
     assert QuantConfig.from_dict(full.to_dict()) == full

@@ -139,12 +139,12 @@ def test_projected_clipping_scales_stay_in_range_and_keep_their_gradient():
 
 
 def test_project_clipping_is_a_recipe_setting_decided_per_layer():
-    """The full recipe projects as auto-round does; the fast one only at 2 bits, where clipping matters
+    """The paper recipe projects as auto-round does; fast and full only at 2 bits, where clipping matters
     most (W2A16G64 125.5 against 144.4); at 3 and 4 bits freezing a scale at 1 is the better regulariser
     (W3A16 31.30 projected against 30.26, W4A16 21.51 against 21.06)."""
     from signround.config import WeightScheme
 
-    assert QuantConfig(recipe="full").project_clipping is True and QuantConfig().project_clipping == "auto"
+    assert QuantConfig(recipe="paper").project_clipping is True and QuantConfig().project_clipping == "auto" == QuantConfig(recipe="full").project_clipping
     fast = QuantConfig()
     assert fast.projects_clipping(WeightScheme(bits=2, group_size=64, sym=False))
     assert not fast.projects_clipping(WeightScheme(bits=3)) and not fast.projects_clipping(WeightScheme(bits=4))
