@@ -185,7 +185,9 @@ def write_table(results: dict, args, peaks: dict, path: Path) -> None:
              f"matmul peak measured in this run: bf16 {peaks['bf16']:.1f} GFLOP/s, fp32 {peaks['fp32']:.1f} GFLOP/s "
              f"(each row's share is of the peak measured beside its own run; * where that was not recorded)", "",
              "## Same settings", "",
-             f"iters {args.iters}, batch {args.batch_size}, lr {args.lr or '1/iters'}; one step of one block is {step / 1e9:.1f} GFLOP forward+backward", "",
+             f"iters {args.iters}, batch {args.batch_size}, lr {args.lr or '1/iters'}; one step of one block is {step / 1e9:.1f} GFLOP forward+backward. "
+             "signround runs its `full` recipe (the same steps from its clipping search, projected at 2 bits, bf16 caches); a row in brackets "
+             "overrides some of that (projected, RTN start, float32 caches: the `paper` recipe, auto-round's)", "",
              f"| scheme | tool | tuning s | ratio | s/iter | GFLOP/s | share of the {best} matmul peak | ppl | peak RSS MiB |",
              "|---|---|---|---|---|---|---|---|---|"]
     for scheme in schemes:
@@ -201,6 +203,7 @@ def write_table(results: dict, args, peaks: dict, path: Path) -> None:
             ratio = f"{row['tuning_s'] / theirs['tuning_s']:.2f}" if theirs else ""
             own = row.get("matmul_peaks")  # the peak measured beside the row's own run; older rows share this run's (*)
             share = f"{rate / own[best]:.0%}" if own else f"{rate / peaks[best]:.0%}*"
+            tool += f" ({row['note']})" if row.get("note") else ""
             lines.append(f"| {scheme} | {tool} | {row['tuning_s']:.0f} | {ratio} | {per_iter:.3f} | {rate:.0f} | {share} | "
                          f"{row['ppl']:.3f} | {row['peak_rss_mib']:.0f} |")
     lines += ["", "## Default recipes", "", "| scheme | tool | iters | tuning s | time ratio | ppl | ppl vs auto-round | peak RSS MiB | RSS ratio |",
