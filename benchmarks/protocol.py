@@ -80,6 +80,8 @@ def write_result(name: str, lines: list[str], echo: bool = True) -> Path:
     """A benchmark's markdown table under benchmarks/results/, stamped with when it was measured."""
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / name
+    while lines and not lines[-1]:  # a table ending in its own blank line gets one, not two, before the stamp
+        lines = lines[:-1]
     path.write_text("\n".join([*lines, "", f"updated {datetime.datetime.now().isoformat(timespec='minutes')}"]) + "\n")
     if echo:
         print(path.read_text())

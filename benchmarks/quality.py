@@ -70,7 +70,7 @@ def run_autoround(base, tokenizer, method, scheme, calib, eval_ids, args) -> dic
 
 def key(tool, method, scheme, args) -> str:
     # RTN ignores the recipe (its rows keep the untagged keys of the full recipe); a SignRound row always names its recipe
-    recipe = f"|recipe-{args.recipe}" if (tool, method) == ("signround", "signround") or (tool == "signround" and args.recipe != "full") else ""
+    recipe = f"|recipe-{args.recipe}" if tool == "signround" and (method == "signround" or args.recipe != "full") else ""
     recipe += f"|keep-{args.keep}" if (tool, method) == ("signround", "signround") and args.keep != "best" else ""  # rows from before --keep kept the best
     if (tool, method) == ("signround", "signround") and args.tame_outliers is not None:  # rows from before the option had it off
         recipe += f"|tame-{'on' if args.tame_outliers else 'off'}"

@@ -75,8 +75,6 @@ def _child_signround(args) -> dict:
     protocol.truncate(model, args.layers)
     calib = protocol.gutenberg_calibration(tokenizer, args.nsamples, args.seqlen)
     recipe = {} if args.recipe == "default" else dict(recipe="full", iters=args.iters, batch_size=args.batch_size, lr=args.lr)
-    if args.cache_dtype:
-        recipe["cache_dtype"] = args.cache_dtype
     for name in VARIANT_SETTINGS:
         if getattr(args, name) is not None:
             recipe[name] = getattr(args, name)
