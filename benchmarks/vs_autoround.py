@@ -7,6 +7,7 @@ each run in its own process (so peak RSS is its own), the tools alternating:
   default recipe  signround's default (`--recipe` of the CLI) against auto-round's default (iters 200,
                   batch 8): wall time ratio and wt2-32k perplexity;
   and the peak RSS of every run (model load included: signround streams the blocks, auto-round loads whole).
+  A signround run also saves its packed checkpoint and reloads it: the same-settings table gives both perplexities.
 
     python benchmarks/vs_autoround.py --layers 4          # a quick look
     python benchmarks/vs_autoround.py                     # the headline: full depth, W4A16 and W2A16G64
@@ -85,8 +86,12 @@ def _child_signround(args) -> dict:
                                     offload_dir=work / "caches" if args.offload else None)
         rss = protocol.peak_rss_mib()
         materialize_blocks(model, finished_blocks(work, model))
-    ppl = perplexity(model.to(args.device), protocol.wikitext_ids(tokenizer).to(args.device))
-    return {"tuning_s": report.tuning_seconds, "iters": config.iters, "steps": report.tuning_steps, "ppl": ppl, "peak_rss_mib": rss,
+        eval_ids = protocol.wikitext_ids(tokenizer).to(args.device)
+        ppl = perplexity(model.to(args.device), eval_ids)
+        signround.save(model, Path(tmp) / "out", tokenizer)  # issue 2's bar: the packed checkpoint reproduces the tuned model
+        reloaded_ppl = perplexity(signround.load(Path(tmp) / "out", device=args.device), eval_ids)
+    return {"tuning_s": report.tuning_seconds, "iters": config.iters, "steps": report.tuning_steps, "ppl": ppl, "reloaded_ppl": reloaded_ppl,
+            "peak_rss_mib": rss,
             "batch": config.batch_size, "nsamples": args.nsamples, "seqlen": args.seqlen, "work": config.iters * args.nsamples * args.seqlen,
             "compile": config.compile}
 
@@ -186,8 +191,8 @@ def write_table(results: dict, args, peaks: dict, path: Path) -> None:
              f"iters {args.iters}, batch {args.batch_size}, lr {args.lr or '1/iters'}; one step of one block is {step / 1e9:.1f} GFLOP forward+backward. "
              "signround runs its `full` recipe (the same steps from its clipping search, projected at 2 bits, bf16 caches); a row in brackets "
              "overrides some of that (projected, RTN start, float32 caches: the `paper` recipe, auto-round's)", "",
-             f"| scheme | tool | tuning s | ratio | s/iter | GFLOP/s | share of the {best} matmul peak | ppl | peak RSS MiB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"| scheme | tool | tuning s | ratio | s/iter | GFLOP/s | share of the {best} matmul peak | ppl | reloaded ppl | peak RSS MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for scheme in schemes:
         theirs = results.get(f"auto-round|same|{scheme}")
         if theirs is None and same_is_autoround_default(args):
@@ -202,8 +207,9 @@ def write_table(results: dict, args, peaks: dict, path: Path) -> None:
             own = row.get("matmul_peaks")  # the peak measured beside the row's own run; older rows share this run's (*)
             share = f"{rate / own[best]:.0%}" if own else f"{rate / peaks[best]:.0%}*"
             tool += f" ({row['note']})" if row.get("note") else ""
+            reloaded = f"{row['reloaded_ppl']:.3f} ({(row['reloaded_ppl'] / row['ppl'] - 1) * 100:+.2f}%)" if "reloaded_ppl" in row else ""
             lines.append(f"| {scheme} | {tool} | {row['tuning_s']:.0f} | {ratio} | {per_iter:.3f} | {rate:.0f} | {share} | "
-                         f"{row['ppl']:.3f} | {row['peak_rss_mib']:.0f} |")
+                         f"{row['ppl']:.3f} | {reloaded} | {row['peak_rss_mib']:.0f} |")
     lines += ["", "## Default recipes", "", "| scheme | tool | iters | tuning s | time ratio | ppl | ppl vs auto-round | peak RSS MiB | RSS ratio |",
               "|---|---|---|---|---|---|---|---|---|"]
     for scheme in schemes:
