@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import platform
 import random
+import tempfile
 from pathlib import Path
 
 import torch
@@ -86,3 +87,14 @@ def write_result(name: str, lines: list[str], echo: bool = True) -> Path:
     if echo:
         print(path.read_text())
     return path
+
+
+def reloaded_perplexity(model, tokenizer, eval_ids: torch.Tensor, device: str = "cpu") -> float:
+    """Perplexity of `model` saved as a packed checkpoint and loaded back: what a user of the output
+    folder gets (issue 2's bar: within 0.5% of the tuned model's)."""
+    import signround
+    from signround.evaluate import perplexity
+
+    with tempfile.TemporaryDirectory() as tmp:
+        signround.save(model, Path(tmp) / "out", tokenizer)
+        return perplexity(signround.load(Path(tmp) / "out", device=device), eval_ids)

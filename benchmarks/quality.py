@@ -16,7 +16,6 @@ import datetime
 import json
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -45,10 +44,7 @@ def run_ours(base, tokenizer, method, scheme, calib, eval_ids, args) -> dict:
     report = signround.quantize(model, config, tokenizer=tokenizer, calibration=calib, work_dir=work)
     row = {"ppl": perplexity(model, eval_ids), "tuning_s": report.tuning_seconds, "bits_per_weight": report.bits_per_weight,
            "peak_rss_gib": report.peak_memory_bytes / 2**30, "block_losses": report.block_losses}
-    with tempfile.TemporaryDirectory() as tmp:
-        signround.save(model, Path(tmp) / "out", tokenizer)
-        reloaded = signround.load(Path(tmp) / "out")
-        row["reloaded_ppl"] = perplexity(reloaded, eval_ids)
+    row["reloaded_ppl"] = protocol.reloaded_perplexity(model, tokenizer, eval_ids)
     shutil.rmtree(work)
     return row
 

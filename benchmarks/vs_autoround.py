@@ -86,13 +86,11 @@ def _child_signround(args) -> dict:
                                     offload_dir=work / "caches" if args.offload else None)
         rss = protocol.peak_rss_mib()
         materialize_blocks(model, finished_blocks(work, model))
-        eval_ids = protocol.wikitext_ids(tokenizer).to(args.device)
-        ppl = perplexity(model.to(args.device), eval_ids)
-        signround.save(model, Path(tmp) / "out", tokenizer)  # issue 2's bar: the packed checkpoint reproduces the tuned model
-        reloaded_ppl = perplexity(signround.load(Path(tmp) / "out", device=args.device), eval_ids)
+    eval_ids = protocol.wikitext_ids(tokenizer).to(args.device)
+    ppl = perplexity(model.to(args.device), eval_ids)
+    reloaded_ppl = protocol.reloaded_perplexity(model, tokenizer, eval_ids, args.device)
     return {"tuning_s": report.tuning_seconds, "iters": config.iters, "steps": report.tuning_steps, "ppl": ppl, "reloaded_ppl": reloaded_ppl,
-            "peak_rss_mib": rss,
-            "batch": config.batch_size, "nsamples": args.nsamples, "seqlen": args.seqlen, "work": config.iters * args.nsamples * args.seqlen,
+            "peak_rss_mib": rss, "batch": config.batch_size, "nsamples": args.nsamples, "seqlen": args.seqlen, "work": config.iters * args.nsamples * args.seqlen,
             "compile": config.compile}
 
 
