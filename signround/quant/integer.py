@@ -83,6 +83,11 @@ def qparams(w_groups: torch.Tensor, bits: int, sym: bool, min_scale=None, max_sc
     Differentiable in `min_scale`/`max_scale` (and in the weights) when `ste` is set.
     """
     wmin, wmax = group_range(w_groups, min_scale, max_scale)
+    return qparams_from_range(wmin, wmax, bits, sym, ste)
+
+
+def qparams_from_range(wmin: torch.Tensor, wmax: torch.Tensor, bits: int, sym: bool, ste: bool = False):
+    """`qparams` from a group range already taken (and clipped): a search over clippings takes it once."""
     rnd = round_ste if ste else torch.round
     if sym:
         half = 2 ** (bits - 1)
@@ -194,16 +199,22 @@ def search_clipping(w: torch.Tensor, bits: int, group_size: int, sym: bool, impo
     """Per group, the range-shrink ratio (applied to both min and max) whose round-to-nearest weights are
     closest to `w` in the `importance`-weighted squared error (importance: one value per input channel,
     e.g. the mean squared activation, as llama.cpp's imatrix). A better start for SignRound's clipping
-    scales than no clipping at all. Returns (out, groups)."""
+    scales than no clipping at all. Returns (out, groups).
+
+    Each candidate's error is computed in place in one weight-sized buffer, from a group range taken
+    once: the same numbers as `quantize_groups` then dequantizing, at a ninth of the time (fresh
+    weight-sized tensors per pass made this ~1.5% of a 200-step block on CPU)."""
     ratios = torch.linspace(1.0, 0.7, 31) if ratios is None else ratios
-    w = w.float()
-    weight = torch.ones_like(w) if importance is None else importance.float().to(w.device).expand_as(w)
-    wg, imp = to_groups(w, group_size), to_groups(weight, group_size)
+    wg = to_groups(w.float(), group_size)
+    imp = None if importance is None else to_groups(importance.float().to(w.device).expand_as(w), group_size)
+    wmin, wmax = group_range(wg)
+    err_buf = torch.empty_like(wg)
     best_err = best = None
     for r in ratios.tolist():
-        ones = torch.full(wg.shape[:2], r, device=w.device)
-        scale, zero = qparams(wg, bits, sym, ones, ones)
-        err = (((quantize_groups(wg, scale, zero, bits) - zero) * scale - wg) ** 2 * imp).sum(-1)
+        ratio = torch.full(wmin.shape, r, device=w.device)
+        scale, zero = qparams_from_range(wmin * ratio, wmax * ratio, bits, sym)
+        torch.div(wg, scale, out=err_buf).round_().add_(zero).clamp_(0, 2**bits - 1).sub_(zero).mul_(scale).sub_(wg).square_()
+        err = (err_buf if imp is None else err_buf.mul_(imp)).sum(-1)
         if best is None:
             best_err, best = err, torch.full_like(err, r)
         else:

@@ -125,3 +125,28 @@ def test_clipping_search_never_does_worse_than_no_clipping(bits, sym):
     searched, unclipped = weighted_error(ratio), weighted_error(torch.ones(16, 2))
     assert (searched <= unclipped + 1e-6).all()
     assert searched.sum() < 0.97 * unclipped.sum(), "some clipping must pay off"
+
+
+@pytest.mark.parametrize("bits,group_size", [(2, 64), (3, 32), (4, 128), (8, -1)])
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("weighted", [True, False])
+def test_clipping_search_picks_the_grid_minimum(bits, group_size, sym, weighted):
+    """The in-place search finds, per group, the ratio whose plain quantize-dequantize error is least."""
+    from signround.quant.integer import search_clipping
+
+    torch.manual_seed(1)
+    w = torch.randn(24, 200)  # a partial last group where group_size does not divide 200
+    w[:, 5] *= 6
+    importance = torch.rand(200) + 0.1 if weighted else None
+    ratios = torch.linspace(1.0, 0.7, 31)
+    chosen = search_clipping(w, bits, group_size, sym, importance, ratios)
+    g = 200 if group_size == -1 else group_size
+    groups = -(-200 // g)
+
+    def error(r):  # (out, groups) weighted error of round-to-nearest at per-group ratios r
+        q = fake_quant(w, bits, group_size, sym, None, r, r)
+        sq = ((q - w) ** 2) * (1 if importance is None else importance)
+        return torch.nn.functional.pad(sq, (0, groups * g - 200)).reshape(24, groups, g).sum(-1)
+
+    grid = torch.stack([error(torch.full((24, groups), float(r))) for r in ratios])
+    assert torch.allclose(error(chosen), grid.min(0).values, rtol=1e-5, atol=1e-7)
