@@ -140,13 +140,10 @@ def test_clipping_search_picks_the_grid_minimum(bits, group_size, sym, weighted)
     importance = torch.rand(200) + 0.1 if weighted else None
     ratios = torch.linspace(1.0, 0.7, 31)
     chosen = search_clipping(w, bits, group_size, sym, importance, ratios)
-    g = 200 if group_size == -1 else group_size
-    groups = -(-200 // g)
 
     def error(r):  # (out, groups) weighted error of round-to-nearest at per-group ratios r
         q = fake_quant(w, bits, group_size, sym, None, r, r)
-        sq = ((q - w) ** 2) * (1 if importance is None else importance)
-        return torch.nn.functional.pad(sq, (0, groups * g - 200)).reshape(24, groups, g).sum(-1)
+        return to_groups(((q - w) ** 2) * (1 if importance is None else importance), group_size).sum(-1)
 
-    grid = torch.stack([error(torch.full((24, groups), float(r))) for r in ratios])
+    grid = torch.stack([error(torch.full(chosen.shape, float(r))) for r in ratios])
     assert torch.allclose(error(chosen), grid.min(0).values, rtol=1e-5, atol=1e-7)
