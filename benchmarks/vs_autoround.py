@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -169,6 +170,31 @@ def signround_rows(results: dict, recipe: str, scheme: str) -> list[tuple[str, d
     return [("signround" + (f" ({k[len(prefix) + 1:].replace('|', ', ')})" if k != prefix else ""), results[k]) for k in keys]
 
 
+def repeated_pairs(results: dict, schemes: list[str], layers: int, args) -> list[str]:
+    """The same-settings pairs of `--repeats`, a row each, and the median of their time ratios: drift in
+    the machine's speed over minutes moves single runs by several percent, alternating pairs cancel it."""
+    lines = []
+    for scheme in schemes:
+        theirs = results.get(f"auto-round|same|{scheme}")
+        for tool, ours in signround_rows(results, "same", scheme):
+            if not theirs or not ours.get("repeats") or not theirs.get("repeats"):
+                continue
+            pairs = list(zip([ours, *ours["repeats"]], [theirs, *theirs["repeats"]]))
+            if not lines:
+                lines += ["", "### Same settings, repeated", "", f"{len(pairs)} pairs, each tool's runs alternating with the other's and "
+                          "going first in every other pair (first pair: the rows above)", "",
+                          "| scheme | tool | pair | first | s/iter | auto-round s/iter | ratio |", "|---|---|---|---|---|---|---|"]
+            ratios = []
+            for k, (a, b) in enumerate(pairs):
+                ratios.append(a["tuning_s"] / b["tuning_s"])
+                lines.append(f"| {scheme} | {tool} | {k + 1} | {'signround' if k % 2 == 0 else 'auto-round'} | "
+                             f"{a['tuning_s'] / (a['iters'] * layers):.3f} | {b['tuning_s'] / (b['iters'] * layers):.3f} | {ratios[-1]:.3f} |")
+            total = sum(a["tuning_s"] for a, _ in pairs) / sum(b["tuning_s"] for _, b in pairs)
+            lines.append(f"| {scheme} | {tool} | all | | | | median {statistics.median(ratios):.3f} (range {min(ratios):.3f}-{max(ratios):.3f}), "
+                         f"total time {total:.3f} |")
+    return lines
+
+
 def write_table(results: dict, args, peaks: dict, path: Path) -> None:
     from transformers import AutoConfig
 
@@ -208,6 +234,7 @@ def write_table(results: dict, args, peaks: dict, path: Path) -> None:
             reloaded = f"{row['reloaded_ppl']:.3f} ({(row['reloaded_ppl'] / row['ppl'] - 1) * 100:+.2f}%)" if "reloaded_ppl" in row else ""
             lines.append(f"| {scheme} | {tool} | {row['tuning_s']:.0f} | {ratio} | {per_iter:.3f} | {rate:.0f} | {share} | "
                          f"{row['ppl']:.3f} | {reloaded} | {row['peak_rss_mib']:.0f} |")
+    lines += repeated_pairs(results, schemes, layers, args)
     lines += ["", "## Default recipes", "", "| scheme | tool | iters | tuning s | time ratio | ppl | ppl vs auto-round | peak RSS MiB | RSS ratio |",
               "|---|---|---|---|---|---|---|---|---|"]
     for scheme in schemes:
@@ -254,6 +281,8 @@ def main() -> None:
                    help="same: identical settings; default: each tool's default recipe; scaling: signround at three sizes of iters x nsamples x seqlen")
     p.add_argument("--scaling-points", default="25x32x512,50x32x512,50x64x512,50x32x256", type=lambda s: s.split(","),
                    help="ITERSxNSAMPLESxSEQLEN for the scaling rows (first scheme)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="same-settings pairs to run (the tools alternate who goes first): one pair cannot separate a few percent from this machine's drift")
     p.add_argument("--tools", default="signround,auto-round", type=lambda s: s.split(","), help="whose runs to make (rows stored earlier are kept)")
     p.add_argument("--autoround-amp", default="auto", choices=["auto", "on", "off"])
     p.add_argument("--name", default="vs_autoround", help="results file stem")
@@ -293,9 +322,11 @@ def main() -> None:
             sized = argparse.Namespace(**{**vars(args), "iters": iters, "nsamples": nsamples, "seqlen": seqlen})
             results[key] = run_child("signround", "scaling", args.schemes[0], sized)
             store.write_text(json.dumps(stored, indent=1))
+    table = RESULTS / f"{args.name}-{'all' if not args.layers else args.layers}.md"
     for recipe in [r for r in args.recipes if r != "scaling"]:
         for scheme in args.schemes:
-            for tool in [t for t in ("signround", "auto-round") if t in args.tools]:  # alternating, so drifting machine load hits both
+            tools = [t for t in ("signround", "auto-round") if t in args.tools]
+            for tool in tools:  # alternating, so drifting machine load hits both
                 key = signround_key(recipe, scheme, args) if tool == "signround" else f"{tool}|{recipe}|{scheme}"
                 twin = f"{tool}|{'default' if recipe == 'same' else 'same'}|{scheme}"
                 if key not in results and tool == "auto-round" and twin in results and same_is_autoround_default(args):
@@ -303,9 +334,17 @@ def main() -> None:
                 elif key not in results:
                     results[key] = {**run_child(tool, recipe, scheme, args), "matmul_peaks": peaks}
                     store.write_text(json.dumps(stored, indent=1))
-                    write_table(results, args, peaks, RESULTS / f"{args.name}-{'all' if not args.layers else args.layers}.md")
-    write_table(results, args, peaks, RESULTS / f"{args.name}-{'all' if not args.layers else args.layers}.md")
-    print((RESULTS / f"{args.name}-{'all' if not args.layers else args.layers}.md").read_text())
+                    write_table(results, args, peaks, table)
+            for round_ in range(1, args.repeats if recipe == "same" else 1):  # the first round is the rows above
+                for tool in tools if round_ % 2 == 0 else tools[::-1]:  # who goes first alternates too
+                    key = signround_key(recipe, scheme, args) if tool == "signround" else f"{tool}|{recipe}|{scheme}"
+                    runs = results[key].setdefault("repeats", [])
+                    if len(runs) < round_:
+                        runs.append({**run_child(tool, recipe, scheme, args), "matmul_peaks": peaks})
+                        store.write_text(json.dumps(stored, indent=1))
+                        write_table(results, args, peaks, table)
+    write_table(results, args, peaks, table)
+    print(table.read_text())
 
 
 if __name__ == "__main__":
