@@ -235,8 +235,9 @@ def write_table(results: dict, args, peaks: dict, path: Path) -> None:
             lines.append(f"| {scheme} | {tool} | {row['tuning_s']:.0f} | {ratio} | {per_iter:.3f} | {rate:.0f} | {share} | "
                          f"{row['ppl']:.3f} | {reloaded} | {row['peak_rss_mib']:.0f} |")
     lines += repeated_pairs(results, schemes, layers, args)
-    lines += ["", "## Default recipes", "", "| scheme | tool | iters | tuning s | time ratio | ppl | ppl vs auto-round | peak RSS MiB | RSS ratio |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    if any(key.split("|")[1] == "default" for key in results):  # a same-settings-only run has no such rows
+        lines += ["", "## Default recipes", "", "| scheme | tool | iters | tuning s | time ratio | ppl | ppl vs auto-round | peak RSS MiB | RSS ratio |",
+                  "|---|---|---|---|---|---|---|---|---|"]
     for scheme in schemes:
         theirs = results.get(f"auto-round|default|{scheme}")
         for tool, row in (*signround_rows(results, "default", scheme), ("auto-round", theirs)):
