@@ -76,7 +76,9 @@ def _child_signround(args) -> dict:
     model, tokenizer, weights = open_lazy(args.model)
     protocol.truncate(model, args.layers)
     calib = protocol.gutenberg_calibration(tokenizer, args.nsamples, args.seqlen)
-    recipe = {} if args.recipe == "default" else dict(recipe="full", iters=args.iters, batch_size=args.batch_size, lr=args.lr)
+    # same settings: compiled as auto-round compiles its block forward, whatever the run's length ("auto" leaves
+    # short runs eager, where a cold compile would not pay back, and they would compare eager steps with compiled ones)
+    recipe = {} if args.recipe == "default" else dict(recipe="full", iters=args.iters, batch_size=args.batch_size, lr=args.lr, compile=True)
     for name in VARIANT_SETTINGS:
         if getattr(args, name) is not None:
             recipe[name] = getattr(args, name)
@@ -92,7 +94,7 @@ def _child_signround(args) -> dict:
     reloaded_ppl = protocol.reloaded_perplexity(model, tokenizer, eval_ids, args.device)
     return {"tuning_s": report.tuning_seconds, "iters": config.iters, "steps": report.tuning_steps, "ppl": ppl, "reloaded_ppl": reloaded_ppl,
             "peak_rss_mib": rss, "batch": config.batch_size, "nsamples": args.nsamples, "seqlen": args.seqlen, "work": config.iters * args.nsamples * args.seqlen,
-            "compile": config.compile}
+            "compile": config.compile, "compiled": config.compiles(torch.device(args.device), args.layers_run)}
 
 
 def _child_autoround(args) -> dict:
@@ -231,6 +233,7 @@ def write_table(results: dict, args, peaks: dict, path: Path) -> None:
             own = row.get("matmul_peaks")  # the peak measured beside the row's own run; older rows share this run's (*)
             share = f"{rate / own[best]:.0%}" if own else f"{rate / peaks[best]:.0%}*"
             tool += f" ({row['note']})" if row.get("note") else ""
+            tool += " (eager step)" if row.get("compiled") is False else ""
             reloaded = f"{row['reloaded_ppl']:.3f} ({(row['reloaded_ppl'] / row['ppl'] - 1) * 100:+.2f}%)" if "reloaded_ppl" in row else ""
             lines.append(f"| {scheme} | {tool} | {row['tuning_s']:.0f} | {ratio} | {per_iter:.3f} | {rate:.0f} | {share} | "
                          f"{row['ppl']:.3f} | {reloaded} | {row['peak_rss_mib']:.0f} |")
