@@ -172,7 +172,16 @@ def signround_rows(results: dict, recipe: str, scheme: str) -> list[tuple[str, d
     return [("signround" + (f" ({k[len(prefix) + 1:].replace('|', ', ')})" if k != prefix else ""), results[k]) for k in keys]
 
 
-def repeated_pairs(results: dict, schemes: list[str], layers: int, args) -> list[str]:
+def run_key(tool: str, recipe: str, scheme: str, args) -> str:
+    """Where a run's row is stored: signround's carries its variant settings (`signround_key`)."""
+    return signround_key(recipe, scheme, args) if tool == "signround" else f"{tool}|{recipe}|{scheme}"
+
+
+def seconds_per_iter(row: dict, layers: int) -> float:
+    return row["tuning_s"] / (row["iters"] * layers)
+
+
+def repeated_pairs(results: dict, schemes: list[str], layers: int) -> list[str]:
     """The same-settings pairs of `--repeats`, a row each, and the median of their time ratios: drift in
     the machine's speed over minutes moves single runs by several percent, alternating pairs cancel it."""
     lines = []
@@ -190,7 +199,7 @@ def repeated_pairs(results: dict, schemes: list[str], layers: int, args) -> list
             for k, (a, b) in enumerate(pairs):
                 ratios.append(a["tuning_s"] / b["tuning_s"])
                 lines.append(f"| {scheme} | {tool} | {k + 1} | {'signround' if k % 2 == 0 else 'auto-round'} | "
-                             f"{a['tuning_s'] / (a['iters'] * layers):.3f} | {b['tuning_s'] / (b['iters'] * layers):.3f} | {ratios[-1]:.3f} |")
+                             f"{seconds_per_iter(a, layers):.3f} | {seconds_per_iter(b, layers):.3f} | {ratios[-1]:.3f} |")
             total = sum(a["tuning_s"] for a, _ in pairs) / sum(b["tuning_s"] for _, b in pairs)
             lines.append(f"| {scheme} | {tool} | all | | | | median {statistics.median(ratios):.3f} (range {min(ratios):.3f}-{max(ratios):.3f}), "
                          f"total time {total:.3f} |")
@@ -227,7 +236,7 @@ def write_table(results: dict, args, peaks: dict, path: Path) -> None:
         for tool, row in (*signround_rows(results, "same", scheme), (theirs_name, theirs)):
             if not row:
                 continue
-            per_iter = row["tuning_s"] / (row["iters"] * layers)
+            per_iter = seconds_per_iter(row, layers)
             rate = step / per_iter / 1e9
             ratio = f"{row['tuning_s'] / theirs['tuning_s']:.2f}" if theirs else ""
             own = row.get("matmul_peaks")  # the peak measured beside the row's own run; older rows share this run's (*)
@@ -237,7 +246,7 @@ def write_table(results: dict, args, peaks: dict, path: Path) -> None:
             reloaded = f"{row['reloaded_ppl']:.3f} ({(row['reloaded_ppl'] / row['ppl'] - 1) * 100:+.2f}%)" if "reloaded_ppl" in row else ""
             lines.append(f"| {scheme} | {tool} | {row['tuning_s']:.0f} | {ratio} | {per_iter:.3f} | {rate:.0f} | {share} | "
                          f"{row['ppl']:.3f} | {reloaded} | {row['peak_rss_mib']:.0f} |")
-    lines += repeated_pairs(results, schemes, layers, args)
+    lines += repeated_pairs(results, schemes, layers)
     if any(key.split("|")[1] == "default" for key in results):  # a same-settings-only run has no such rows
         lines += ["", "## Default recipes", "", "| scheme | tool | iters | tuning s | time ratio | ppl | ppl vs auto-round | peak RSS MiB | RSS ratio |",
                   "|---|---|---|---|---|---|---|---|---|"]
@@ -331,17 +340,19 @@ def main() -> None:
         for scheme in args.schemes:
             tools = [t for t in ("signround", "auto-round") if t in args.tools]
             for tool in tools:  # alternating, so drifting machine load hits both
-                key = signround_key(recipe, scheme, args) if tool == "signround" else f"{tool}|{recipe}|{scheme}"
+                key = run_key(tool, recipe, scheme, args)
                 twin = f"{tool}|{'default' if recipe == 'same' else 'same'}|{scheme}"
-                if key not in results and tool == "auto-round" and twin in results and same_is_autoround_default(args):
-                    results[key] = results[twin]  # one run serves both tables: ~100 minutes saved at full depth on CPU
-                elif key not in results:
+                if key in results:
+                    continue
+                if tool == "auto-round" and twin in results and same_is_autoround_default(args):
+                    results[key] = dict(results[twin])  # one run serves both tables: ~100 minutes saved at full depth on CPU
+                else:
                     results[key] = {**run_child(tool, recipe, scheme, args), "matmul_peaks": peaks}
-                    store.write_text(json.dumps(stored, indent=1))
-                    write_table(results, args, peaks, table)
+                store.write_text(json.dumps(stored, indent=1))  # the borrowed row too: a later --table-only needs it
+                write_table(results, args, peaks, table)
             for round_ in range(1, args.repeats if recipe == "same" else 1):  # the first round is the rows above
                 for tool in tools if round_ % 2 == 0 else tools[::-1]:  # who goes first alternates too
-                    key = signround_key(recipe, scheme, args) if tool == "signround" else f"{tool}|{recipe}|{scheme}"
+                    key = run_key(tool, recipe, scheme, args)
                     runs = results[key].setdefault("repeats", [])
                     if len(runs) < round_:
                         runs.append({**run_child(tool, recipe, scheme, args), "matmul_peaks": peaks})
