@@ -77,6 +77,11 @@ def peak_rss_mib() -> float:
     return status_mib("VmHWM")
 
 
+def peak_device_mib(device: str) -> float | None:
+    """The peak of torch's allocations on a GPU so far (None on the CPU, where RSS says it all)."""
+    return torch.cuda.max_memory_allocated(device) / 2**20 if torch.device(device).type == "cuda" else None
+
+
 def write_result(name: str, lines: list[str], echo: bool = True) -> Path:
     """A benchmark's markdown table under benchmarks/results/, stamped with when it was measured."""
     RESULTS.mkdir(exist_ok=True)

@@ -6,7 +6,8 @@ each run in its own process (so peak RSS is its own), the tools alternating:
                   where the CPU has fast bf16, else fp32);
   default recipe  signround's default (`--recipe` of the CLI) against auto-round's default (iters 200,
                   batch 8): wall time ratio and wt2-32k perplexity;
-  and the peak RSS of every run (model load included: signround streams the blocks, auto-round loads whole).
+  and the peak RSS of every run (model load included: signround streams the blocks, auto-round loads whole),
+  on a GPU beside the peak of its allocations there.
   A signround run also saves its packed checkpoint and reloads it: the same-settings table gives both perplexities.
 
     python benchmarks/vs_autoround.py --layers 4          # a quick look
@@ -43,6 +44,8 @@ def matmul_peak(dtype: torch.dtype, device: str, seconds: float = 2.0) -> float:
     n = 2048
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b
+    if device == "cuda":
+        torch.cuda.synchronize()  # the warm-up is done before the clock starts
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         a @ b
@@ -87,13 +90,13 @@ def _child_signround(args) -> dict:
         work = Path(tmp) / "work"
         report = signround.quantize(model, config, tokenizer=tokenizer, calibration=calib, progress=False, work_dir=work, weights=weights,
                                     offload_dir=work / "caches" if args.offload else None)
-        rss = protocol.peak_rss_mib()
+        rss, gpu = protocol.peak_rss_mib(), protocol.peak_device_mib(args.device)
         materialize_blocks(model, finished_blocks(work, model))
     eval_ids = protocol.wikitext_ids(tokenizer).to(args.device)
     ppl = perplexity(model.to(args.device), eval_ids)
     reloaded_ppl = protocol.reloaded_perplexity(model, tokenizer, eval_ids, args.device)
     return {"tuning_s": report.tuning_seconds, "iters": config.iters, "steps": report.tuning_steps, "ppl": ppl, "reloaded_ppl": reloaded_ppl,
-            "peak_rss_mib": rss, "batch": config.batch_size, "nsamples": args.nsamples, "seqlen": args.seqlen, "work": config.iters * args.nsamples * args.seqlen,
+            "peak_rss_mib": rss, "peak_gpu_mib": gpu, "batch": config.batch_size, "nsamples": args.nsamples, "seqlen": args.seqlen, "work": config.iters * args.nsamples * args.seqlen,
             "compile": config.compile, "compiled": config.compiles(torch.device(args.device), args.layers_run)}
 
 
@@ -115,10 +118,10 @@ def _child_autoround(args) -> dict:
     start = time.perf_counter()
     result = ar.quantize()
     seconds = time.perf_counter() - start
-    rss = protocol.peak_rss_mib()
+    rss, gpu = protocol.peak_rss_mib(), protocol.peak_device_mib(args.device)
     qmodel = result[0] if isinstance(result, tuple) else ar.model
     ppl = perplexity(qmodel.to(args.device), protocol.wikitext_ids(tokenizer).to(args.device))
-    return {"tuning_s": seconds, "iters": getattr(ar, "iters", None), "steps": ar.iters * args.layers_run, "ppl": ppl, "peak_rss_mib": rss,
+    return {"tuning_s": seconds, "iters": getattr(ar, "iters", None), "steps": ar.iters * args.layers_run, "ppl": ppl, "peak_rss_mib": rss, "peak_gpu_mib": gpu,
             "batch": getattr(ar, "batch_size", None), "amp": amp}
 
 
@@ -179,6 +182,12 @@ def run_key(tool: str, recipe: str, scheme: str, args) -> str:
 
 def seconds_per_iter(row: dict, layers: int) -> float:
     return row["tuning_s"] / (row["iters"] * layers)
+
+
+def memory_mib(row: dict) -> str:
+    """A run's peak RSS, and on a GPU also the peak of its allocations there."""
+    gpu = row.get("peak_gpu_mib")
+    return f"{row['peak_rss_mib']:.0f}" + (f" (GPU {gpu:.0f})" if gpu is not None else "")
 
 
 def repeated_pairs(results: dict, schemes: list[str], layers: int) -> list[str]:
@@ -245,7 +254,7 @@ def write_table(results: dict, args, peaks: dict, path: Path) -> None:
             tool += " (eager step)" if row.get("compiled") is False else ""
             reloaded = f"{row['reloaded_ppl']:.3f} ({(row['reloaded_ppl'] / row['ppl'] - 1) * 100:+.2f}%)" if "reloaded_ppl" in row else ""
             lines.append(f"| {scheme} | {tool} | {row['tuning_s']:.0f} | {ratio} | {per_iter:.3f} | {rate:.0f} | {share} | "
-                         f"{row['ppl']:.3f} | {reloaded} | {row['peak_rss_mib']:.0f} |")
+                         f"{row['ppl']:.3f} | {reloaded} | {memory_mib(row)} |")
     lines += repeated_pairs(results, schemes, layers)
     if any(key.split("|")[1] == "default" for key in results):  # a same-settings-only run has no such rows
         lines += ["", "## Default recipes", "", "| scheme | tool | iters | tuning s | time ratio | ppl | ppl vs auto-round | peak RSS MiB | RSS ratio |",
@@ -259,7 +268,7 @@ def write_table(results: dict, args, peaks: dict, path: Path) -> None:
             ratio = f"{row['tuning_s'] / theirs['tuning_s']:.2f}" if theirs else ""
             rss = f"{row['peak_rss_mib'] / theirs['peak_rss_mib']:.2f}" if theirs else ""
             lines.append(f"| {scheme} | {tool} | {row['iters']} | {row['tuning_s']:.0f} | {ratio} | {row['ppl']:.3f} | {vs} | "
-                         f"{row['peak_rss_mib']:.0f} | {rss} |")
+                         f"{memory_mib(row)} | {rss} |")
     scaling = sorted((v for k, v in results.items() if k.startswith("signround|scaling|") and k == signround_key("scaling", k.split("|")[2], args)), key=lambda r: (r["iters"], r["nsamples"], r["seqlen"]))
     if len(scaling) >= 3:
         lines += ["", "## Tuning time against the work (signround)", "",

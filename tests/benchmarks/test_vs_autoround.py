@@ -1,0 +1,53 @@
+"""The table logic of benchmarks/vs_autoround.py on stored rows (no tuning runs): the repeated pairs'
+ratios and median, and the memory cells of CPU and GPU rows."""
+
+import importlib.util
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def vs_autoround():
+    sys.path.insert(0, str(BENCHMARKS))  # the script imports its sibling `protocol`
+    try:
+        spec = importlib.util.spec_from_file_location("vs_autoround", BENCHMARKS / "vs_autoround.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def _row(seconds: float, **extra) -> dict:
+    return {"tuning_s": seconds, "iters": 200, "peak_rss_mib": 1000.0, **extra}
+
+
+def test_repeated_pairs_tables_each_pair_and_the_median(vs_autoround):
+    ours, theirs = [400.0, 330.0, 290.0, 310.0], [500.0, 300.0, 300.0, 320.0]
+    results = {"signround|same|W4A16": {**_row(ours[0]), "repeats": [_row(s) for s in ours[1:]]},
+               "auto-round|same|W4A16": {**_row(theirs[0]), "repeats": [_row(s) for s in theirs[1:]]}}
+    lines = vs_autoround.repeated_pairs(results, ["W4A16"], layers=2)
+    pair_rows = [line for line in lines if line.startswith("| W4A16 | signround | ") and "| all |" not in line]
+    ratios = [a / b for a, b in zip(ours, theirs)]
+    assert [float(line.split("|")[-2]) for line in pair_rows] == pytest.approx(ratios, abs=1e-3)
+    assert [line.split("|")[4].strip() for line in pair_rows] == ["signround", "auto-round"] * 2  # who went first alternates
+    assert float(pair_rows[1].split("|")[5]) == pytest.approx(330.0 / 400, abs=1e-3)  # s/iter over iters x blocks
+    summary = next(line for line in lines if "| all |" in line)
+    assert f"median {statistics.median(ratios):.3f}" in summary
+    assert f"total time {sum(ours) / sum(theirs):.3f}" in summary
+
+
+def test_repeated_pairs_need_repeats_of_both_tools(vs_autoround):
+    results = {"signround|same|W4A16": {**_row(300.0), "repeats": [_row(310.0)]}, "auto-round|same|W4A16": _row(320.0)}
+    assert vs_autoround.repeated_pairs(results, ["W4A16"], layers=2) == []
+
+
+def test_memory_cell_adds_the_gpu_peak_only_for_gpu_rows(vs_autoround):
+    assert vs_autoround.memory_mib(_row(1.0)) == "1000"
+    assert vs_autoround.memory_mib(_row(1.0, peak_gpu_mib=None)) == "1000"
+    assert vs_autoround.memory_mib(_row(1.0, peak_gpu_mib=2345.4)) == "1000 (GPU 2345)"
