@@ -173,20 +173,27 @@ def test_block_loss_weighs_a_massive_token_down_to_a_typical_tokens_weight():
 def test_compiled_tuning_step_matches_the_eager_one(arch, scheme):
     """compile=True traces the whole step (quantize-dequantize in its plain-op form, the block, the loss)
     through torch.compile; it must tune to the eager step's result: the same block losses and, but for a
-    rare rounding decision flipped by a gradient's last bits, the same codes. gpt2: transposed Conv1D weights."""
+    rare rounding decision flipped by a gradient's last bits, the same codes. gpt2: transposed Conv1D weights.
+    The three blocks share one graph: a recompile per block would cost a compile each (and past dynamo's
+    recompile limit of 8, silently eager steps)."""
+    from torch._dynamo.utils import counters
+
     from signround.hardware import can_compile
 
     if not can_compile(torch.device("cpu")):
         pytest.fail("no C++ compiler for torch.compile: install g++ (build-essential)")
+    three_blocks = {"n_layer": 3} if arch == "gpt2" else {"num_hidden_layers": 3}
     reports, codes = [], []
     for compile in (False, True):
-        model = make(arch)
+        model = make(arch, **three_blocks)
         config = QuantConfig(scheme=scheme, iters=6, nsamples=8, seqlen=32, batch_size=4, amp="off", compile=compile)
+        frames = counters["frames"]["total"]
         reports.append(signround.quantize(model, config, calibration=calib_ids(8, 32), progress=False))
         codes.append(torch.cat([v.flatten() for k, v in sorted(model.state_dict().items()) if k.endswith("qweight")]))
     from signround.algorithms.signround import _compiled_tuned_loss
 
     assert _compiled_tuned_loss.cache_info().currsize == 1  # the compiled step was the one taken
+    assert len(reports[1].block_losses) == 3 and counters["frames"]["total"] - frames == 1  # traced once, for all three blocks
     eager, compiled = reports
     for (a_before, a_after), (b_before, b_after) in zip(eager.block_losses, compiled.block_losses):
         assert b_before == pytest.approx(a_before, rel=1e-5) and b_after == pytest.approx(a_after, rel=0.02)
