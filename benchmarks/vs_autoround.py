@@ -44,13 +44,14 @@ def matmul_peak(dtype: torch.dtype, device: str, seconds: float = 2.0) -> float:
     n = 2048
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b
-    if device == "cuda":
+    on_gpu = torch.device(device).type == "cuda"  # "cuda:1" too
+    if on_gpu:
         torch.cuda.synchronize()  # the warm-up is done before the clock starts
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         a @ b
         count += 1
-    if device == "cuda":
+    if on_gpu:
         torch.cuda.synchronize()
     return 2 * n**3 * count / (time.perf_counter() - start) / 1e9
 

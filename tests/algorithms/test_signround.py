@@ -182,10 +182,9 @@ def test_compiled_tuning_step_matches_the_eager_one(arch, scheme):
 
     if not can_compile(torch.device("cpu")):
         pytest.fail("no C++ compiler for torch.compile: install g++ (build-essential)")
-    three_blocks = {"n_layer": 3} if arch == "gpt2" else {"num_hidden_layers": 3}
     reports, codes = [], []
     for compile in (False, True):
-        model = make(arch, **three_blocks)
+        model = make(arch, num_hidden_layers=3)  # gpt2's config maps the name to n_layer
         config = QuantConfig(scheme=scheme, iters=6, nsamples=8, seqlen=32, batch_size=4, amp="off", compile=compile)
         frames = counters["frames"]["total"]
         reports.append(signround.quantize(model, config, calibration=calib_ids(8, 32), progress=False))

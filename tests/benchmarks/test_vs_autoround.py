@@ -13,14 +13,13 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 @pytest.fixture(scope="module")
 def vs_autoround():
-    sys.path.insert(0, str(BENCHMARKS))  # the script imports its sibling `protocol`
     try:
         spec = importlib.util.spec_from_file_location("vs_autoround", BENCHMARKS / "vs_autoround.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         yield module
     finally:
-        sys.path.remove(str(BENCHMARKS))
+        sys.path.remove(str(BENCHMARKS))  # the script put its own folder there, for its sibling `protocol`
 
 
 def _row(seconds: float, **extra) -> dict:
