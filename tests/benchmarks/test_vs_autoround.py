@@ -18,8 +18,9 @@ def vs_autoround():
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         yield module
-    finally:
-        sys.path.remove(str(BENCHMARKS))  # the script put its own folder there, for its sibling `protocol`
+    finally:  # the script put its own folder there, for its sibling `protocol` (not yet if its imports failed)
+        if str(BENCHMARKS) in sys.path:
+            sys.path.remove(str(BENCHMARKS))
 
 
 def _row(seconds: float, **extra) -> dict:
