@@ -21,6 +21,7 @@ import warnings
 import torch
 from torch.func import functional_call
 
+from ..attention import tuning_attention
 from ..blocks import autocast, block_output, iter_batches, linear_weight, stores_transposed
 from ..quant.integer import from_groups, search_clipping, to_groups
 from .base import BlockData, BlockResult, LayerTask, block_loss, register
@@ -190,15 +191,17 @@ class SignRound:
     needs_calibration = True
 
     def quantize_block(self, block, layers, data: BlockData, config) -> BlockResult:
-        with _frozen(block):
-            return self._tune(block, layers, data, config)
+        # K-quants stay eager: inductor drops the fp16 round trip of their super-block scales
+        compiled = config.compiles(data.device, data.blocks) and not any(t.scheme.kquant for t in layers)
+        # the CPU attention with the cheaper backward pays only traced into the compiled step (attention.py)
+        with _frozen(block), tuning_attention(block, data.device) if compiled else contextlib.nullcontext():
+            return self._tune(block, layers, data, config, compiled)
 
-    def _tune(self, block, layers, data: BlockData, config) -> BlockResult:
+    def _tune(self, block, layers, data: BlockData, config, compiled: bool) -> BlockResult:
         device = data.device
         tunables = [_Tunables(t, device, data.amp_dtype or t.module.weight.dtype) for t in layers]
         specs = [t.spec for t in tunables]
-        # K-quants stay eager: inductor drops the fp16 round trip of their super-block scales
-        step_loss = _compiled_tuned_loss() if config.compiles(device, data.blocks) and not any(s[1].kquant for s in specs) else _tuned_loss
+        step_loss = _compiled_tuned_loss() if compiled else _tuned_loss
         n = data.inputs.shape[0]
         batch = min(config.batch_size, n)
         iters = config.iters
