@@ -1,13 +1,15 @@
 """A causal attention whose backward is cheaper on CPU, for the compiled tuning step.
 
-torch's CPU flash attention recomputes each score tile in its backward, tile by tile, at about 60
-GFLOP/s on 2 AVX2 cores. Here the forward is the same flash kernel (it keeps the log-sum-exp), and the
-backward goes over 128-query chunks: each chunk's probabilities are rebuilt from that log-sum-exp
-against only the keys it can see (the causal half is skipped) in a few large matmuls, with the query
-heads that share a key/value head stacked into one matrix (grouped-query attention without repeating
-keys). Traced into the step by torch.compile, the softmax arithmetic fuses around the matmuls: a
-SmolLM2 block's step takes 4-5% less time (fp32, measured step against step in one process). Eager, the
-unfused backward is slower than the kernel's, so only the compiled step uses it.
+torch's CPU flash attention recomputes each score tile in its backward, tile by tile: on SmolLM2's
+shapes (8 x 512 tokens, 9 query and 3 key/value heads of 64) it takes 99 ms against 36 ms for its
+forward, on 2 AVX2 cores. Here the forward is the same flash kernel (it keeps the log-sum-exp), and
+the backward goes over 128-query chunks: each chunk's probabilities are rebuilt from that
+log-sum-exp against only the keys it can see (the causal half is skipped) in a few large matmuls,
+with the query heads that share a key/value head stacked into one matrix (grouped-query attention
+without repeating keys). Traced into the step by torch.compile, the softmax arithmetic fuses around
+the matmuls: 73 ms, and a SmolLM2 block's whole step 3.5-5% faster, measured step against step in
+one process. Eager, unfused, this backward is slower than the kernel's (107 ms), so only the compiled
+step uses it.
 
 Plugged in through transformers' own attention registry, and only for the duration of tuning: the
 block's config names it instead of "sdpa" (the same math), and every call it cannot serve exactly

@@ -175,7 +175,7 @@ def test_compiled_tuning_step_matches_the_eager_one(arch, scheme):
     through torch.compile; it must tune to the eager step's result: the same block losses and, but for a
     rare rounding decision flipped by a gradient's last bits, the same codes. gpt2: transposed Conv1D weights.
     The three blocks share one graph: a recompile per block would cost a compile each (and past dynamo's
-    recompile limit of 8, silently eager steps)."""
+    recompile limit of 8, silently eager steps). The compiled step also runs attention.py's causal attention."""
     from torch._dynamo.utils import counters
 
     from signround.hardware import can_compile
@@ -188,6 +188,7 @@ def test_compiled_tuning_step_matches_the_eager_one(arch, scheme):
         config = QuantConfig(scheme=scheme, iters=6, nsamples=8, seqlen=32, batch_size=4, amp="off", compile=compile)
         frames = counters["frames"]["total"]
         reports.append(signround.quantize(model, config, calibration=calib_ids(8, 32), progress=False))
+        assert model.config._attn_implementation == "sdpa"  # the compiled step's own attention was for the tuning only
         codes.append(torch.cat([v.flatten() for k, v in sorted(model.state_dict().items()) if k.endswith("qweight")]))
     from signround.algorithms.signround import _compiled_tuned_loss
 
