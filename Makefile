@@ -2,9 +2,6 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-SHARED := ../shared/data
-EVAL   := $(wildcard $(SHARED)/wikitext-2/test.txt)
-CALIB  := $(wildcard $(SHARED)/gutenberg/austen-emma.txt)  # one UTF-8 book: two of the folder's books are Latin-1, which calibration refuses
 
 .PHONY: setup demo test test-all bench clean
 
@@ -18,11 +15,9 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# fp32, round-to-nearest and SignRound side by side on text shipped in the package: no network, no ../shared
 demo: setup
-	$(BIN)/signround quantize smollm2-135m --scheme W4A16 -o demo-out --overwrite \
-		--iters 20 --nsamples 32 --seqlen 512 --batch-size 4 \
-		$(if $(CALIB),--dataset $(CALIB)) $(if $(EVAL),--eval-text $(EVAL) --eval-tokens 8192)
-	$(BIN)/signround generate demo-out "The capital of France is"
+	$(BIN)/signround demo -o demo-out
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -92,7 +92,7 @@ def main() -> None:
     for scheme, fmt, theory in RUNS:
         if scheme not in quantized:
             model = signround.load_model(args.model)[0]
-            signround.quantize(model, signround.QuantConfig(scheme=scheme, method="rtn"), progress=False)
+            signround.quantize(model, signround.QuantConfig(scheme=scheme, method="rtn"))
             quantized[scheme] = (model, perplexity(model, ids))
         model, ours = quantized[scheme]
         layers = quantized_layers(model)

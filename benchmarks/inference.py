@@ -69,7 +69,7 @@ def main() -> None:
     eval_ids = ids[: args.ppl_tokens]
     with tempfile.TemporaryDirectory() as tmp:
         quantized = signround.load_model(args.model)[0]
-        signround.quantize(quantized, signround.QuantConfig(scheme=args.scheme, method="rtn"), progress=False)
+        signround.quantize(quantized, signround.QuantConfig(scheme=args.scheme, method="rtn"))
         signround.save(quantized, Path(tmp) / "q", tokenizer)
         variants = {
             "fp32 (original)": lambda: base,

@@ -79,7 +79,7 @@ def main() -> None:
     for qtype in args.types:
         model = signround.load_model(args.model)[0]
         config = signround.QuantConfig(scheme=SCHEMES[qtype], method=args.method, iters=args.iters, nsamples=32, seqlen=512)
-        signround.quantize(model, config, tokenizer=tokenizer, calibration=calibration, progress=False)
+        signround.quantize(model, config, tokenizer=tokenizer, calibration=calibration)
         ours = perplexity(model, ids, seqlen=args.window)
         with tempfile.TemporaryDirectory() as tmp:
             folder = export(model, tokenizer, Path(tmp) / "gguf", "gguf")

@@ -36,12 +36,12 @@ def child(args) -> dict:
         (model, tokenizer), weights = signround.load_model(args.model), None
     protocol.truncate(model, args.layers)
     calib = protocol.gutenberg_calibration(tokenizer, args.nsamples, args.seqlen)
-    config = signround.QuantConfig(scheme=args.scheme, iters=args.iters, nsamples=args.nsamples, seqlen=args.seqlen, cache_dtype=args.cache_dtype)
+    config = signround.QuantConfig(scheme=args.scheme, iters=args.iters, nsamples=args.nsamples, seqlen=args.seqlen)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp) / "work"
         start = time.perf_counter()
-        signround.quantize(model, config, tokenizer=tokenizer, calibration=calib, progress=False, work_dir=work, weights=weights,
-                           offload_dir=work / "caches" if args.offload else None)
+        run = signround.RunConfig(cache_dtype=args.cache_dtype, offload=args.offload, work_dir=work, progress=False)
+        signround.quantize(model, config, run, tokenizer=tokenizer, calibration=calib, weights=weights)
         row = {"tuning_s": time.perf_counter() - start, "peak_rss_mib": protocol.peak_rss_mib()}
         if args.ppl:
             if weights is not None:

@@ -41,7 +41,7 @@ def run_ours(base, tokenizer, method, scheme, calib, eval_ids, args) -> dict:
                                    batch_size=args.batch_size, seed=args.seed, keep=args.keep,
                                    tame_outliers=args.tame_outliers, project_clipping=args.project_clipping)
     work = RESULTS / "work" / key("signround", method, scheme, args).replace("|", "_")  # survives a session's end: the run resumes
-    report = signround.quantize(model, config, tokenizer=tokenizer, calibration=calib, work_dir=work)
+    report = signround.quantize(model, config, tokenizer=tokenizer, calibration=calib, run=signround.RunConfig(work_dir=work))
     row = {"ppl": perplexity(model, eval_ids), "tuning_s": report.tuning_seconds, "bits_per_weight": report.bits_per_weight,
            "peak_rss_gib": report.peak_memory_bytes / 2**30, "block_losses": report.block_losses}
     row["reloaded_ppl"] = protocol.reloaded_perplexity(model, tokenizer, eval_ids)

@@ -19,7 +19,7 @@ import protocol
 
 import signround
 
-VARIANTS = {  # name: QuantConfig overrides
+VARIANTS = {  # name: QuantConfig overrides (cache_dtype: the RunConfig's)
     "paper, unprojected: 200 x 8, RTN start, keep best": dict(recipe="paper", project_clipping=False),
     "paper: clipping projected onto [0, 1]": dict(recipe="paper"),
     "paper, bf16 caches": dict(recipe="paper", cache_dtype="bfloat16"),
@@ -61,10 +61,12 @@ def main() -> None:
     earlier = (protocol.RESULTS / name_out).read_text().splitlines() if (protocol.RESULTS / name_out).exists() else []
     lines += [row for row in earlier[len(lines):] if row.startswith("| ") and row.split(" | ")[0][2:] not in args.variants]  # rows not rerun stay
     for name in args.variants:
-        config = signround.QuantConfig(scheme=args.scheme, nsamples=128, seqlen=512, **VARIANTS[name])
+        settings = dict(VARIANTS[name])
+        caches = settings.pop("cache_dtype", "float32" if settings.get("recipe") == "paper" else "bfloat16")  # the paper ran fp32 caches
+        config = signround.QuantConfig(scheme=args.scheme, nsamples=128, seqlen=512, **settings).resolved()
         model = copy.deepcopy(base)
         start = time.perf_counter()
-        report = signround.quantize(model, config, tokenizer=tokenizer, calibration=calib, progress=False)
+        report = signround.quantize(model, config, signround.RunConfig(cache_dtype=caches), tokenizer=tokenizer, calibration=calib)
         cost = config.iters * config.batch_size / (200 * 8)
         lines.append(f"| {name} | {cost:.2f} | " + " | ".join(f"{after:.4f}" for _, after in report.block_losses)
                      + f" | {time.perf_counter() - start:.0f} |")

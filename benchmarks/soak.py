@@ -59,7 +59,7 @@ def main() -> None:
             config = signround.QuantConfig(scheme=scheme, iters=args.iters, nsamples=args.nsamples, seqlen=args.seqlen, batch_size=4)
             start = time.perf_counter()
             twin = copy.deepcopy(base)
-            signround.quantize(twin, config, calibration=calib, progress=False)
+            signround.quantize(twin, config, calibration=calib)
             straight_s = time.perf_counter() - start
 
             stop_after = rng.randrange(0, blocks - 1)
@@ -71,14 +71,14 @@ def main() -> None:
 
             interrupted = copy.deepcopy(base)
             try:
-                signround.quantize(interrupted, config, calibration=calib, progress=False, work_dir=work, on_block_done=crash)
+                signround.quantize(interrupted, config, calibration=calib, run=signround.RunConfig(progress=False, work_dir=work), on_block_done=crash)
                 raise RuntimeError("the run was meant to be interrupted")
             except _Stop:
                 pass
             del interrupted
             resumed = copy.deepcopy(base)
             start = time.perf_counter()
-            signround.quantize(resumed, config, calibration=calib, progress=False, work_dir=work)
+            signround.quantize(resumed, config, calibration=calib, run=signround.RunConfig(progress=False, work_dir=work))
             resumed_s = time.perf_counter() - start
 
             out = Path(tmp) / f"out-{n}"

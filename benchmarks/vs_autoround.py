@@ -23,6 +23,7 @@ On a CPU without AMX/AVX512-BF16 auto-round's default bf16 autocast runs ~8x slo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import statistics
@@ -82,15 +83,16 @@ def _child_signround(args) -> dict:
     calib = protocol.gutenberg_calibration(tokenizer, args.nsamples, args.seqlen)
     # same settings: compiled as auto-round compiles its block forward, whatever the run's length ("auto" leaves
     # short runs eager, where a cold compile would not pay back, and they would compare eager steps with compiled ones)
-    recipe = {} if args.recipe == "default" else dict(recipe="full", iters=args.iters, batch_size=args.batch_size, lr=args.lr, compile=True)
+    recipe = {} if args.recipe == "default" else dict(recipe="full", iters=args.iters, batch_size=args.batch_size, lr=args.lr)
     for name in VARIANT_SETTINGS:
-        if getattr(args, name) is not None:
+        if getattr(args, name) is not None and name != "cache_dtype":
             recipe[name] = getattr(args, name)
-    config = signround.QuantConfig(scheme=args.scheme, nsamples=args.nsamples, seqlen=args.seqlen, seed=42, device=args.device, **recipe)
+    config = signround.QuantConfig(scheme=args.scheme, nsamples=args.nsamples, seqlen=args.seqlen, seed=42, **recipe).resolved()
+    run = signround.RunConfig(device=args.device, compile=True if args.recipe != "default" else "auto", cache_dtype=args.cache_dtype or "bfloat16",
+                              offload=args.offload, progress=False)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp) / "work"
-        report = signround.quantize(model, config, tokenizer=tokenizer, calibration=calib, progress=False, work_dir=work, weights=weights,
-                                    offload_dir=work / "caches" if args.offload else None)
+        report = signround.quantize(model, config, dataclasses.replace(run, work_dir=work), tokenizer=tokenizer, calibration=calib, weights=weights)
         rss, gpu = protocol.peak_rss_mib(), protocol.peak_device_mib(args.device)
         materialize_blocks(model, finished_blocks(work, model))
     eval_ids = protocol.wikitext_ids(tokenizer).to(args.device)
@@ -98,7 +100,7 @@ def _child_signround(args) -> dict:
     reloaded_ppl = protocol.reloaded_perplexity(model, tokenizer, eval_ids, args.device)
     return {"tuning_s": report.tuning_seconds, "iters": config.iters, "steps": report.tuning_steps, "ppl": ppl, "reloaded_ppl": reloaded_ppl,
             "peak_rss_mib": rss, "peak_gpu_mib": gpu, "batch": config.batch_size, "nsamples": args.nsamples, "seqlen": args.seqlen, "work": config.iters * args.nsamples * args.seqlen,
-            "compile": config.compile, "compiled": config.compiles(torch.device(args.device), args.layers_run)}
+            "compile": run.compile, "compiled": run.compiles(config, torch.device(args.device), args.layers_run)}
 
 
 def _child_autoround(args) -> dict:

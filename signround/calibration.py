@@ -1,5 +1,5 @@
 """Calibration data: text from files, folders, lists or hub datasets, packed into (nsamples, seqlen)
-token rows; when no source is reachable, text the model samples itself."""
+token rows; when the default hub dataset is unreachable, public-domain books shipped in signround/data."""
 
 from __future__ import annotations
 
@@ -19,6 +19,9 @@ from .hub import hub_reachable
 log = logging.getLogger("signround")
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
+SELF = "self"  # the calibration source that samples text from the model itself
+DATA_DIR = Path(__file__).resolve().parent / "data"
+SHIPPED_TEXTS = ("calibration.txt", "heldout.txt")
 CHARS_PER_TOKEN_BOUND = 8  # a window of seqlen * 8 characters always holds seqlen tokens of real text
 
 
@@ -26,14 +29,39 @@ class DataError(ValueError):
     """Calibration data that cannot be used; the message names the file and the fix."""
 
 
+def shipped_text(name: str) -> Path:
+    """A public-domain text shipped with the package, so calibration and a held-out perplexity work offline."""
+    if name not in SHIPPED_TEXTS:
+        raise DataError(f"no shipped text {name!r}: choose one of {', '.join(SHIPPED_TEXTS)}")
+    path = DATA_DIR / name
+    if not path.is_file():
+        raise DataError(f"shipped text {path} is missing: reinstall signround")
+    return path
+
+
+def _decode(path: Path, raw: bytes) -> str:
+    """UTF-8, else cp1252 (what most "Latin-1" text really is), else Latin-1, which decodes any bytes.
+    A guessed encoding may garble a few characters, which calibration tolerates; it is said, not hidden."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    try:
+        text, encoding = raw.decode("cp1252"), "cp1252"
+    except UnicodeDecodeError:
+        text, encoding = raw.decode("latin-1"), "latin-1"
+    warnings.warn(f"calibration file {path} is not UTF-8; read as {encoding}")
+    return text
+
+
 def _read_text_file(path: Path) -> str:
     raw = path.read_bytes()
     if b"\x00" in raw[:65536]:
         raise DataError(f"calibration file {path} looks binary: give UTF-8 text (.txt), .jsonl with a 'text' field, or .parquet")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"calibration file {path} is not UTF-8 text (byte {e.start}): re-encode it as UTF-8") from None
+    text = _decode(path, raw)
+    if not text.strip():
+        raise DataError(f"calibration file {path} is empty: give it text, or remove it")
+    return text
 
 
 def _read_jsonl(path: Path, field: str = "text") -> list[str]:
@@ -63,7 +91,8 @@ def _read_parquet(path: Path, field: str = "text") -> list[str]:
 
 
 def read_documents(path: Path) -> list[str]:
-    """Documents from one file, or from every supported file in a folder (sorted by name)."""
+    """Documents from one file, or from every supported file in a folder (sorted by name). Text that is not
+    UTF-8 is read as cp1252 or Latin-1 with a warning: old books often are, and one should not refuse a folder."""
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
         if not files:
@@ -87,24 +116,27 @@ def _hub_documents(name: str, nsamples: int, seed: int) -> list[str]:
 
 def is_hub_name(source: str) -> bool:
     path = Path(source)
-    return not path.exists() and "/" in source and not source.startswith((".", "/", "~")) and path.suffix not in TEXT_SUFFIXES
+    return source != SELF and not path.exists() and "/" in source and not source.startswith((".", "/", "~")) and path.suffix not in TEXT_SUFFIXES
 
 
 def check_source(source) -> None:
     """Fail fast, before a model is loaded, on a calibration path that does not exist."""
-    if isinstance(source, str) and not Path(source).exists() and not is_hub_name(source):
+    if isinstance(source, str) and source != SELF and not Path(source).exists() and not is_hub_name(source):
         raise DataError(f"calibration data {source!r} not found: give a .txt/.jsonl/.parquet file, a folder of them, or a hub dataset name")
 
 
-def documents_from(source) -> list[str]:
-    """Resolve a calibration source: a list of strings, a path (file or folder), or a hub dataset name."""
+def documents_from(source, nsamples: int = 128, seed: int = 0) -> list[str]:
+    """Resolve a calibration source: a list of strings, a path (file or folder), or a hub dataset name
+    (of which about 8 x nsamples records are drawn, shuffled by `seed`)."""
     if isinstance(source, (list, tuple)):
         if not all(isinstance(s, str) for s in source):
             raise DataError("a calibration list must hold strings")
         return list(source)
+    if isinstance(source, str) and source == SELF:
+        raise DataError(f"{SELF!r} (text sampled from the model) holds no documents to mix with others: give it alone as the calibration source")
     check_source(str(source))
     if is_hub_name(str(source)):
-        return _hub_documents(str(source), 128, 0)
+        return _hub_documents(str(source), nsamples, seed)
     return read_documents(Path(source))
 
 
@@ -174,11 +206,30 @@ def self_generated(model, tokenizer, nsamples: int, seqlen: int, seed: int, batc
     return torch.cat(rows)
 
 
+def default_calibration(tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """Rows from the default hub dataset; offline (or without the `datasets` extra), from the books shipped
+    in signround/data, which need no network and, unlike text sampled from the model, no forward pass."""
+    try:
+        if not hub_reachable():
+            raise ConnectionError("the Hugging Face hub is not reachable from here")
+        docs = _hub_documents(DEFAULT_DATASET, nsamples, seed)
+    except Exception as e:  # offline, or the optional `datasets` package missing: fall back, loudly
+        reason = f"{type(e).__name__}: {str(e)[:120]}"
+    else:
+        return pack_documents(tokenizer, docs, nsamples, seqlen, seed)
+    path = shipped_text("calibration.txt")
+    ids = pack_documents(tokenizer, read_documents(path), nsamples, seqlen, seed)
+    warnings.warn(f"default calibration dataset {DEFAULT_DATASET} unavailable ({reason}); using {ids.shape[0]} x {ids.shape[1]} tokens "
+                  f"of the public-domain books shipped in {path.name} (seed {seed})")
+    return ids
+
+
 def calibration_ids(source, model, tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
     """The calibration token rows for `quantize`.
 
-    `source` may be token ids already (a LongTensor (n, seqlen)), texts, a path, or a hub dataset name;
-    None means the default hub dataset, falling back to self-generated text when it is unreachable.
+    `source` may be token ids already (a LongTensor (n, seqlen)), texts, a path, a hub dataset name, or
+    "self" (text the model samples itself: needs a model with real weights, and minutes on a CPU);
+    None means the default hub dataset, falling back to the shipped books when it is unreachable.
     """
     if isinstance(source, torch.Tensor):
         ids = source.long()
@@ -186,17 +237,10 @@ def calibration_ids(source, model, tokenizer, nsamples: int, seqlen: int, seed: 
             raise DataError(f"calibration token ids must be (nsamples, seqlen), got shape {tuple(ids.shape)}")
         ids = ids[:nsamples, :seqlen]
     elif source is None:
-        try:
-            if not hub_reachable():
-                raise ConnectionError("the Hugging Face hub is not reachable from here")
-            docs = _hub_documents(DEFAULT_DATASET, nsamples, seed)
-        except Exception as e:  # offline, or the optional `datasets` package missing: fall back, loudly
-            warnings.warn(f"default calibration dataset {DEFAULT_DATASET} unavailable ({type(e).__name__}: {str(e)[:120]}); "
-                          f"sampling {nsamples} x {seqlen} tokens of calibration text from the model itself (seed {seed})")
-            ids = self_generated(model, tokenizer, nsamples, seqlen, seed)
-        else:
-            ids = pack_documents(tokenizer, docs, nsamples, seqlen, seed)
+        ids = default_calibration(tokenizer, nsamples, seqlen, seed)
+    elif isinstance(source, str) and source == SELF:
+        ids = self_generated(model, tokenizer, nsamples, seqlen, seed)
     else:
-        ids = pack_documents(tokenizer, documents_from(source), nsamples, seqlen, seed)
+        ids = pack_documents(tokenizer, documents_from(source, nsamples, seed), nsamples, seqlen, seed)
     log.info("calibration: %d samples of %d tokens", ids.shape[0], ids.shape[1])
     return ids

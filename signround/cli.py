@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import shutil
 import sys
 import time
 from pathlib import Path
 
 from . import __version__
+from .demo import DEMO
 
 DEFAULT_PROMPT = "The capital of France is"
 
@@ -58,8 +58,9 @@ def _add_quantize(sub) -> None:
     p.add_argument("--lr", type=float, help="rounding-offset learning rate (default 1/iters)")
     p.add_argument("--minmax-lr", type=float, help="clipping-scale learning rate (default: --lr)")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--cache-dtype", choices=["float32", "bfloat16", "float16"],
-                   help="dtype of the hidden states cached between blocks (default: the recipe's; fast: bfloat16, full: float32)")
+    p.add_argument("--cache-dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16",
+                   help="dtype of the hidden states cached between blocks (default bfloat16)")
+    p.add_argument("--threads", type=int, help="torch threads for the run (default: torch's, one per core)")
     p.add_argument("--offload", action="store_true", help="keep the cached hidden states in files beside the output instead of in memory")
     p.add_argument("--fp-inputs", action="store_true", help="tune each block on the original model's inputs instead of the quantized model's")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
@@ -68,14 +69,15 @@ def _add_quantize(sub) -> None:
     p.add_argument("--compile", default="auto", choices=["on", "off", "auto"],
                    help="run the tuning step through torch.compile (~55 s once on 2 CPU cores, then ~5%% faster steps); "
                         "auto: on runs of at least 20000 rows (blocks x iters x batch: the full recipe) where a compiler is found")
-    p.add_argument("--dataset", nargs="+", help="calibration: .txt/.jsonl/.parquet files or folders, or a hub dataset (default NeelNanda/pile-10k, "
-                                                "falling back to self-generated text offline)")
+    p.add_argument("--dataset", nargs="+", help="calibration: .txt/.jsonl/.parquet files or folders, a hub dataset, or 'self' (text the model "
+                                                "samples); default NeelNanda/pile-10k online, public-domain text shipped with signround offline")
     p.add_argument("--eval-text", help="print perplexity before and after on this text file")
     p.add_argument("--eval-tokens", type=int, default=32768, help="tokens of --eval-text to score (default 32768)")
     p.add_argument("--eval-seqlen", type=int, default=2048)
     p.add_argument("--save-dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"], help="dtype of the unquantized tensors")
     p.add_argument("--format", nargs="+", default=["signround"], metavar="F",
-                   help="output format(s): signround (default), auto_round, awq, gptq, compressed-tensors, gguf; several write OUT/<format>/ each")
+                   help="output format(s): signround (default), auto_round, awq, gptq, compressed-tensors, gguf; one writes OUT itself, "
+                        "several write OUT/<format>/ each")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", dest="resume", action="store_const", const="force", default="auto",
@@ -87,6 +89,19 @@ def _add_quantize(sub) -> None:
     p.add_argument("--no-stream", action="store_true",
                    help="load the whole model first; by default a local safetensors folder or LLaMA GGUF is read one block at a time "
                         "and finished blocks go to disk, so memory holds about one block (--eval-text also loads it whole)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="what SignRound buys: fp32, round-to-nearest and SignRound perplexity side by side, then generate")
+    p.add_argument("--model", default="smollm2-135m", help="built-in name, local HF folder or .gguf (default smollm2-135m)")
+    p.add_argument("-o", "--output", default="demo-out", help="where the SignRound model is saved (replaced if it exists)")
+    p.add_argument("--scheme", default=DEMO["scheme"])
+    p.add_argument("--iters", type=int, default=DEMO["iters"])
+    p.add_argument("--nsamples", type=int, default=DEMO["nsamples"])
+    p.add_argument("--seqlen", type=int, default=DEMO["seqlen"])
+    p.add_argument("--batch-size", type=int, default=DEMO["batch_size"])
+    p.add_argument("--eval-tokens", type=int, default=DEMO["eval_tokens"], help="tokens of the held-out text to score")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
@@ -144,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"signround {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_quantize(sub)
+    _add_demo(sub)
     _add_export(sub)
     _add_generate(sub)
     _add_eval(sub)
@@ -152,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args):
+    """The quantization settings the flags give (`QuantConfig`); unset tuning flags stay None for the recipe."""
     from .config import QuantConfig, WeightScheme, parse_scheme
     from .mixtures import find_mixture
 
@@ -171,9 +188,16 @@ def config_from_args(args):
         recipe=args.recipe, iters=args.iters, clip_search=args.clip_search, keep=args.keep, tame_outliers=args.tame_outliers,
         project_clipping=_on_off_auto(args.project_clipping),
         nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size, grad_accum=args.grad_accum,
-        lr=args.lr, minmax_lr=args.minmax_lr, seed=args.seed, quantized_inputs=not args.fp_inputs, device=args.device, amp=args.amp,
-        cache_dtype=args.cache_dtype, compile=_on_off_auto(args.compile),
+        lr=args.lr, minmax_lr=args.minmax_lr, seed=args.seed, quantized_inputs=not args.fp_inputs,
     )
+
+
+def run_config_from_args(args):
+    """The run settings the flags give (`RunConfig`)."""
+    from .config import RunConfig
+
+    return RunConfig(device=args.device, amp=args.amp, compile=_on_off_auto(args.compile), cache_dtype=args.cache_dtype,
+                     offload=args.offload, resume=args.resume, progress=not args.quiet, threads=args.threads)
 
 
 def _on_off_auto(choice: str | None):
@@ -185,98 +209,30 @@ class _usage(ValueError):
     pass
 
 
-def _ppl(model, tokenizer, args) -> float:
-    from .evaluate import perplexity, text_token_ids
-
-    return perplexity(model, text_token_ids(tokenizer, args.eval_text, args.eval_tokens), seqlen=args.eval_seqlen)
-
-
-def _open_model(args, stream: bool):
-    """(model, tokenizer, weights): lazily opened (blocks read from `weights` one at a time) where the
-    checkpoint allows it and `stream` is set, else loaded whole (weights None)."""
-    from . import models
-    from .weights import StreamingUnsupported, open_lazy
-
-    if stream:
-        try:
-            return open_lazy(args.model, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
-        except StreamingUnsupported as e:
-            logging.getLogger("signround").info("loading %s whole: %s", args.model, e)
-    model, tokenizer = models.load(args.model, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
-    return model, tokenizer, None
-
-
-class Interrupted(KeyboardInterrupt):
-    pass
-
-
 def cmd_quantize(args) -> None:
-    from . import checkpoint
-    from .algorithms import get_algorithm
-    from .export import NATIVE, check_formats, export, get_format
-    from .pipeline import calibration_seqlen, planned_layers, quantize
-    from .resume import default_work_dir, describe, finished_blocks
-    from .weights import materialize_blocks
+    from .runner import run
 
-    config = config_from_args(args)
-    calibrates = get_algorithm(config.method).needs_calibration
-    checkpoint.check_output_dir(args.output, args.overwrite)
-    calibration = _calibration_source(args.dataset) if args.dataset else None
-    if args.eval_text and not Path(args.eval_text).is_file():
-        raise FileNotFoundError(f"--eval-text {args.eval_text} not found: give a UTF-8 text file")
-    for name in set(args.format) - {NATIVE}:
-        get_format(name)
-    model, tokenizer, weights = _open_model(args, stream=not (args.no_stream or args.eval_text))
-    planned = planned_layers(model, config)
-    check_formats(args.format, model, config, planned)
-    work = default_work_dir(args.output)
-    seqlen = calibration_seqlen(model, config) if calibrates else 0
-    checkpoint.check_disk_space(work.parent, *checkpoint.expected_sizes(model, planned, config.nsamples, seqlen))
-    if args.eval_text:
-        print(f"perplexity before: {_ppl(model, tokenizer, args):.3f}", flush=True)
-    try:
-        report = quantize(model, config, tokenizer=tokenizer, calibration=calibration, progress=not args.quiet, work_dir=work, resume=args.resume,
-                          weights=weights, offload_dir=work / "caches" if args.offload else None)
-    except KeyboardInterrupt:
-        raise Interrupted(f"interrupted: {describe(work)}; run the same command again to resume") from None
+    calibration = None
+    if args.dataset:  # Paths: the library reads a list of strings as texts
+        calibration = args.dataset[0] if len(args.dataset) == 1 else [Path(p) for p in args.dataset]
+    report = run(args.model, args.output, config_from_args(args), run_config_from_args(args), calibration=calibration,
+                 formats=args.format, eval_text=args.eval_text, eval_tokens=args.eval_tokens, eval_seqlen=args.eval_seqlen,
+                 overwrite=args.overwrite, save_dtype=args.save_dtype, stream=not args.no_stream,
+                 trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
     print(report.summary(), flush=True)
-    finished = finished_blocks(work, model) if weights is not None else None  # the finished blocks are on disk, in the work state
-    if finished is not None and args.format != [NATIVE]:  # exporters work on the packed model in memory
-        materialize_blocks(model, finished)
-    if args.eval_text:
-        print(f"perplexity after:  {_ppl(model, tokenizer, args):.3f}", flush=True)
-    try:
-        if args.format == [NATIVE]:
-            written = [checkpoint.save(model, args.output, tokenizer, overwrite=args.overwrite, save_dtype=args.save_dtype, weights=finished)]
-        else:
-            with checkpoint.atomic_folder(args.output, args.overwrite) as tmp:
-                for name in args.format:
-                    export(model, tokenizer, tmp / name, name)
-            written = [Path(args.output).resolve() / name for name in args.format]
-    except checkpoint.DiskFullError as e:
-        kept = f"the finished quantization is kept in {work}: the same command saves it without tuning again"
-        raise checkpoint.DiskFullError(e.errno, f"{e.strerror}; {kept}") from None
-    shutil.rmtree(work)
-    for out in written:
+    for out in report.outputs:
         print(f"saved {out}")
     if args.report_json:
         import json
 
-        Path(args.report_json).write_text(json.dumps(report.to_dict(), indent=1))
+        Path(args.report_json).write_text(json.dumps(report.to_dict(), indent=1, default=str))
 
 
-def _calibration_source(sources: list[str]):
-    """Local files are read now, so an unusable one fails before the model loads; a hub dataset is read later."""
-    from .calibration import DataError, check_source, documents_from, is_hub_name
+def cmd_demo(args) -> None:
+    from .demo import run_demo
 
-    for source in sources:
-        check_source(source)
-    if len(sources) == 1 and is_hub_name(sources[0]):
-        return sources[0]
-    docs = [doc for source in sources for doc in documents_from(source)]
-    if not any(doc.strip() for doc in docs):
-        raise DataError(f"calibration data {', '.join(sources)} is empty: give files with text in them")
-    return docs
+    run_demo(args.model, args.output, scheme=args.scheme, iters=args.iters, nsamples=args.nsamples, seqlen=args.seqlen,
+             batch_size=args.batch_size, eval_tokens=args.eval_tokens, progress=not args.quiet)
 
 
 def cmd_export(args) -> None:
@@ -359,16 +315,17 @@ def main(argv=None) -> int:
     from .config import ConfigError
     from .models import CorruptModelError, ModelNotFoundError, UnsafeCheckpointError
     from .pipeline import CorruptWeightsError, OutOfMemory
+    from .resume import ResumeMismatch
     from .tasks import TaskFormatError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    handlers = {"quantize": cmd_quantize, "export": cmd_export, "generate": cmd_generate, "eval": cmd_eval, "compare": cmd_compare}
+    handlers = {"quantize": cmd_quantize, "demo": cmd_demo, "export": cmd_export, "generate": cmd_generate, "eval": cmd_eval, "compare": cmd_compare}
     try:
         handlers[args.command](args)
     except (ConfigError, DataError, ModelNotFoundError, UnsupportedModelError, OutputExistsError, FileNotFoundError, TaskFormatError,
-            UnsafeCheckpointError, CorruptWeightsError, CorruptModelError, NotACheckpointError, OutOfMemory, _usage) as e:
+            UnsafeCheckpointError, CorruptWeightsError, CorruptModelError, NotACheckpointError, OutOfMemory, ResumeMismatch, _usage) as e:
         print(f"signround: error: {e}", file=sys.stderr)
         return 2
     except DiskFullError as e:

@@ -141,38 +141,39 @@ def parse_scheme(spec: str | WeightScheme | dict | None) -> WeightScheme | None:
 DEFAULT_DATASET = "NeelNanda/pile-10k"
 
 
-# Tuning recipes. "paper" is the paper's and auto-round's default: 200 steps of 8 rows from plain
-# round-to-nearest, the clipping scales projected onto [0, 1] after each step. "full" takes the same 200 x 8
-# from a better start: the clipping scales begin at an activation-weighted search, projected only at 2 bits,
-# hidden states cached in bf16 (SmolLM2 W4A16 under bf16 autocast: 21.06 against the paper recipe's 21.23;
-# auto-round 21.02). "fast" keeps that start and takes more but smaller steps: 112 x 3 rows is a fifth of
-# 200 x 8, and signed descent gains more from the number of steps than from their batch (128 x 3 reaches
-# 128 x 4's block losses; 100 x 4, at about the same cost, does not: benchmarks/recipes.py,
-# benchmarks/vs_autoround.py). 112 steps gave a better full-depth perplexity than 128 (21.06 against 21.17):
-# more fitting of the calibration rows has cost perplexity whenever it was measured.
+# Tuning recipes: each fills the tuning fields a QuantConfig leaves unset (None). "paper" is the paper's and
+# auto-round's default: 200 steps of 8 rows from plain round-to-nearest, the clipping scales projected onto
+# [0, 1] after each step. "full" takes the same 200 x 8 from a better start: the clipping scales begin at an
+# activation-weighted search, projected only at 2 bits (SmolLM2 W4A16 under bf16 autocast: 21.06 against the
+# paper recipe's 21.23; auto-round 21.02). "fast" keeps that start and takes more but smaller steps: 112 x 3
+# rows is a fifth of 200 x 8, and signed descent gains more from the number of steps than from their batch
+# (docs/methods.md). 112 steps gave a better full-depth perplexity than 128 (21.06 against 21.17).
 KEEP = ("best", "last", "average")  # which parameters a tuned block keeps: see algorithms/signround.py
 # compile="auto": on from this many rows through the tuned blocks (blocks x iters x batch). SmolLM2, 2 CPU cores:
 # ~55 s of compile against ~27 ms saved per step of 8 rows, so the full recipe (48000) gains, the fast one (10080) would not
 COMPILE_MIN_ROWS = 20000
-PROJECT_AUTO_MAX_BITS = 2  # project_clipping="auto": on for layers of at most this many bits (see README, Methods)
+PROJECT_AUTO_MAX_BITS = 2  # project_clipping="auto": on for layers of at most this many bits (docs/methods.md)
 RECIPES = {
-    "fast": {"iters": 112, "batch_size": 3, "clip_search": True, "cache_dtype": "bfloat16", "keep": "best", "tame_outliers": False,
-             "project_clipping": "auto"},
-    "full": {"iters": 200, "batch_size": 8, "clip_search": True, "cache_dtype": "bfloat16", "keep": "best", "tame_outliers": False,
-             "project_clipping": "auto"},
-    "paper": {"iters": 200, "batch_size": 8, "clip_search": False, "cache_dtype": "float32", "keep": "best", "tame_outliers": False,
-              "project_clipping": True},
+    "fast": {"iters": 112, "batch_size": 3, "clip_search": True, "keep": "best", "tame_outliers": False, "project_clipping": "auto"},
+    "full": {"iters": 200, "batch_size": 8, "clip_search": True, "keep": "best", "tame_outliers": False, "project_clipping": "auto"},
+    "paper": {"iters": 200, "batch_size": 8, "clip_search": False, "keep": "best", "tame_outliers": False, "project_clipping": True},
 }
+# Settings that earlier versions kept in QuantConfig and now belong to RunConfig: a saved config that has them is read without them.
+MOVED_TO_RUN = ("device", "amp", "compile", "cache_dtype")
 
 
 @dataclass
 class QuantConfig:
-    """Everything that decides the quantized result. Serialised into the output's `quantization_config`.
+    """What decides the quantized result (serialised into the output's `quantization_config`); how the run
+    executes (device, caches, work folder) is a `RunConfig`.
 
     `layer_overrides` maps a regular expression (searched in the layer's full name) to a scheme, or to
     None to keep matching layers in 16 bit; the last matching pattern wins. `mixture` names one of
     llama.cpp's K-quant mixtures (`mixtures.MIXTURES`, e.g. Q4_K_M): its base type is the scheme and
     its rules pick bigger types per layer; overrides still win. `scheme="Q4_K_M"` sets both.
+
+    Tuning fields left None are the recipe's: they stay None here, so `dataclasses.replace(config,
+    recipe="full")` gives the full recipe's values; `resolved()` is the config with them filled in.
     """
 
     scheme: WeightScheme = field(default_factory=WeightScheme)
@@ -182,7 +183,7 @@ class QuantConfig:
     quantize_lm_head: bool = False
     pad_groups: bool = True          # a partial last group where in_features % group_size != 0 (auto-round does this)
     # calibration and tuning
-    recipe: str = "fast"             # fills iters and clip_search when unset: see RECIPES
+    recipe: str = "fast"             # fills the tuning fields left None: see RECIPES
     iters: int | None = None
     nsamples: int = 128
     seqlen: int | None = None        # None: 2048, or the model's maximum when that is shorter
@@ -196,17 +197,21 @@ class QuantConfig:
     tame_outliers: bool | None = None  # weigh down tokens with massive hidden states (attention sinks) in the loss
     project_clipping: bool | str | None = None  # clamp the clipping scales onto [0, 1] after each step (auto-round); "auto": at low bits
     quantized_inputs: bool = True    # tune on the inputs the already-quantized blocks produce
-    cache_dtype: str | None = None   # dtype of the hidden states cached between blocks: float32, bfloat16 or float16
-    device: str = "auto"
-    amp: str = "auto"                # auto | bf16 | fp16 | off
-    compile: bool | str = "auto"     # torch.compile the tuning step; "auto": on long runs where inductor can build
 
     def __post_init__(self):
         if self.recipe not in RECIPES:
             raise ConfigError(f"recipe={self.recipe!r} is not one of {', '.join(RECIPES)}")
-        for name, value in RECIPES[self.recipe].items():
-            if getattr(self, name) is None:
-                setattr(self, name, value)
+        self._resolve_scheme()
+        self.layer_overrides = {pattern: parse_scheme(spec) for pattern, spec in dict(self.layer_overrides).items()}
+        for pattern in self.layer_overrides:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(f"layer override pattern {pattern!r} is not a valid regular expression: {e}") from None
+        self._check_tuning()
+
+    def _resolve_scheme(self) -> None:
+        """A preset name, a dict of fields or a K mixture's name, as the WeightScheme (and mixture) it means."""
         if self.mixture is not None:
             name = mixtures.find_mixture(self.mixture)
             if name is None:
@@ -227,15 +232,13 @@ class QuantConfig:
         if self.mixture is not None and self.scheme != WeightScheme.preset(mixtures.base_type(self.mixture)):
             raise ConfigError(f"mixture {self.mixture} is built on {mixtures.base_type(self.mixture)}, not {self.scheme.name()}: "
                               f"drop the scheme's bits/group/sym settings, or use --layer overrides on top of the mixture")
-        self.layer_overrides = {pattern: parse_scheme(spec) for pattern, spec in dict(self.layer_overrides).items()}
-        for pattern in self.layer_overrides:
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise ConfigError(f"layer override pattern {pattern!r} is not a valid regular expression: {e}") from None
-        for name in ("iters", "grad_accum"):
-            if getattr(self, name) < (0 if name == "iters" else 1):
-                raise ConfigError(f"{name}={getattr(self, name)} is out of range: use a value >= {0 if name == 'iters' else 1}")
+
+    def _check_tuning(self) -> None:
+        """Range checks of the tuning fields the user set (the recipes' values are valid)."""
+        if self.iters is not None and self.iters < 0:
+            raise ConfigError(f"iters={self.iters} is out of range: use a value >= 0")
+        if self.grad_accum < 1:
+            raise ConfigError(f"grad_accum={self.grad_accum} is out of range: use a value >= 1")
         for name in ("nsamples", "seqlen", "batch_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} is out of range: use a positive value")
@@ -243,33 +246,24 @@ class QuantConfig:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ConfigError(f"{name}={value} must be positive (or left unset for 1/iters)")
-        if self.cache_dtype not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(f"cache_dtype={self.cache_dtype!r} is not one of float32, bfloat16, float16")
-        if self.keep not in KEEP:
+        if self.keep is not None and self.keep not in KEEP:
             raise ConfigError(f"keep={self.keep!r} is not one of {', '.join(KEEP)}")
-        if not isinstance(self.tame_outliers, bool):
+        if self.tame_outliers is not None and not isinstance(self.tame_outliers, bool):
             raise ConfigError(f"tame_outliers={self.tame_outliers!r} must be True or False")
-        if not isinstance(self.project_clipping, bool) and self.project_clipping != "auto":
+        if self.project_clipping is not None and not isinstance(self.project_clipping, bool) and self.project_clipping != "auto":
             raise ConfigError(f"project_clipping={self.project_clipping!r} must be True, False or 'auto' (on at <= {PROJECT_AUTO_MAX_BITS} bits)")
-        if not isinstance(self.compile, bool) and self.compile != "auto":
-            raise ConfigError(f"compile={self.compile!r} must be True, False or 'auto' (on from {COMPILE_MIN_ROWS} rows of tuning: blocks x iters x batch)")
-        if self.amp not in ("auto", "bf16", "fp16", "off"):
-            raise ConfigError(f"amp={self.amp!r} is not one of auto, bf16, fp16, off")
+
+    def resolved(self) -> QuantConfig:
+        """This config with the recipe's values in the tuning fields left unset (itself when none are)."""
+        unset = {name: value for name, value in RECIPES[self.recipe].items() if getattr(self, name) is None}
+        return dataclasses.replace(self, **unset) if unset else self
 
     def projects_clipping(self, scheme: WeightScheme) -> bool:
         """Whether a layer of this scheme has its clipping scales projected onto [0, 1] after each step."""
-        if self.project_clipping == "auto":
+        project = self.resolved().project_clipping
+        if project == "auto":
             return scheme.bits <= PROJECT_AUTO_MAX_BITS
-        return self.project_clipping
-
-    def compiles(self, device: torch.device, blocks: int) -> bool:
-        """Whether tuning runs its step through torch.compile: its one-off compile (~55 s on 2 CPU cores)
-        only pays back over a long run, and needs a compiler for the device."""
-        if self.compile == "auto":
-            return self.iters * blocks * self.batch_size >= COMPILE_MIN_ROWS and can_compile(device)
-        if self.compile and not can_compile(device):
-            raise ConfigError(f"compile=True needs a C++ compiler (CPU) or triton (CUDA) for {device}: install one, or use compile=False")
-        return self.compile
+        return project
 
     def scheme_for(self, layer_name: str, block: tuple[int, int] | None = None) -> WeightScheme | None:
         """The scheme a layer gets after the mixture and the overrides (None: keep it unquantized).
@@ -290,5 +284,59 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
+        """The config a `to_dict` (or a saved output's `tuning` record) describes; an unknown key is an error,
+        not dropped: it is a setting this version would silently not apply."""
         known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known - set(MOVED_TO_RUN))
+        if unknown:
+            raise ConfigError(f"unknown quantization setting(s) {', '.join(map(repr, unknown))}: "
+                              f"remove them, or upgrade signround if a newer version wrote them")
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+CACHE_DTYPE_NAMES = ("float32", "bfloat16", "float16")
+RESUME_MODES = ("auto", "force", "never")
+
+
+@dataclass
+class RunConfig:
+    """How a run executes: where it computes, what it keeps on disk, what it shows. These change the result
+    only by float rounding (autocast, cache dtype, compiled kernels), never its settings.
+
+    `work_dir`: keep each finished block there, so that the same call after a crash continues after the last
+    finished block (`signround.run` puts it beside the output); `resume`: "auto" continues a matching state and
+    refuses a different one (keeping it), "force" continues it anyway, "never" discards it.
+    `offload`: keep the cached hidden states in files (in the work folder) instead of in memory.
+    `threads`: torch's intra-op threads for the run (None: torch's default)."""
+
+    device: str = "auto"
+    amp: str = "auto"                # auto | bf16 | fp16 | off
+    compile: bool | str = "auto"     # torch.compile the tuning step; "auto": on long runs where inductor can build
+    cache_dtype: str = "bfloat16"    # dtype of the hidden states cached between blocks
+    offload: bool = False
+    work_dir: str | None = None
+    resume: str = "auto"
+    progress: bool = True
+    threads: int | None = None
+
+    def __post_init__(self):
+        if self.cache_dtype not in CACHE_DTYPE_NAMES:
+            raise ConfigError(f"cache_dtype={self.cache_dtype!r} is not one of {', '.join(CACHE_DTYPE_NAMES)}")
+        if not isinstance(self.compile, bool) and self.compile != "auto":
+            raise ConfigError(f"compile={self.compile!r} must be True, False or 'auto' (on from {COMPILE_MIN_ROWS} rows of tuning: blocks x iters x batch)")
+        if self.amp not in ("auto", "bf16", "fp16", "off"):
+            raise ConfigError(f"amp={self.amp!r} is not one of auto, bf16, fp16, off")
+        if self.resume not in RESUME_MODES:
+            raise ConfigError(f"resume={self.resume!r} is not one of {', '.join(RESUME_MODES)}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ConfigError(f"threads={self.threads!r} must be a positive integer (or None for torch's default)")
+
+    def compiles(self, config: QuantConfig, device, blocks: int) -> bool:
+        """Whether tuning runs its step through torch.compile: its one-off compile (~55 s on 2 CPU cores)
+        only pays back over a long run, and needs a compiler for the device."""
+        if self.compile == "auto":
+            tuning = config.resolved()
+            return tuning.iters * blocks * tuning.batch_size >= COMPILE_MIN_ROWS and can_compile(device)
+        if self.compile and not can_compile(device):
+            raise ConfigError(f"compile=True needs a C++ compiler (CPU) or triton (CUDA) for {device}: install one, or use compile=False")
+        return self.compile

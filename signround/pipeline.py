@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import resource
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from .blocks import (
 )
 from .cache import CACHE_DTYPES, CACHE_FILES, CacheFactory
 from .calibration import DataError, calibration_ids
-from .config import ConfigError, QuantConfig, WeightScheme
+from .config import ConfigError, QuantConfig, RunConfig, WeightScheme
 from .hardware import cpu_has_fast_bf16, release_freed_memory
 from .qlinear import QuantLinear
 from .resume import WorkState, fingerprint
@@ -84,20 +85,37 @@ class QuantizeReport:
     tuning_steps: int = 0             # optimiser steps over the blocks tuned by this call
     peak_memory_bytes: int = 0
     bits_per_weight: float = 0.0
+    # parameters by where they ended: "quantized", "kept 16-bit" (weight tensors inside the blocks left
+    # unquantized, by name in `kept_16bit`), "outside the blocks" (embeddings, lm_head, norms), "block norms and biases"
+    parameters: dict[str, int] = field(default_factory=dict)
+    kept_16bit: dict[str, int] = field(default_factory=dict)
+    perplexity: tuple[float, float] | None = None  # (before, after) on `run(..., eval_text=)`
+    outputs: list[str] = field(default_factory=list)  # folders `run` wrote
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def share(self, part: str) -> float:
+        """Fraction of the model's parameters in `part` (a key of `parameters`)."""
+        total = sum(self.parameters.values())
+        return self.parameters.get(part, 0) / total if total else 0.0
+
     def summary(self) -> str:
+        kept = len(self.kept_16bit)
         lines = [
-            f"layers quantized: {len(self.quantized)}, kept 16-bit: {len(self.skipped)}",
+            f"quantized: {len(self.quantized)} weight tensors, {self.share('quantized'):.1%} of the model's parameters",
+            f"kept 16-bit: {kept} weight tensors in the blocks ({self.share('kept 16-bit'):.1%})"
+            + (f": {', '.join(list(self.kept_16bit)[:4])}{', ...' if kept > 4 else ''}" if kept else "")
+            + f"; outside the blocks (embeddings, head): {self.share('outside the blocks'):.1%}",
             f"average bits per quantized weight (incl. scales and zeros): {self.bits_per_weight:.3f}",
             f"tuning time: {self.tuning_seconds:.1f} s, peak memory: {self.peak_memory_bytes / 2**30:.2f} GiB",
         ]
         if self.calibration_shape:
             n, length = self.calibration_shape
             lines.insert(0, f"calibration: {n} samples x {length} tokens ({self.calibration_seconds:.1f} s to prepare)")
+        if self.perplexity:
+            lines.append(f"perplexity: {self.perplexity[0]:.3f} before, {self.perplexity[1]:.3f} after")
         return "\n".join(lines + self.notes)
 
 
@@ -212,12 +230,14 @@ def _quantize_lm_head(model, config: QuantConfig, report: QuantizeReport) -> Non
     report.notes.append("lm_head quantized with round-to-nearest")
 
 
-def quantization_config_dict(config: QuantConfig, report: QuantizeReport) -> dict:
-    """The `quantization_config` written to config.json: enough for `signround.load` to rebuild every layer."""
+def quantization_config_dict(config: QuantConfig, report: QuantizeReport, run: RunConfig | None = None) -> dict:
+    """The `quantization_config` written to config.json: enough for `signround.load` to rebuild every layer,
+    with the tuning settings (recipe values filled in) and how the run computed, for the record."""
     default = config.scheme
-    settings = config.to_dict()
+    settings = config.resolved().to_dict()
     extra = {name: s.to_dict() for name, s in report.quantized.items() if s != default}
-    tuning = {k: v for k, v in settings.items() if k not in ("scheme", "mixture", "layer_overrides", "device", "amp")}
+    tuning = {k: v for k, v in settings.items() if k not in ("scheme", "mixture", "layer_overrides")}
+    computed = {k: getattr(run, k) for k in ("device", "amp", "compile", "cache_dtype")} if run else {}
     return {
         "quant_method": "signround",
         "version": __version__,
@@ -234,6 +254,7 @@ def quantization_config_dict(config: QuantConfig, report: QuantizeReport) -> dic
         "extra_config": extra,
         "modules_not_quantized": sorted(report.skipped),
         "tuning": tuning,
+        **({"run": computed} if computed else {}),
     }
 
 
@@ -288,23 +309,26 @@ def _out_of_memory(index: int, device, config: QuantConfig, state: WorkState | N
                        f"--grad-accum keeps the effective batch), --nsamples ({config.nsamples}) or --seqlen{saved}")
 
 
-def quantize(model, config: QuantConfig | None = None, *, tokenizer=None, calibration=None, progress: bool = True,
-             work_dir=None, resume: str = "auto", on_block_done=None, weights=None, offload_dir=None) -> QuantizeReport:
+def quantize(model, config: QuantConfig | None = None, run: RunConfig | None = None, *, tokenizer=None, calibration=None,
+             on_block_done=None, weights=None) -> QuantizeReport:
     """Quantize `model` in place: every linear layer of its decoder blocks becomes a packed QuantLinear.
+    The in-memory step of `signround.run`, which also opens, checks, saves and exports.
 
-    `calibration`: token ids (n, seqlen), a list of texts, a file/folder path or a hub dataset name;
-    None uses the default dataset, or self-generated text when offline. Needs `tokenizer` unless ids are given.
-    `work_dir`: keep each finished block there, so that running the same call again after a crash
-    continues after the last finished block (`resume`: "auto", "force" despite changed settings, "never").
-    `on_block_done(index, report)` is called after each block is finished (and saved).
+    `calibration`: token ids (n, seqlen), a list of texts, a file/folder path, a hub dataset name or "self"
+    (text the model samples); None uses the default hub dataset online, text the package ships offline.
+    Needs `tokenizer` unless ids are given.
+    `run.work_dir`: keep each finished block there, so that the same call after a crash continues after the
+    last finished block (`run.resume`). `on_block_done(index, report)` is called after each block is finished (and saved).
     `weights`: the source of a model opened by `weights.open_lazy`, whose blocks are read one at a time;
     with a `work_dir` each finished block also leaves memory (save with `save(..., weights=finished_blocks(work_dir, model))`).
-    `offload_dir`: keep the cached hidden states in files there instead of in memory (`config.cache_dtype` sets their dtype).
     """
-    config = config or QuantConfig()
+    config = (config or QuantConfig()).resolved()
+    run = run or RunConfig()
+    work_dir = run.work_dir
+    offload_dir = Path(work_dir) / "caches" if run.offload and work_dir else None
     algorithm = get_algorithm(config.method)
-    device = resolve_device(config.device)
-    amp_dtype = resolve_amp(config.amp, device)
+    device = resolve_device(run.device)
+    amp_dtype = resolve_amp(run.amp, device)
     blocks_name, blocks = find_blocks(model)
     report = QuantizeReport()
     plan = plan_layers(model, blocks_name, blocks, config, report)
@@ -324,7 +348,7 @@ def quantize(model, config: QuantConfig | None = None, *, tokenizer=None, calibr
     state = None
     if work_dir is not None:
         source_digest = weights.digest() if weights is not None else None
-        state = WorkState.open(work_dir, fingerprint(model, config, tokenizer, calibration, f"{device}/{amp_dtype}", source_digest), resume)
+        state = WorkState.open(work_dir, fingerprint(model, config, run, tokenizer, calibration, f"{device}/{amp_dtype}", source_digest), run.resume)
     streaming = weights is not None and state is not None  # finished blocks leave memory; they are on disk
     done = state.finished if state else 0
     for i in range(done):
@@ -336,11 +360,13 @@ def quantize(model, config: QuantConfig | None = None, *, tokenizer=None, calibr
         report.notes.extend(state.notes)
 
     fp_in = q_in = calls = None
+    if run.offload and offload_dir is None:  # no work folder to put them in: a temporary one
+        offload_dir = Path(tempfile.mkdtemp(prefix="signround-caches-"))
     if offload_dir is not None:
         Path(offload_dir).mkdir(parents=True, exist_ok=True)
         for stale in Path(offload_dir).glob(CACHE_FILES):  # left by an interrupted run; the work state keeps its own copies
             stale.unlink()
-    caches = CacheFactory(CACHE_DTYPES[config.cache_dtype], device if device.type == "cuda" else torch.device("cpu"), offload_dir)
+    caches = CacheFactory(CACHE_DTYPES[run.cache_dtype], device if device.type == "cuda" else torch.device("cpu"), offload_dir)
     if algorithm.needs_calibration:
         ids = state.calibration() if state else None
         if ids is None:
@@ -361,13 +387,14 @@ def quantize(model, config: QuantConfig | None = None, *, tokenizer=None, calibr
     try:
         earlier_seconds = state.tuning_seconds if state else 0.0  # blocks finished by an interrupted run
         start = time.perf_counter()
-        bar = tqdm(total=len(blocks), initial=done, desc=f"{config.method} {config.scheme.name()}", disable=not progress, unit="block")
+        bar = tqdm(total=len(blocks), initial=done, desc=f"{config.method} {config.scheme.name()}", disable=not run.progress, unit="block")
+        compiled = algorithm.needs_calibration and run.compiles(config, device, len(blocks))
         for i in range(done, len(blocks)):
             block_start = time.perf_counter()
             _load_block(blocks_name, blocks, i, plan[i], weights)
             try:
                 fp_in, q_in, losses, notes, steps = _quantize_one(model, blocks_name, blocks, i, plan[i], algorithm, config, fp_in, q_in, calls,
-                                                                  device, amp_dtype, caches)
+                                                                  device, amp_dtype, caches, compiled)
             except (torch.OutOfMemoryError, MemoryError):
                 raise _out_of_memory(i, device, config, state) from None
             report.block_losses.append(losses)
@@ -395,14 +422,42 @@ def quantize(model, config: QuantConfig | None = None, *, tokenizer=None, calibr
     model._apply(lambda t: t if t.is_meta else t.to("cpu"))
 
     report.peak_memory_bytes = peak_memory_bytes(device)
+    _count_parameters(model, blocks_name, blocks, report)
     sizes = {}
     for name, scheme in report.quantized.items():
         module = model.get_submodule(name)
         sizes[name] = (module.in_features * module.out_features, scheme.bits_per_weight(module.in_features))
     total = sum(n for n, _ in sizes.values())
     report.bits_per_weight = sum(n * b for n, b in sizes.values()) / total
-    model.config.quantization_config = quantization_config_dict(config, report)
+    model.config.quantization_config = quantization_config_dict(config, report, run)
     return report
+
+
+def _count_parameters(model, blocks_name: str, blocks, report: QuantizeReport) -> None:
+    """Where the model's parameters ended up, so that nothing stays 16-bit silently: every weight tensor
+    (two or more dimensions) inside the blocks that is not packed is listed in `report.kept_16bit`."""
+    counts = {"quantized": 0, "kept 16-bit": 0, "block norms and biases": 0, "outside the blocks": 0}
+    inside = set()
+    for i, block in enumerate(blocks):
+        for name, module in block.named_modules():
+            if isinstance(module, QuantLinear):
+                counts["quantized"] += module.in_features * module.out_features
+        for name, param in block.named_parameters():
+            inside.add(id(param))
+            if param.dim() >= 2:
+                report.kept_16bit[f"{blocks_name}.{i}.{name}"] = param.numel()
+                counts["kept 16-bit"] += param.numel()
+            else:
+                counts["block norms and biases"] += param.numel()
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear) and not name.startswith(f"{blocks_name}."):
+            counts["quantized"] += module.in_features * module.out_features  # a quantized lm_head
+    seen = set(inside)
+    for param in model.parameters():  # deduplicated: a tied lm_head is the embedding
+        if id(param) not in seen:
+            seen.add(id(param))
+            counts["outside the blocks"] += param.numel()
+    report.parameters = counts
 
 
 def _capture(model, blocks, ids, device, caches: CacheFactory):
@@ -428,7 +483,8 @@ def _loss(output, target, batch_size: int, rows: int | None, tame_outliers: bool
                for sl in iter_batches(rows, batch_size)) / rows
 
 
-def _quantize_one(model, blocks_name, blocks, i, tasks, algorithm, config, fp_in, q_in, calls, device, amp_dtype, caches: CacheFactory):
+def _quantize_one(model, blocks_name, blocks, i, tasks, algorithm, config, fp_in, q_in, calls, device, amp_dtype, caches: CacheFactory,
+                  compiled: bool = False):
     """Tune and pack block i; returns the next block's (original, quantized) inputs, (loss before, after) and notes."""
     original_dtype = next(blocks[i].parameters()).dtype
     blocks[i].to(device=device, dtype=torch.float32)  # tuning masters stay fp32; autocast does the fast math
@@ -438,7 +494,7 @@ def _quantize_one(model, blocks_name, blocks, i, tasks, algorithm, config, fp_in
         fp_out = run_block(blocks[i], fp_in, call, config.batch_size, device, amp_dtype, caches.empty(fp_in.shape))
         if config.quantized_inputs and fp_in is not q_in:  # the original stream's inputs are done with: one cache less
             fp_in.discard()
-        data = BlockData(q_in if config.quantized_inputs else fp_in, fp_out, call, device, amp_dtype, i, len(blocks))
+        data = BlockData(q_in if config.quantized_inputs else fp_in, fp_out, call, device, amp_dtype, i, len(blocks), compiled)
     # a block whose every layer is kept 16-bit by overrides has nothing to tune: it is only run
     result = algorithm.quantize_block(blocks[i], tasks, data, config) if tasks else BlockResult({})
     for task in tasks:

@@ -27,12 +27,12 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .checkpoint import disk_full_error
+from .config import RESUME_MODES
 from .weights import files_digest
 
 log = logging.getLogger("signround")
 
 STATE_FILE = "state.json"
-RESUME_MODES = ("auto", "force", "never")
 
 
 def _sha(*parts: bytes) -> str:
@@ -71,10 +71,11 @@ def calibration_digest(calibration) -> str:
     return _sha(*(str(doc).encode() + b"\x00" for doc in calibration))
 
 
-def fingerprint(model, config, tokenizer, calibration, compute: str = "", weights: str | None = None) -> dict:
-    """Everything that decides the result, down to the resolved device and autocast dtype (`compute`)
-    and the torch version; a saved state is only resumed when all of it matches."""
-    settings = json.loads(json.dumps(config.to_dict(), default=str))
+def fingerprint(model, config, run, tokenizer, calibration, compute: str = "", weights: str | None = None) -> dict:
+    """Everything that decides the result, down to the resolved device and autocast dtype (`compute`), the
+    run's cache dtype and compilation, and the torch version; a saved state is only resumed when all of it matches."""
+    numerics = {"cache_dtype": run.cache_dtype, "compile": run.compile} if run is not None else {}
+    settings = json.loads(json.dumps({**config.resolved().to_dict(), **numerics}, default=str))
     lazy = {"weights": weights} if weights else {}  # a lazily opened model's blocks are only on disk: its files' identity
     return {
         **lazy,
@@ -95,9 +96,19 @@ ADDED_SETTINGS = {"setting.cache_dtype": "float32", "setting.recipe": "full", "s
 
 
 def _differences(old: dict, new: dict) -> list[str]:
-    """Fields that differ; a setting an older state lacks counts as what that version did."""
-    return sorted(k.removeprefix("setting.") for k in old.keys() | new.keys()
-                  if old.get(k, ADDED_SETTINGS.get(k)) != new.get(k, ADDED_SETTINGS.get(k)))
+    """Fields that differ, as "name (was -> now)"; a setting an older state lacks counts as what that version did."""
+    changed = []
+    for k in sorted(old.keys() | new.keys()):
+        was, now = old.get(k, ADDED_SETTINGS.get(k)), new.get(k, ADDED_SETTINGS.get(k))
+        if was != now:
+            name = k.removeprefix("setting.")
+            short = all(isinstance(v, (str, int, float, bool, type(None))) and len(str(v)) <= 24 for v in (was, now))
+            changed.append(f"{name} ({was} -> {now})" if short else name)
+    return changed
+
+
+class ResumeMismatch(ValueError):
+    """The work folder holds finished blocks of a different run: they are kept until the user decides."""
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -143,8 +154,11 @@ class WorkState:
                 if state.finished:
                     log.warning("resuming from %s: %d blocks already finished", folder, state.finished)
                 return state
-            log.warning("%s holds the state of a different run (it differs in: %s): starting over (--resume continues it anyway)",
-                        folder, ", ".join(changed))
+            if saved["finished"]:  # finished work is never deleted unasked
+                raise ResumeMismatch(f"{folder} holds {saved['finished']} finished blocks of a run that differs in {', '.join(changed)}, so they "
+                                     f"cannot be reused as they are; they are kept: --resume (resume='force') continues with them anyway, "
+                                     f"--restart (resume='never') discards them")
+            log.warning("%s holds the state of a different run with no finished block (it differs in: %s): starting over", folder, ", ".join(changed))
         if folder.exists():
             shutil.rmtree(folder)
         folder.mkdir(parents=True)

@@ -1,6 +1,8 @@
+import dataclasses
+
 import pytest
 
-from signround.config import ConfigError, QuantConfig, WeightScheme, parse_scheme
+from signround.config import ConfigError, QuantConfig, RunConfig, WeightScheme, parse_scheme
 
 
 def test_presets():
@@ -36,7 +38,6 @@ def test_config_round_trips_through_its_dict():
     ({"iters": -1}, "iters=-1 is out of range"),
     ({"batch_size": 0}, "batch_size=0 is out of range"),
     ({"lr": 0.0}, "lr=0.0 must be positive"),
-    ({"amp": "int8"}, "amp='int8' is not one of"),
     ({"keep": "first"}, "keep='first' is not one of best, last, average"),
     ({"tame_outliers": "yes"}, "tame_outliers='yes' must be True or False"),
     ({"scheme": {"bits": 4, "group_size": 128, "kquant": True}}, "no K-quant has 4 bits, groups of 128, sym: use Q2_K"),
@@ -51,14 +52,46 @@ def test_bad_settings(kwargs, message):
 def test_recipes_fill_only_what_is_unset():
     from signround.config import RECIPES
 
-    assert QuantConfig().iters == RECIPES["fast"]["iters"] and QuantConfig().clip_search is True and QuantConfig().batch_size == RECIPES["fast"]["batch_size"]
-    full, paper = QuantConfig(recipe="full"), QuantConfig(recipe="paper")
-    assert (full.iters, full.batch_size, full.clip_search, full.keep) == (200, 8, True, "best") and QuantConfig().keep == "best"
-    assert (paper.iters, paper.batch_size, paper.clip_search, paper.cache_dtype) == (200, 8, False, "float32")
-    assert QuantConfig(recipe="paper", iters=50, clip_search=True).iters == 50
-    assert QuantConfig().tame_outliers is False and full.tame_outliers is False
-    assert QuantConfig(tame_outliers=True).tame_outliers is True
+    fast = QuantConfig().resolved()
+    assert fast.iters == RECIPES["fast"]["iters"] and fast.clip_search is True and fast.batch_size == RECIPES["fast"]["batch_size"]
+    full, paper = QuantConfig(recipe="full").resolved(), QuantConfig(recipe="paper").resolved()
+    assert (full.iters, full.batch_size, full.clip_search, full.keep) == (200, 8, True, "best") and fast.keep == "best"
+    assert (paper.iters, paper.batch_size, paper.clip_search) == (200, 8, False)
+    assert QuantConfig(recipe="paper", iters=50, clip_search=True).resolved().iters == 50
+    assert fast.tame_outliers is False and full.tame_outliers is False
+    assert QuantConfig(tame_outliers=True).resolved().tame_outliers is True
     assert QuantConfig.from_dict(full.to_dict()) == full
+
+
+def test_replacing_the_recipe_gives_that_recipe_not_the_old_ones_values():
+    """A recipe fills only the fields the user left unset, so they stay unset until resolved."""
+    fast = QuantConfig(scheme="W3A16", nsamples=64)
+    assert fast.iters is None and fast.batch_size is None
+    full = dataclasses.replace(fast, recipe="full").resolved()
+    assert (full.iters, full.batch_size, full.nsamples, full.scheme) == (200, 8, 64, fast.scheme)
+    mine = dataclasses.replace(QuantConfig(iters=30), recipe="full").resolved()
+    assert (mine.iters, mine.batch_size) == (30, 8)  # what the user set survives the change of recipe
+    assert fast.resolved().resolved() == fast.resolved()
+
+
+def test_an_unknown_key_in_a_saved_config_is_an_error():
+    saved = QuantConfig(iters=9).to_dict()
+    with pytest.raises(ConfigError, match="unknown quantization setting.*'colour'"):
+        QuantConfig.from_dict({**saved, "colour": "red"})
+    # run settings that earlier versions saved beside the quantization ones are read without them
+    assert QuantConfig.from_dict({**saved, "device": "cpu", "cache_dtype": "float32"}) == QuantConfig(iters=9)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"amp": "int8"}, "amp='int8' is not one of"),
+    ({"cache_dtype": "int8"}, "cache_dtype='int8' is not one of"),
+    ({"compile": "yes"}, "compile='yes' must be True, False or 'auto'"),
+    ({"resume": "maybe"}, "resume='maybe' is not one of auto, force, never"),
+    ({"threads": 0}, "threads=0 must be a positive integer"),
+])
+def test_bad_run_settings(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        RunConfig(**kwargs)
     with pytest.raises(ConfigError, match="recipe='slow' is not one of fast, full"):
         QuantConfig(recipe="slow")
 

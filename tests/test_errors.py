@@ -1,6 +1,6 @@
-"""Every bad input in the README's table, checked against the message the table promises.
+"""Every bad input in the table of docs/errors.md, checked against the message the table promises.
 
-The expected text of each row is read from README.md ("…" stands for a varying part), so the table
+The expected text of each row is read from docs/errors.md ("…" stands for a varying part), so the table
 and the tool cannot drift apart.
 """
 
@@ -24,12 +24,12 @@ from signround.algorithms.signround import SignRound
 from signround.cli import main
 from signround.qlinear import QuantLinear
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ERRORS_DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
 FAST = ["--iters", "2", "--nsamples", "4", "--seqlen", "32", "--batch-size", "2", "-q"]
 
 
-def readme_rows() -> dict[str, str]:
-    table = README.read_text().split("| bad input |", 1)[1].split("\n\n", 1)[0]
+def documented_rows() -> dict[str, str]:
+    table = ERRORS_DOC.read_text().split("| bad input |", 1)[1].split("\n\n", 1)[0]
     rows = {}
     for line in table.splitlines()[2:]:
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -151,7 +151,7 @@ def _nan_during_tuning(ctx):
         model.model.layers[1].post_attention_layernorm.weight.fill_(3e38)
     with pytest.warns(UserWarning) as warned:
         report = signround.quantize(model, signround.QuantConfig(scheme="W4A16G32", iters=2, nsamples=4, seqlen=16),
-                                    calibration=torch.randint(0, 128, (4, 16)), progress=False)
+                                    calibration=torch.randint(0, 128, (4, 16)))
     assert isinstance(model.model.layers[1].mlp.up_proj, QuantLinear) and len(report.block_losses) == 2
     return Seen(2, " ".join(str(w.message) for w in warned))
 
@@ -230,14 +230,14 @@ CASES = {
 }
 
 
-def test_every_row_of_the_readme_table_is_tested():
-    assert list(readme_rows()) == list(CASES)
+def test_every_row_of_the_documented_table_is_tested():
+    assert list(documented_rows()) == list(CASES)
 
 
 @pytest.mark.parametrize("row", list(CASES))
 def test_bad_input_gives_the_documented_one_line_error(row, tmp_path, tiny_model_dir, monkeypatch, capsys):
     seen = CASES[row](Ctx(tmp_path, tiny_model_dir, monkeypatch, capsys))
-    expected = readme_rows()[row]
+    expected = documented_rows()[row]
     assert seen.code == 2, seen
     assert matches(expected, seen.line), f"\nexpected: {expected}\nseen:     {seen.line}"
     if row not in ("no decoder blocks with linear layers",

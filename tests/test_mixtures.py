@@ -70,7 +70,7 @@ def test_q4_k_m_model_exports_its_types_and_loads_in_transformers(tmp_path, bpe_
     """16 blocks: v/down in blocks 0, 1, 4, 7, 10, 13, 14, 15 as Q6_K, the rest Q4_K; reloaded from our own
     format with the same weights, and read by transformers' GGUF loader with the same logits."""
     model = make("llama", vocab_size=len(bpe_tokenizer), hidden_size=256, intermediate_size=512, head_dim=64, num_hidden_layers=16)
-    report = signround.quantize(model, QuantConfig(scheme="Q4_K_M", method="rtn"), progress=False)
+    report = signround.quantize(model, QuantConfig(scheme="Q4_K_M", method="rtn"))
     more = [i for i in range(16) if use_more_bits(i, 16)]
     assert more == [0, 1, 4, 7, 10, 13, 14, 15]
     for i in range(16):

@@ -16,7 +16,7 @@ def test_quantize_save_load_round_trip(arch, tmp_path):
     with torch.no_grad():
         original = model(ids).logits
     report = signround.quantize(model, QuantConfig(scheme="W4A16G32", iters=4, nsamples=8, seqlen=16, batch_size=4),
-                                calibration=calib_ids(8, 16), progress=False)
+                                calibration=calib_ids(8, 16))
     packed = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert len(packed) == len(report.quantized) > 0
     with torch.no_grad():
@@ -33,7 +33,7 @@ def test_quantize_save_load_round_trip(arch, tmp_path):
 
 def test_quant_linear_holds_exactly_the_algorithms_weights():
     model = make("llama")
-    signround.quantize(model, QuantConfig(method="rtn", scheme="W3A16G32"), progress=False)
+    signround.quantize(model, QuantConfig(method="rtn", scheme="W3A16G32"))
     layer = model.model.layers[0].mlp.down_proj
     reference = make("llama").model.layers[0].mlp.down_proj.weight
     from signround.quant.integer import dequantize_weight, quantize_weight
@@ -46,7 +46,7 @@ def test_signround_passes_over_a_block_kept_16_bit_whole():
     and its norms keep their gradients switched on."""
     model = make("llama")
     config = QuantConfig(scheme="W4A16G32", iters=3, nsamples=4, seqlen=16, batch_size=2, layer_overrides={r"layers\.1\.": "fp16"})
-    report = signround.quantize(model, config, calibration=calib_ids(4, 16), progress=False)
+    report = signround.quantize(model, config, calibration=calib_ids(4, 16))
     assert not any(isinstance(m, QuantLinear) for m in model.model.layers[1].modules())
     assert isinstance(model.model.layers[0].self_attn.q_proj, QuantLinear)
     assert report.block_losses[1][1] is not None and all(p.requires_grad for p in model.model.layers[1].parameters())
@@ -55,7 +55,7 @@ def test_signround_passes_over_a_block_kept_16_bit_whole():
 def test_layer_overrides_and_skips(tmp_path):
     model = make("llama")
     config = QuantConfig(scheme="W4A16G32", method="rtn", layer_overrides={r"down_proj": "W8A16G64", r"layers\.1\.self_attn\.q_proj": "fp16"})
-    report = signround.quantize(model, config, progress=False)
+    report = signround.quantize(model, config)
     down = model.model.layers[0].mlp.down_proj
     assert isinstance(down, QuantLinear) and down.scheme.bits == 8 and down.scheme.group_size == 64
     assert isinstance(model.model.layers[1].self_attn.q_proj, torch.nn.Linear)
@@ -71,37 +71,37 @@ def test_layer_overrides_and_skips(tmp_path):
 
 def test_non_dividing_group_is_padded_by_default_and_skipped_on_request():
     model = make("llama", hidden_size=96)  # 96 is not a multiple of 64
-    report = signround.quantize(model, QuantConfig(scheme="W4A16G64", method="rtn"), progress=False)
+    report = signround.quantize(model, QuantConfig(scheme="W4A16G64", method="rtn"))
     assert not report.skipped and model.model.layers[0].self_attn.q_proj.scales.shape[0] == 2
     model = make("llama", hidden_size=96)
     with pytest.warns(UserWarning, match=r"stay unquantized: .*q_proj \(in_features=96 is not divisible by group_size=64"):
-        report = signround.quantize(model, QuantConfig(scheme="W4A16G64", method="rtn", pad_groups=False), progress=False)
+        report = signround.quantize(model, QuantConfig(scheme="W4A16G64", method="rtn", pad_groups=False))
     assert "model.layers.0.mlp.down_proj" in report.quantized  # 128 in-features divide
 
 
 def test_lm_head_kept_unless_asked_and_untied():
     model = make("llama")
-    signround.quantize(model, QuantConfig(method="rtn", scheme="W4A16G32"), progress=False)
+    signround.quantize(model, QuantConfig(method="rtn", scheme="W4A16G32"))
     assert isinstance(model.lm_head, torch.nn.Linear)
     model = make("llama")
-    report = signround.quantize(model, QuantConfig(method="rtn", scheme="W4A16G32", quantize_lm_head=True), progress=False)
+    report = signround.quantize(model, QuantConfig(method="rtn", scheme="W4A16G32", quantize_lm_head=True))
     assert isinstance(model.lm_head, QuantLinear) and "lm_head" in report.quantized
     tied = make("llama", tie_word_embeddings=True)
     tied.tie_weights()
-    report = signround.quantize(tied, QuantConfig(method="rtn", scheme="W4A16G32", quantize_lm_head=True), progress=False)
+    report = signround.quantize(tied, QuantConfig(method="rtn", scheme="W4A16G32", quantize_lm_head=True))
     assert isinstance(tied.lm_head, torch.nn.Linear) and any("tied" in n for n in report.notes)
 
 
 def test_report_counts_bits_including_scales_and_zeros():
     model = make("llama")
-    report = signround.quantize(model, QuantConfig(method="rtn", scheme="W4A16G32"), progress=False)
+    report = signround.quantize(model, QuantConfig(method="rtn", scheme="W4A16G32"))
     assert report.bits_per_weight == pytest.approx(4 + (16 + 4) / 32)
     assert "layers quantized: 14" in report.summary()
 
 
 def test_output_folder_is_refused_when_not_empty(tmp_path):
     model = make("llama")
-    signround.quantize(model, QuantConfig(method="rtn", scheme="W4A16G32"), progress=False)
+    signround.quantize(model, QuantConfig(method="rtn", scheme="W4A16G32"))
     (tmp_path / "keep.txt").write_text("user data")
     with pytest.raises(FileExistsError, match="--overwrite"):
         signround.save(model, tmp_path)
@@ -115,7 +115,7 @@ def test_nan_weight_is_named_before_any_work():
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
     with pytest.raises(CorruptWeightsError, match=r"model.layers.1.mlp.up_proj.weight holds NaN or Inf"):
-        signround.quantize(model, QuantConfig(method="rtn", scheme="W4A16G32"), progress=False)
+        signround.quantize(model, QuantConfig(method="rtn", scheme="W4A16G32"))
     assert isinstance(model.model.layers[0].mlp.up_proj, torch.nn.Linear)  # nothing was touched
 
 
@@ -124,7 +124,7 @@ def test_k_quant_save_load_round_trip(scheme, tmp_path):
     """K-quant layers keep their scales as llama.cpp stores them (fp16 super-scales, integer codes) and
     reload to the weights that were evaluated."""
     model = make("llama", hidden_size=256, intermediate_size=512, head_dim=64)
-    signround.quantize(model, QuantConfig(scheme=scheme, iters=4, nsamples=8, seqlen=16, batch_size=4), calibration=calib_ids(8, 16), progress=False)
+    signround.quantize(model, QuantConfig(scheme=scheme, iters=4, nsamples=8, seqlen=16, batch_size=4), calibration=calib_ids(8, 16))
     layer = model.model.layers[0].mlp.up_proj
     assert layer.scheme.name() == scheme and not hasattr(layer, "scales") and layer.scale_codes.dtype == torch.int8
     ids = calib_ids(4, 16)

@@ -16,7 +16,7 @@ from tiny_models import calib_ids, make
 
 import signround
 from signround.algorithms.signround import SignRound
-from signround.config import QuantConfig
+from signround.config import QuantConfig, RunConfig
 
 CONFIG = dict(scheme="W4A16G32", iters=6, nsamples=8, seqlen=16, batch_size=4)
 
@@ -45,20 +45,20 @@ def stop_at_block(monkeypatch, k: int) -> None:
 @pytest.mark.parametrize("k", [1, 3])
 def test_interrupted_run_resumes_to_identical_weights(monkeypatch, tmp_path, k):
     reference = make("llama", num_hidden_layers=4)
-    ref_report = signround.quantize(reference, QuantConfig(**CONFIG), calibration=calib_ids(), progress=False)
+    ref_report = signround.quantize(reference, QuantConfig(**CONFIG), calibration=calib_ids())
 
     work = tmp_path / "work"
     with monkeypatch.context() as patch:
         stop_at_block(patch, k)
         with pytest.raises(KeyboardInterrupt):
-            signround.quantize(make("llama", num_hidden_layers=4), QuantConfig(**CONFIG), calibration=calib_ids(), progress=False, work_dir=work)
+            signround.quantize(make("llama", num_hidden_layers=4), QuantConfig(**CONFIG), calibration=calib_ids(), run=RunConfig(work_dir=work))
     assert json.loads((work / "state.json").read_text())["finished"] == k
 
     calls = []
     original = SignRound.quantize_block
     monkeypatch.setattr(SignRound, "quantize_block", lambda self, *a: calls.append(a[2].index) or original(self, *a))
     resumed = make("llama", num_hidden_layers=4)
-    report = signround.quantize(resumed, QuantConfig(**CONFIG), calibration=calib_ids(), progress=False, work_dir=work)
+    report = signround.quantize(resumed, QuantConfig(**CONFIG), calibration=calib_ids(), run=RunConfig(work_dir=work))
     assert calls == list(range(k, 4))  # finished blocks are not tuned again
     assert_identical(packed(resumed), packed(reference))
     assert report.block_losses == ref_report.block_losses and report.calibration_shape == ref_report.calibration_shape
@@ -66,18 +66,18 @@ def test_interrupted_run_resumes_to_identical_weights(monkeypatch, tmp_path, k):
 
 def test_offloaded_caches_resume_to_what_memory_caches_give(monkeypatch, tmp_path):
     """Caches on disk change where the hidden states live, not the result; bf16 caches resume too."""
-    config = QuantConfig(**CONFIG, cache_dtype="bfloat16")
+    config = QuantConfig(**CONFIG)
     reference = make("llama", num_hidden_layers=4)
-    signround.quantize(reference, config, calibration=calib_ids(), progress=False)
+    signround.quantize(reference, config, RunConfig(cache_dtype="bfloat16"), calibration=calib_ids())
 
     work = tmp_path / "work"
     with monkeypatch.context() as patch:
         stop_at_block(patch, 2)
         with pytest.raises(KeyboardInterrupt):
-            signround.quantize(make("llama", num_hidden_layers=4), config, calibration=calib_ids(), progress=False, work_dir=work,
-                               offload_dir=work / "caches")
+            signround.quantize(make("llama", num_hidden_layers=4), config, calibration=calib_ids(),
+                               run=RunConfig(work_dir=work, offload=True, cache_dtype="bfloat16"))
     resumed = make("llama", num_hidden_layers=4)
-    signround.quantize(resumed, config, calibration=calib_ids(), progress=False, work_dir=work, offload_dir=work / "caches")
+    signround.quantize(resumed, config, calibration=calib_ids(), run=RunConfig(work_dir=work, offload=True, cache_dtype="bfloat16"))
     assert_identical(packed(resumed), packed(reference))
     assert not any((work / "caches").iterdir()), "every cache file is removed once its block is done"
 
@@ -87,27 +87,27 @@ def test_changed_settings_start_over_unless_forced(monkeypatch, tmp_path, caplog
     with monkeypatch.context() as patch:
         stop_at_block(patch, 2)
         with pytest.raises(KeyboardInterrupt):
-            signround.quantize(make("llama", num_hidden_layers=4), QuantConfig(**CONFIG), calibration=calib_ids(), progress=False, work_dir=work)
+            signround.quantize(make("llama", num_hidden_layers=4), QuantConfig(**CONFIG), calibration=calib_ids(), run=RunConfig(work_dir=work))
     changed = QuantConfig(**{**CONFIG, "iters": 7})
 
     with monkeypatch.context() as patch:
         stop_at_block(patch, 1)
         with caplog.at_level(logging.WARNING, logger="signround"), pytest.raises(KeyboardInterrupt):
-            signround.quantize(make("llama", num_hidden_layers=4), changed, calibration=calib_ids(), progress=False, work_dir=work)
+            signround.quantize(make("llama", num_hidden_layers=4), changed, calibration=calib_ids(), run=RunConfig(work_dir=work))
     assert "differs in: iters): starting over" in caplog.text
     assert json.loads((work / "state.json").read_text())["finished"] == 1
 
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="signround"):
         model = make("llama", num_hidden_layers=4)
-        signround.quantize(model, QuantConfig(**CONFIG), calibration=calib_ids(), progress=False, work_dir=work, resume="force")
+        signround.quantize(model, QuantConfig(**CONFIG), calibration=calib_ids(), run=RunConfig(work_dir=work, resume="force"))
     assert "although the run differs in: iters (forced)" in caplog.text
     assert json.loads((work / "state.json").read_text())["finished"] == 4
 
     other_data = calib_ids(seed=1)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="signround"):
-        signround.quantize(make("llama", num_hidden_layers=4), QuantConfig(**CONFIG), calibration=other_data, progress=False, work_dir=work)
+        signround.quantize(make("llama", num_hidden_layers=4), QuantConfig(**CONFIG), calibration=other_data, run=RunConfig(work_dir=work))
     assert "differs in: calibration)" in caplog.text
 
 
@@ -116,11 +116,11 @@ def test_restart_discards_saved_state(monkeypatch, tmp_path):
     with monkeypatch.context() as patch:
         stop_at_block(patch, 2)
         with pytest.raises(KeyboardInterrupt):
-            signround.quantize(make("llama", num_hidden_layers=4), QuantConfig(**CONFIG), calibration=calib_ids(), progress=False, work_dir=work)
+            signround.quantize(make("llama", num_hidden_layers=4), QuantConfig(**CONFIG), calibration=calib_ids(), run=RunConfig(work_dir=work))
     calls = []
     original = SignRound.quantize_block
     monkeypatch.setattr(SignRound, "quantize_block", lambda self, *a: calls.append(a[2].index) or original(self, *a))
-    signround.quantize(make("llama", num_hidden_layers=4), QuantConfig(**CONFIG), calibration=calib_ids(), progress=False, work_dir=work, resume="never")
+    signround.quantize(make("llama", num_hidden_layers=4), QuantConfig(**CONFIG), calibration=calib_ids(), run=RunConfig(work_dir=work, resume="never"))
     assert calls == [0, 1, 2, 3]
 
 

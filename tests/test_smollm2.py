@@ -27,7 +27,7 @@ def test_rtn_w4a16_perplexity_bound_and_reload(smollm2, wt2_4k, tmp_path):
     model, tokenizer = smollm2
     fp = perplexity(model, wt2_4k)
     quantized = _copy(model)
-    report = signround.quantize(quantized, signround.QuantConfig(method="rtn"), progress=False)
+    report = signround.quantize(quantized, signround.QuantConfig(method="rtn"))
     assert len(report.quantized) == 30 * 7 and not report.skipped  # 576-wide layers take a partial last group
     ppl = perplexity(quantized, wt2_4k)
     assert fp < ppl < fp * 1.5, (fp, ppl)  # plain RTN at g128: ~1.35x on this slice
@@ -46,7 +46,7 @@ def test_signround_beats_rtn_on_smollm2_w3(smollm2, wt2_4k, shared_data):
     for method in ("rtn", "signround"):
         quantized = _copy(model)
         config = signround.QuantConfig(scheme="W3A16", method=method, iters=25, nsamples=16, seqlen=256, batch_size=4)
-        signround.quantize(quantized, config, tokenizer=tokenizer, calibration=calibration, progress=False)
+        signround.quantize(quantized, config, tokenizer=tokenizer, calibration=calibration)
         ppl[method] = perplexity(quantized, wt2_4k)
     assert ppl["signround"] < ppl["rtn"] * 0.95, ppl
 
@@ -86,7 +86,7 @@ def test_tasks_above_chance_and_lm_eval_agrees_on_quantized(smollm2, shared_data
         above += max(r.acc - r.chance - 2 * r.acc_stderr, r.acc_norm - r.chance - 2 * r.acc_norm_stderr) > 0
     assert above >= 3
     quantized = _copy(model)
-    signround.quantize(quantized, signround.QuantConfig(method="rtn"), progress=False)
+    signround.quantize(quantized, signround.QuantConfig(method="rtn"))
     path = shared_data / "tasks" / "general_knowledge.json"
     ours = evaluate_task(quantized, tokenizer, load_task(path))
     theirs = evaluate_with_lm_eval(quantized, tokenizer, [str(path)])["signround_bigbench_general_knowledge"]

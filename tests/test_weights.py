@@ -43,7 +43,7 @@ def test_gguf_tensors_match_transformers_loader(tmp_path, bpe_tokenizer):
     from signround.export.gguf import FILE_NAME
 
     model = make("llama", vocab_size=len(bpe_tokenizer))
-    signround.quantize(model, signround.QuantConfig(scheme=signround.WeightScheme(4, 32, False), method="rtn"), progress=False)
+    signround.quantize(model, signround.QuantConfig(scheme=signround.WeightScheme(4, 32, False), method="rtn"))
     export(model, bpe_tokenizer, tmp_path, "gguf")
     theirs = tf.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=FILE_NAME, dtype=torch.float32)
     lazy, _, source = open_lazy(str(tmp_path / FILE_NAME))
@@ -65,12 +65,12 @@ def test_streamed_quantization_saves_the_same_checkpoint(tiny_model_dir, tmp_pat
     ids = torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(0))
 
     model, tokenizer = signround.load_model(str(tiny_model_dir))
-    signround.quantize(model, config, tokenizer=tokenizer, calibration=ids, progress=False)
+    signround.quantize(model, config, tokenizer=tokenizer, calibration=ids)
     whole = signround.save(model, tmp_path / "whole", tokenizer)
 
     lazy, tokenizer, source = open_lazy(str(tiny_model_dir))
     work = tmp_path / "work"
-    signround.quantize(lazy, config, tokenizer=tokenizer, calibration=ids, progress=False, work_dir=work, weights=source)
+    signround.quantize(lazy, config, tokenizer=tokenizer, calibration=ids, run=signround.RunConfig(work_dir=work), weights=source)
     assert all(is_lazy(b) for b in find_blocks(lazy)[1]), "finished blocks leave memory"
     streamed = signround.save(lazy, tmp_path / "streamed", tokenizer, weights=finished_blocks(work, lazy))
     assert (streamed / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
@@ -84,8 +84,8 @@ def test_streamed_run_holds_no_embedding_while_tuning(tied, tmp_path, smollm2_to
     lazy, tokenizer, source = open_lazy(str(_save(model, tmp_path / "model", smollm2_tokenizer)))
     seen = []
     config = signround.QuantConfig(scheme="W4A16G32", iters=2, nsamples=4, seqlen=16, batch_size=2)
-    signround.quantize(lazy, config, tokenizer=tokenizer, calibration=torch.randint(0, 100, (4, 16)), progress=False,
-                       work_dir=tmp_path / "work", weights=source,
+    signround.quantize(lazy, config, tokenizer=tokenizer, calibration=torch.randint(0, 100, (4, 16)),
+                       run=signround.RunConfig(work_dir=tmp_path / "work"), weights=source,
                        on_block_done=lambda i, report: seen.append((lazy.get_input_embeddings().weight.is_meta, lazy.lm_head.weight.is_meta)))
     assert seen and all(seen_embed and seen_head == tied for seen_embed, seen_head in seen), seen
     assert torch.equal(lazy.get_input_embeddings().weight, model.get_input_embeddings().weight)

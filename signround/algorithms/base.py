@@ -36,6 +36,7 @@ class BlockData:
     amp_dtype: torch.dtype | None
     index: int
     blocks: int = 1
+    compiled: bool = False  # run the tuning step through torch.compile (RunConfig.compiles decides)
 
 
 @dataclass

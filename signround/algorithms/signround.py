@@ -192,7 +192,8 @@ class SignRound:
 
     def quantize_block(self, block, layers, data: BlockData, config) -> BlockResult:
         # K-quants stay eager: inductor drops the fp16 round trip of their super-block scales
-        compiled = config.compiles(data.device, data.blocks) and not any(t.scheme.kquant for t in layers)
+        config = config.resolved()
+        compiled = data.compiled and not any(t.scheme.kquant for t in layers)
         # the CPU attention with the cheaper backward pays only traced into the compiled step (attention.py)
         with _frozen(block), tuning_attention(block, data.device) if compiled else contextlib.nullcontext():
             return self._tune(block, layers, data, config, compiled)
@@ -233,7 +234,7 @@ class SignRound:
         params = [p for t in tunables for p in t.params()]
 
         projected = [config.projects_clipping(t.task.scheme) for t in tunables]
-        best_loss, best_state, notes, steps = math.inf, None, [], 0
+        best_loss, best_state, notes, steps, diverged = math.inf, None, [], 0, False
         average = _TailAverage(iters) if config.keep == "average" else None
         for step in range(iters):
             steps += 1
@@ -254,6 +255,7 @@ class SignRound:
                 kept = "the best finite state (the start if none)" if config.keep == "best" else "the starting point"
                 notes.append(f"block {data.index}: loss became {total} at step {step}; kept {kept}")
                 warnings.warn(notes[-1])
+                diverged = True
                 break
             if total < best_loss and config.keep == "best":
                 best_loss = total
@@ -265,9 +267,9 @@ class SignRound:
                 average.add(step, params)
 
         with torch.no_grad():
-            if config.keep == "last" and not notes:  # a non-finite loss stopped the run: the start instead
+            if config.keep == "last" and not diverged:  # a non-finite loss stopped the run: the start instead
                 best_state = _snapshot(params)
-            if average is not None and not notes:
+            if average is not None and not diverged:
                 best_state = average.mean()
             if best_state is None:  # no finite step (or keeping the last one): the starting point
                 best_state = start_state

@@ -12,10 +12,17 @@ store them. Query and key rows are reordered as llama.cpp's converter does (its 
 their groups along, so the codes move unchanged. Embeddings and the untied output layer are written
 in F16, norms in F32, and the tokenizer (vocabulary, merges, special tokens, chat template) is carried
 over so that llama.cpp and transformers' GGUF loader rebuild it.
+
+Rotary scaling is written as llama.cpp's llama architecture reads it: `linear` as rope.scaling.type and
+rope.scaling.factor (positions divided by the factor), Llama 3's `llama3` as the `rope_freqs` tensor (one
+divisor per rotary pair, base inverse frequency / scaled one). Any other rope type is refused before
+tuning. transformers' GGUF loader reads neither for llama: a scaled model loaded through it gets plain
+rotary embeddings (llama.cpp itself applies both).
 """
 
 from __future__ import annotations
 
+import math
 import tempfile
 from pathlib import Path
 
@@ -83,6 +90,55 @@ def llama_row_order(rows: int, heads: int) -> torch.Tensor:
     return idx.transpose(1, 2).reshape(rows)
 
 
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+_FORMATS_KEEPING_ROPE = "--format signround, gptq, auto_round, awq or compressed-tensors, whose config.json keeps it"
+
+
+def rope_parameters(cfg) -> dict:
+    """The model's rotary settings as one dict with `rope_type` ("default" when unscaled) and `rope_theta`:
+    transformers 5's `config.rope_parameters`, or the older `config.rope_scaling` beside `config.rope_theta`."""
+    params = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
+    params["rope_type"] = params.get("rope_type") or params.get("type") or "default"
+    params["rope_theta"] = float(getattr(cfg, "rope_theta", None) or params.get("rope_theta") or 10000.0)
+    return params
+
+
+def rope_refusal(cfg) -> str | None:
+    """Why the model's rotary scaling has no exact form in the GGUF this module writes, or None."""
+    field = "rope_parameters" if getattr(cfg, "rope_parameters", None) else "rope_scaling"
+    params = rope_parameters(cfg)
+    if any(isinstance(v, dict) for v in params.values()):
+        return f"its {field} differ per layer type, which llama.cpp's llama architecture has no place for; export with {_FORMATS_KEEPING_ROPE}"
+    kind = params["rope_type"]
+    needs = {"default": (), "linear": ("factor",), "llama3": _LLAMA3_KEYS}.get(kind)
+    if needs is None:
+        return (f"its {field} rope_type {kind!r} cannot be written to GGUF by signround (it writes default, linear and llama3 rotary "
+                f"scaling, as llama.cpp's llama architecture reads them); export with {_FORMATS_KEEPING_ROPE}")
+    missing = [k for k in needs if params.get(k) is None]
+    if missing:
+        return f"its {field} rope_type {kind!r} lacks {', '.join(missing)}; complete the config, or export with {_FORMATS_KEEPING_ROPE}"
+    return None
+
+
+def llama3_rope_factors(params: dict, dim: int) -> np.ndarray:
+    """llama.cpp's `rope_freqs` for Llama 3 scaling: per rotary pair, the divisor that turns the plain
+    inverse frequency theta^(-2i/dim) into the scaled one (1 above the high-frequency wavelength, `factor`
+    below the low-frequency one, a smooth blend between)."""
+    factor, low, high, old_len = (float(params[k]) for k in _LLAMA3_KEYS)
+    inv_freq = 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    divisors = []
+    for f in inv_freq.tolist():
+        wavelen = 2 * math.pi / f
+        if wavelen < old_len / high:
+            divisors.append(1.0)
+        elif wavelen > old_len / low:
+            divisors.append(factor)
+        else:
+            smooth = (old_len / wavelen - low) / (high - low)
+            divisors.append(1.0 / ((1 - smooth) / factor + smooth))
+    return np.array(divisors, dtype=np.float32)
+
+
 @register_format
 class GGUFFormat(Format):
     name = "gguf"
@@ -104,7 +160,7 @@ class GGUFFormat(Format):
     def model_refusal(self, model) -> str | None:
         if model.config.model_type not in _ARCHITECTURES:
             return f"the GGUF export writes LLaMA-architecture models ({', '.join(_ARCHITECTURES)}), not {model.config.model_type!r}"
-        return None
+        return rope_refusal(model.config)
 
     def write(self, model, tokenizer, folder):
         import gguf
@@ -124,7 +180,11 @@ class GGUFFormat(Format):
         writer.add_head_count(heads)
         writer.add_head_count_kv(kv_heads)
         writer.add_rope_dimension_count(head_dim)
-        writer.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or (cfg.rope_parameters or {}).get("rope_theta", 10000.0)))
+        rope = rope_parameters(cfg)
+        writer.add_rope_freq_base(rope["rope_theta"])
+        if rope["rope_type"] == "linear":
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(float(rope["factor"]))
         writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
         writer.add_vocab_size(cfg.vocab_size)
         layers = quantized_layers(model)
@@ -133,6 +193,8 @@ class GGUFFormat(Format):
         writer.add_file_type(gguf.LlamaFileType[f"MOSTLY_{mixture}"] if mixture else _file_type(max(set(kinds), key=kinds.count)))
         _add_tokenizer(writer, tokenizer, cfg.vocab_size)
 
+        if rope["rope_type"] == "llama3":
+            writer.add_tensor(f"{gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS]}.weight", llama3_rope_factors(rope, head_dim))
         names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, len(blocks))
         for hf_name, tensor in _tensors(model, layers):
             base, _, suffix = hf_name.rpartition(".")

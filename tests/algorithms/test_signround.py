@@ -1,11 +1,11 @@
-import dataclasses
+import warnings
 
 import pytest
 import torch
 from tiny_models import calib_ids, make
 
 import signround
-from signround import QuantConfig
+from signround import QuantConfig, RunConfig
 
 
 @pytest.mark.parametrize("arch", ["llama", "opt"])
@@ -13,7 +13,7 @@ from signround import QuantConfig
 def test_signround_lowers_every_block_loss_below_rtn(arch, scheme):
     model = make(arch)
     config = QuantConfig(scheme=scheme, iters=60, nsamples=16, seqlen=32, batch_size=4)
-    report = signround.quantize(model, config, calibration=calib_ids(16, 32), progress=False)
+    report = signround.quantize(model, config, calibration=calib_ids(16, 32))
     for rtn_loss, tuned_loss in report.block_losses:
         assert tuned_loss < rtn_loss, report.block_losses
 
@@ -22,7 +22,7 @@ def test_same_seed_gives_identical_packed_weights():
     states = []
     for _ in range(2):
         model = make("llama")
-        signround.quantize(model, QuantConfig(scheme="W4A16G32", iters=10, nsamples=8, seqlen=16, batch_size=4), calibration=calib_ids(8, 16), progress=False)
+        signround.quantize(model, QuantConfig(scheme="W4A16G32", iters=10, nsamples=8, seqlen=16, batch_size=4), calibration=calib_ids(8, 16))
         states.append({k: v for k, v in model.state_dict().items() if k.endswith(("qweight", "qzeros", "scales"))})
     assert states[0].keys() == states[1].keys() and len(states[0]) == 3 * 14
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
@@ -37,7 +37,7 @@ def test_signround_beats_rtn_on_model_output():
     for method in ("rtn", "signround"):
         model = make("llama")
         signround.quantize(model, QuantConfig(scheme="W3A16G32", method=method, iters=80, nsamples=16, seqlen=32, batch_size=4),
-                           calibration=ids, progress=False)
+                           calibration=ids)
         with torch.no_grad():
             errors[method] = (model(ids).logits - target).pow(2).mean().item()
     assert errors["signround"] < errors["rtn"] * 0.9, errors
@@ -45,13 +45,13 @@ def test_signround_beats_rtn_on_model_output():
 
 def test_unknown_method_is_refused():
     with pytest.raises(signround.ConfigError, match="unknown method 'gptqq'"):
-        signround.quantize(make("llama"), QuantConfig(method="gptqq"), calibration=calib_ids(), progress=False)
+        signround.quantize(make("llama"), QuantConfig(method="gptqq"), calibration=calib_ids())
 
 
 def _packed(method, **overrides):
     model = make("llama")
     config = QuantConfig(scheme="W4A16G32", method=method, nsamples=8, seqlen=16, batch_size=4, clip_search=False, **overrides)
-    signround.quantize(model, config, calibration=calib_ids(8, 16), progress=False)
+    signround.quantize(model, config, calibration=calib_ids(8, 16))
     return {k: v for k, v in model.state_dict().items() if k.endswith(("qweight", "qzeros", "scales"))}
 
 
@@ -84,7 +84,7 @@ def test_keep_average_differs_from_both_other_choices():
 def test_each_choice_lowers_block_losses(keep):
     model = make("llama")
     config = QuantConfig(scheme="W3A16G32", iters=40, nsamples=16, seqlen=32, batch_size=4, keep=keep)
-    report = signround.quantize(model, config, calibration=calib_ids(16, 32), progress=False)
+    report = signround.quantize(model, config, calibration=calib_ids(16, 32))
     assert all(tuned < rtn for rtn, tuned in report.block_losses), report.block_losses
 
 
@@ -93,7 +93,7 @@ def test_signround_lowers_block_losses_with_k_quant_scales(scheme):
     """Tuning goes through the quantized group scales (and float minimums) of llama.cpp's K types."""
     model = make("llama", hidden_size=256, intermediate_size=512, head_dim=64)
     config = QuantConfig(scheme=scheme, iters=40, nsamples=16, seqlen=32, batch_size=4)
-    report = signround.quantize(model, config, calibration=calib_ids(16, 32), progress=False)
+    report = signround.quantize(model, config, calibration=calib_ids(16, 32))
     assert not report.fallbacks and all(tuned < rtn for rtn, tuned in report.block_losses), report.block_losses
 
 
@@ -144,7 +144,8 @@ def test_project_clipping_is_a_recipe_setting_decided_per_layer():
     (W3A16 31.30 projected against 30.26, W4A16 21.51 against 21.06)."""
     from signround.config import WeightScheme
 
-    assert QuantConfig(recipe="paper").project_clipping is True and QuantConfig().project_clipping == "auto" == QuantConfig(recipe="full").project_clipping
+    paper, fast, full = (QuantConfig(recipe=r).resolved() for r in ("paper", "fast", "full"))
+    assert paper.project_clipping is True and fast.project_clipping == "auto" == full.project_clipping
     fast = QuantConfig()
     assert fast.projects_clipping(WeightScheme(bits=2, group_size=64, sym=False))
     assert not fast.projects_clipping(WeightScheme(bits=3)) and not fast.projects_clipping(WeightScheme(bits=4))
@@ -185,9 +186,9 @@ def test_compiled_tuning_step_matches_the_eager_one(arch, scheme):
     reports, codes = [], []
     for compile in (False, True):
         model = make(arch, num_hidden_layers=3)  # gpt2's config maps the name to n_layer
-        config = QuantConfig(scheme=scheme, iters=6, nsamples=8, seqlen=32, batch_size=4, amp="off", compile=compile)
+        config = QuantConfig(scheme=scheme, iters=6, nsamples=8, seqlen=32, batch_size=4)
         frames = counters["frames"]["total"]
-        reports.append(signround.quantize(model, config, calibration=calib_ids(8, 32), progress=False))
+        reports.append(signround.quantize(model, config, RunConfig(amp="off", compile=compile), calibration=calib_ids(8, 32)))
         assert model.config._attn_implementation == "sdpa"  # the compiled step's own attention was for the tuning only
         codes.append(torch.cat([v.flatten() for k, v in sorted(model.state_dict().items()) if k.endswith("qweight")]))
     from signround.algorithms.signround import _compiled_tuned_loss
@@ -209,11 +210,34 @@ def test_a_compiled_step_that_disagrees_with_the_eager_one_is_dropped_for_the_bl
     if not can_compile(torch.device("cpu")):
         pytest.fail("no C++ compiler for torch.compile: install g++ (build-essential)")
     monkeypatch.setattr(algorithm, "_compiled_tuned_loss", lambda: lambda *args: algorithm._tuned_loss(*args) * 3)
-    config = QuantConfig(scheme="W4A16G32", iters=6, nsamples=8, seqlen=32, batch_size=4, amp="off")
-    expected = signround.quantize(make("llama"), dataclasses.replace(config, compile=False), calibration=calib_ids(8, 32), progress=False)
+    config = QuantConfig(scheme="W4A16G32", iters=6, nsamples=8, seqlen=32, batch_size=4)
+    expected = signround.quantize(make("llama"), config, RunConfig(amp="off", compile=False), calibration=calib_ids(8, 32))
     with pytest.warns(UserWarning, match="compiled step's loss disagrees"):
-        report = signround.quantize(make("llama"), dataclasses.replace(config, compile=True), calibration=calib_ids(8, 32), progress=False)
+        report = signround.quantize(make("llama"), config, RunConfig(amp="off", compile=True), calibration=calib_ids(8, 32))
     assert report.block_losses == expected.block_losses
+
+
+@pytest.mark.parametrize("keep", ["last", "average"])
+def test_a_compiled_step_fallback_still_keeps_the_tuned_parameters(monkeypatch, keep):
+    """The fallback's note once doubled as the divergence flag: keep=last/average then returned the
+    block's starting point (round-to-nearest) after a fallback. The result must be the eager run's."""
+    from signround.algorithms import signround as algorithm
+
+    monkeypatch.setattr(algorithm, "_compiled_tuned_loss", lambda: lambda *args: algorithm._tuned_loss(*args) * 3)
+    monkeypatch.setattr(algorithm, "_agrees_with_eager", lambda *args: False)
+    config = QuantConfig(scheme="W4A16G32", iters=6, nsamples=8, seqlen=32, batch_size=4, keep=keep, clip_search=False)
+    codes = []
+    for compile in (False, True):
+        model = make("llama")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            signround.quantize(model, config, RunConfig(amp="off", compile=compile), calibration=calib_ids(8, 32))
+        codes.append({k: v for k, v in model.state_dict().items() if k.endswith("qweight")})
+    start = make("llama")
+    signround.quantize(start, QuantConfig(scheme="W4A16G32", method="rtn"))
+    rtn = {k: v for k, v in start.state_dict().items() if k.endswith("qweight")}
+    assert all(torch.equal(codes[0][k], codes[1][k]) for k in codes[0])  # the eager run's result
+    assert any(not torch.equal(codes[1][k], rtn[k]) for k in rtn)  # not the starting point
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -248,10 +272,10 @@ def test_compile_auto_waits_for_a_run_long_enough_to_repay_it():
     from signround.config import ConfigError
     from signround.hardware import can_compile
 
-    cpu = torch.device("cpu")
-    assert not QuantConfig(iters=10).compiles(cpu, blocks=2)
-    assert not QuantConfig(recipe="fast").compiles(cpu, blocks=30)
-    assert QuantConfig(recipe="full").compiles(cpu, blocks=30) == can_compile(cpu)
-    assert not QuantConfig(recipe="full", compile=False).compiles(cpu, blocks=30)
+    cpu, auto = torch.device("cpu"), RunConfig()
+    assert not auto.compiles(QuantConfig(iters=10), cpu, blocks=2)
+    assert not auto.compiles(QuantConfig(recipe="fast"), cpu, blocks=30)
+    assert auto.compiles(QuantConfig(recipe="full"), cpu, blocks=30) == can_compile(cpu)
+    assert not RunConfig(compile=False).compiles(QuantConfig(recipe="full"), cpu, blocks=30)
     with pytest.raises(ConfigError, match="compile="):
-        QuantConfig(compile="yes")
+        RunConfig(compile="yes")

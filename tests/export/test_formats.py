@@ -26,7 +26,7 @@ def consumer_load(folder, fmt: str, asym: bool = False):
 def quantized(scheme: str, method: str = "rtn", **config):
     model = make("llama", vocab_size=256)
     signround.quantize(model, signround.QuantConfig(scheme=scheme, method=method, iters=3, nsamples=4, seqlen=16, **config),
-                       calibration=calib_ids(4, 16), progress=False)
+                       calibration=calib_ids(4, 16))
     return model
 
 

@@ -8,8 +8,10 @@ import transformers as tf
 from gguf import GGUFReader
 from gguf.quants import dequantize
 from tiny_models import make
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 import signround
+from signround import runner
 from signround.config import parse_scheme
 from signround.export import FormatError, check_formats, export
 from signround.export.gguf import FILE_NAME, llama_row_order
@@ -30,7 +32,7 @@ def tokenizer(bpe_tokenizer):
 
 def quantized(tokenizer, scheme: str):
     model = make("llama", vocab_size=len(tokenizer))
-    signround.quantize(model, signround.QuantConfig(scheme=parse_scheme(scheme), method="rtn"), progress=False)
+    signround.quantize(model, signround.QuantConfig(scheme=parse_scheme(scheme), method="rtn"))
     return model
 
 
@@ -115,7 +117,7 @@ def test_k_quant_model_loads_in_transformers_with_our_logits_and_weights(tmp_pat
     loader (same logits) and by the gguf package (exactly our weights; q/k rows in llama.cpp's order)."""
     model = make("llama", vocab_size=len(tokenizer), **K_WIDE)
     signround.quantize(model, signround.QuantConfig(scheme=name, iters=4, nsamples=4, seqlen=16, batch_size=2),
-                       calibration=torch.randint(0, len(tokenizer), (4, 16)), progress=False)
+                       calibration=torch.randint(0, len(tokenizer), (4, 16)))
     export(model, tokenizer, tmp_path / "out", "gguf")
     theirs = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out", gguf_file=FILE_NAME).eval()
     ids = torch.randint(0, len(tokenizer), (2, 24), generator=torch.Generator().manual_seed(0))
@@ -130,7 +132,7 @@ def test_k_quant_falls_back_to_a_legacy_type_where_rows_are_no_whole_super_block
     """As llama.cpp does: Q4_K on 64-wide o_proj rows becomes Q5_0 (a warning names the layers)."""
     model = make("llama", vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512)  # o_proj takes 4 heads x 16
     with pytest.warns(UserWarning, match=r"2 layers .* llama.cpp's fallback \(Q4_K -> W5A16G32\)"):
-        report = signround.quantize(model, signround.QuantConfig(scheme="Q4_K", method="rtn"), progress=False)
+        report = signround.quantize(model, signround.QuantConfig(scheme="Q4_K", method="rtn"))
     assert sorted(report.fallbacks) == [f"model.layers.{i}.self_attn.o_proj" for i in range(2)]
     export(model, tokenizer, tmp_path / "out", "gguf")
     kinds = {t.name: t.tensor_type.name for t in GGUFReader(tmp_path / "out" / FILE_NAME).tensors}
@@ -141,3 +143,87 @@ def test_k_quant_falls_back_to_a_legacy_type_where_rows_are_no_whole_super_block
 def test_k_quant_schemes_are_refused_by_formats_without_k_scales(fmt):
     with pytest.raises(FormatError, match=f"format {fmt} cannot hold .* as Q4_K: K-quant scales are quantized per 256 weights, which only GGUF stores"):
         check_formats([fmt], make("llama", **K_WIDE), signround.QuantConfig(scheme="Q4_K"))
+
+
+ROPES = {  # rope_parameters -> what llama.cpp's llama architecture reads: scaling metadata, or the rope_freqs tensor
+    "default": dict(rope_type="default"),
+    "linear": dict(rope_type="linear", factor=4.0),
+    "llama3": dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32),
+}
+
+
+def _inv_freq_as_llama_cpp_reads_it(reader: GGUFReader) -> torch.Tensor:
+    """The rotary inverse frequencies llama.cpp's llama architecture takes from the file: freq_base^(-2i/n_rot),
+    times freq_scale (1 / rope.scaling.factor, linear scaling being its default type), divided by rope_freqs[i]."""
+    def field(key):
+        return reader.fields[key].contents() if key in reader.fields else None
+
+    base, dim = field("llama.rope.freq_base"), field("llama.rope.dimension_count")
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    assert field("llama.rope.scaling.type") in (None, "linear")
+    inv_freq = inv_freq / (field("llama.rope.scaling.factor") or 1.0)
+    divisors = [t for t in reader.tensors if t.name == "rope_freqs.weight"]
+    return inv_freq / torch.from_numpy(np.array(divisors[0].data, dtype=np.float32)) if divisors else inv_freq
+
+
+@pytest.mark.parametrize("rope", list(ROPES))
+def test_rope_scaling_is_written_as_llama_cpp_reads_it(tmp_path, tokenizer, rope):
+    """Llama 3 scaling as the rope_freqs tensor (base / scaled inverse frequency, as transformers computes
+    them), linear scaling as rope.scaling.type/factor, none for plain rotary. transformers' GGUF loader reads
+    neither for llama, so its model is given the frequencies llama.cpp reads from the file: then it gives our logits."""
+    model = make("llama", vocab_size=len(tokenizer), rope_parameters={**ROPES[rope], "rope_theta": 10000.0})
+    with torch.no_grad():  # sharp attention, so that the logits depend on the rotary positions
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8)
+            layer.self_attn.k_proj.weight.mul_(8)
+    signround.quantize(model, signround.QuantConfig(scheme=parse_scheme("bits=4,group_size=32,sym=true"), method="rtn"))
+    export(model, tokenizer, tmp_path / "out", "gguf")
+    reader = GGUFReader(tmp_path / "out" / FILE_NAME)
+
+    plain = 1.0 / (10000.0 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16))
+    scaled = ROPE_INIT_FUNCTIONS[rope](model.config)[0] if rope != "default" else plain
+    torch.testing.assert_close(model.model.rotary_emb.inv_freq, scaled)
+    tensors = {t.name: t for t in reader.tensors}
+    if rope == "llama3":
+        written = tensors["rope_freqs.weight"]
+        assert written.tensor_type.name == "F32" and written.data.shape == (8,)
+        torch.testing.assert_close(torch.from_numpy(np.array(written.data)), plain / scaled, rtol=1e-6, atol=0)
+    else:
+        assert "rope_freqs.weight" not in tensors
+    scaling = {k: reader.fields[k].contents() for k in reader.fields if k.startswith("llama.rope.scaling.")}
+    assert scaling == ({"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0} if rope == "linear" else {})
+    file_inv_freq = _inv_freq_as_llama_cpp_reads_it(reader)
+    torch.testing.assert_close(file_inv_freq, scaled, rtol=1e-6, atol=0)
+
+    theirs = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out", gguf_file=FILE_NAME).eval()
+    ids = torch.randint(0, len(tokenizer), (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model(ids).logits.float()
+        theirs.model.rotary_emb.inv_freq.copy_(plain)
+        unscaled = theirs(ids).logits.float()
+        theirs.model.rotary_emb.inv_freq.copy_(file_inv_freq)
+        torch.testing.assert_close(theirs(ids).logits.float(), ours, atol=3e-3, rtol=3e-3)
+    if rope != "default":  # the scaling changes the logits at this length far beyond the tolerance
+        assert (unscaled - ours).abs().max() > 30 * 3e-3
+
+
+@pytest.mark.parametrize("rope", [
+    dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=64),
+    dict(rope_type="dynamic", factor=2.0),
+    dict(rope_type="longrope", short_factor=[1.0] * 8, long_factor=[2.0] * 8, original_max_position_embeddings=64),
+])
+def test_unrepresentable_rope_scaling_is_refused_before_tuning(tmp_path, tokenizer, monkeypatch, rope):
+    model = make("llama", vocab_size=len(tokenizer), rope_parameters={**rope, "rope_theta": 10000.0})
+    kind = rope["rope_type"]
+    message = f"format gguf cannot hold this model: its rope_parameters rope_type '{kind}' cannot be written to GGUF by signround.*--format signround"
+    with pytest.raises(FormatError, match=message):
+        check_formats(["gguf"], model, signround.QuantConfig(scheme="W4A16G32"))
+
+    def tuning(*args, **kwargs):
+        raise AssertionError("tuning started")
+
+    monkeypatch.setattr(runner, "quantize", tuning)
+    with pytest.raises(FormatError, match=message):
+        runner.run(model, tmp_path / "out", signround.QuantConfig(scheme="W4A16G32", method="rtn"), formats=["gguf"], tokenizer=tokenizer)
+    assert not (tmp_path / "out").exists()
+    check_formats(["gptq"], model, signround.QuantConfig(scheme="W4A16G32"))  # formats whose config.json keeps it take the model
