@@ -18,8 +18,8 @@ def seeded():
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    if not SHARED.is_dir():
-        pytest.fail(f"{SHARED} is missing: the real-model tests need ../shared/data beside the checkout")
+    if not SHARED.is_dir():  # a user's clone: the rest of the suite runs on data the tests make or ship
+        pytest.skip(f"{SHARED} is absent: this test reads the shared data (CI has it beside the checkout)")
     return SHARED
 
 

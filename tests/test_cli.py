@@ -80,10 +80,13 @@ def test_eval_prints_table_and_writes_json(capsys, tmp_path, tiny_model_dir):
 
 
 def test_recipe_flags_reach_the_config():
-    from signround.cli import build_parser, config_from_args
+    from signround.cli import build_parser, config_from_args, run_config_from_args
+
+    def parsed(*argv):
+        return build_parser().parse_args(["quantize", "m", "-o", "out", *argv])
 
     def config(*argv):
-        return config_from_args(build_parser().parse_args(["quantize", "m", "-o", "out", *argv]))
+        return config_from_args(parsed(*argv)).resolved()
 
     assert config().tame_outliers is False and config("--tame-outliers").tame_outliers is True
     assert config("--recipe", "full", "--no-tame-outliers").tame_outliers is False and config("--recipe", "full").tame_outliers is False
@@ -92,5 +95,14 @@ def test_recipe_flags_reach_the_config():
 
     assert all(config("--recipe", name).recipe == name for name in RECIPES)
     assert config("--project-clipping", "on").project_clipping is True and config("--project-clipping", "off").project_clipping is False
-    assert config().compile == "auto" and config("--compile", "on").compile is True and config("--compile", "off").compile is False
     assert config("--no-clip-search").clip_search is False and config("--keep", "last").keep == "last"
+    assert config_from_args(parsed()).iters is None  # left for the recipe, not frozen at the fast recipe's value
+
+    def run(*argv):
+        return run_config_from_args(parsed(*argv))
+
+    assert run().compile == "auto" and run("--compile", "on").compile is True and run("--compile", "off").compile is False
+    assert run().cache_dtype == "bfloat16" and run("--cache-dtype", "float32").cache_dtype == "float32"
+    assert (run("--restart").resume, run("--resume").resume, run().resume) == ("never", "force", "auto")
+    assert run("--offload", "--threads", "1", "-q") == run_config_from_args(parsed("--offload", "--threads", "1", "-q"))
+    assert run("--offload", "--threads", "1", "-q").offload and run("--threads", "1").threads == 1 and not run("-q").progress

@@ -218,7 +218,7 @@ CASES = {
     "calibration file missing": lambda c: c.cli("quantize", c.model, "-o", c.out, "--dataset", "missing.txt"),
     "empty calibration file": lambda c: _calibration_file(c, "empty.txt", b"  \n"),
     "binary calibration file": lambda c: _calibration_file(c, "blob.txt", b"\x00\x01\x02binary"),
-    "non-UTF-8 calibration file": lambda c: _calibration_file(c, "latin.txt", b"caf\xe9 latin-1"),
+    "calibration text too short": lambda c: _calibration_file(c, "short.txt", b"a few words"),
     ".jsonl without the text field": lambda c: _calibration_file(c, "c.jsonl", b'{"content": "x"}\n'),
     "NaN or Inf in the model's weights": _nan_weights,
     "NaN or Inf during tuning (a warning; the block keeps its best finite state, else its starting point)": _nan_during_tuning,

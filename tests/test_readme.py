@@ -3,7 +3,8 @@
 Every `signround quantize smollm2-135m ...` command in a ```sh or ```bash block of README.md that is cheap
 to run (round-to-nearest, or tiny tuning settings) is run in-process, in a temporary folder, followed by the
 README's `signround generate` / `eval` / `export` commands on its output. Each must exit 0, and each output
-must load with `signround.load`. A README example that stops working fails here.
+must load with `signround.load`. A README example that stops working fails here (`make test-all`, or
+`pytest -m slow tests/test_readme.py`; the default run checks only that the README still has such commands).
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ def test_the_readme_shows_a_runnable_quantize_and_its_use():
         "README.md runs no `signround generate` or `signround eval` on the output of a runnable quantize command"
 
 
+@pytest.mark.slow  # 60-85 s on 2 busy cores: loading SmolLM2 from its GGUF, quantizing 30 blocks, generating 40 tokens
 @pytest.mark.parametrize("chain", CHAINS, ids=[shlex.join(c[0][1:]) for c in CHAINS])
 def test_readme_commands_run(chain, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # relative output paths land in tmp_path
@@ -106,3 +108,34 @@ def test_readme_commands_run(chain, tmp_path, monkeypatch, capsys):
         elif args[1] == "generate":
             prompt = args[3] if len(args) > 3 else ""
             assert captured.out.strip() and prompt in captured.out, captured.out
+
+
+ROOT = README.parent
+DOCS = [README, *sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks" / "results" / "README.md"]
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_readme_stays_short():
+    assert len(README.read_text().splitlines()) <= 250, "README.md is for users: run-by-run notes go to docs/ or benchmarks/results/README.md"
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=[str(d.relative_to(ROOT)) for d in DOCS])
+def test_relative_links_resolve(doc):
+    text = re.sub(r"^```.*?^```", "", doc.read_text(), flags=re.S | re.M)  # links inside code blocks are not links
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+:", target):
+            continue
+        path, _, anchor = target.partition("#")
+        file = (doc.parent / path).resolve() if path else doc
+        if not file.exists():
+            broken.append(target)
+        elif anchor and file.suffix == ".md":
+            headings = re.findall(r"^#+ (.*)$", file.read_text(), flags=re.M)
+            if anchor not in {slug(h) for h in headings}:
+                broken.append(target)
+    assert not broken, f"{doc.relative_to(ROOT)}: links to nothing: {broken}"

@@ -17,6 +17,7 @@ from tiny_models import calib_ids, make
 import signround
 from signround.algorithms.signround import SignRound
 from signround.config import QuantConfig, RunConfig
+from signround.resume import ResumeMismatch
 
 CONFIG = dict(scheme="W4A16G32", iters=6, nsamples=8, seqlen=16, batch_size=4)
 
@@ -82,33 +83,53 @@ def test_offloaded_caches_resume_to_what_memory_caches_give(monkeypatch, tmp_pat
     assert not any((work / "caches").iterdir()), "every cache file is removed once its block is done"
 
 
-def test_changed_settings_start_over_unless_forced(monkeypatch, tmp_path, caplog):
+def test_a_different_run_keeps_the_finished_blocks_until_told(monkeypatch, tmp_path, caplog):
+    """Changed settings (or a changed torch or signround version) make finished blocks unusable as they
+    are; they were once deleted without asking. Now the run refuses, says why and keeps them; --resume
+    (force) continues with them, --restart (never) discards them."""
     work = tmp_path / "work"
     with monkeypatch.context() as patch:
         stop_at_block(patch, 2)
         with pytest.raises(KeyboardInterrupt):
             signround.quantize(make("llama", num_hidden_layers=4), QuantConfig(**CONFIG), calibration=calib_ids(), run=RunConfig(work_dir=work))
-    changed = QuantConfig(**{**CONFIG, "iters": 7})
+    state = json.loads((work / "state.json").read_text())
+    state["fingerprint"]["torch"] = "1.0.0"  # as if written by another torch
+    (work / "state.json").write_text(json.dumps(state))
+    kept = sorted(p.name for p in work.iterdir())
 
-    with monkeypatch.context() as patch:
-        stop_at_block(patch, 1)
-        with caplog.at_level(logging.WARNING, logger="signround"), pytest.raises(KeyboardInterrupt):
+    for changed in (QuantConfig(**CONFIG), QuantConfig(**{**CONFIG, "iters": 7})):
+        with pytest.raises(ResumeMismatch, match=r"holds 2 finished blocks of a run that differs in .*torch \(1.0.0 -> .*they are kept"):
             signround.quantize(make("llama", num_hidden_layers=4), changed, calibration=calib_ids(), run=RunConfig(work_dir=work))
-    assert "differs in: iters): starting over" in caplog.text
-    assert json.loads((work / "state.json").read_text())["finished"] == 1
+        assert sorted(p.name for p in work.iterdir()) == kept
 
-    caplog.clear()
     with caplog.at_level(logging.WARNING, logger="signround"):
         model = make("llama", num_hidden_layers=4)
         signround.quantize(model, QuantConfig(**CONFIG), calibration=calib_ids(), run=RunConfig(work_dir=work, resume="force"))
-    assert "although the run differs in: iters (forced)" in caplog.text
+    assert "although the run differs in: torch (1.0.0 -> " in caplog.text and "(forced)" in caplog.text
     assert json.loads((work / "state.json").read_text())["finished"] == 4
 
     other_data = calib_ids(seed=1)
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="signround"):
+    with pytest.raises(ResumeMismatch, match="differs in calibration"):
         signround.quantize(make("llama", num_hidden_layers=4), QuantConfig(**CONFIG), calibration=other_data, run=RunConfig(work_dir=work))
-    assert "differs in: calibration)" in caplog.text
+
+
+def test_the_cli_says_so_in_one_line_and_keeps_the_blocks(monkeypatch, tmp_path, capsys, tiny_model_dir):
+    from signround.cli import main
+
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    out = tmp_path / "out"
+    argv = ["quantize", str(tiny_model_dir), "-o", str(out), "--scheme", "W4A16G32", "--nsamples", "4", "--seqlen", "16",
+            "--dataset", str(text), "-q", "--iters"]
+    work = tmp_path / "out.signround-work"
+    with monkeypatch.context() as patch:
+        stop_at_block(patch, 1)
+        assert main([*argv, "2"]) == 130
+    assert main([*argv, "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("signround: error: ") and "iters (2 -> 3)" in err and "--restart" in err
+    assert json.loads((work / "state.json").read_text())["finished"] == 1
+    assert main([*argv, "3", "--restart"]) == 0 and not work.exists()
 
 
 def test_restart_discards_saved_state(monkeypatch, tmp_path):
