@@ -15,7 +15,7 @@ from pathlib import Path
 
 # 3 bits is where rounding costs a small model the most and SignRound wins the most back per minute of
 # tuning; these settings finish in about 10 minutes on 2 CPU cores (benchmarks/results/README.md)
-DEMO = {"scheme": "W3A16", "iters": 64, "nsamples": 32, "seqlen": 512, "batch_size": 4, "eval_tokens": 8192}
+DEMO = {"scheme": "W3A16", "iters": 48, "nsamples": 32, "seqlen": 512, "batch_size": 4, "eval_tokens": 8192}
 PROMPT = "The capital of France is"
 
 

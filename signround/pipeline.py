@@ -336,6 +336,10 @@ def quantize(model, config: QuantConfig | None = None, run: RunConfig | None = N
     check_causal(model, blocks)
     if report.skipped:
         warnings.warn(f"{len(report.skipped)} layers stay unquantized: " + "; ".join(f"{n} ({why})" for n, why in report.skipped.items()))
+    outside_linears = _weights_outside_linears(blocks_name, blocks)
+    if outside_linears:
+        warnings.warn(f"{len(outside_linears)} weight tensors in the blocks belong to no linear layer and stay 16-bit: "
+                      + ", ".join(outside_linears[:4]) + (", ..." if len(outside_linears) > 4 else ""))
     if report.fallbacks:
         kinds = sorted(set(report.fallbacks.values()))
         warnings.warn(f"{len(report.fallbacks)} layers hold no whole number of 256-weight K-quant super-blocks per row and take "
@@ -431,6 +435,15 @@ def quantize(model, config: QuantConfig | None = None, run: RunConfig | None = N
     report.bits_per_weight = sum(n * b for n, b in sizes.values()) / total
     model.config.quantization_config = quantization_config_dict(config, report, run)
     return report
+
+
+def _weights_outside_linears(blocks_name: str, blocks) -> list[str]:
+    """Weight tensors (two or more dimensions) of the blocks that no linear layer holds, e.g. fused 3-D expert tensors."""
+    names = []
+    for i, block in enumerate(blocks):
+        linear_weights = {id(linear_weight(m)) for m in find_linears(block).values()}
+        names += [f"{blocks_name}.{i}.{n}" for n, p in block.named_parameters() if p.dim() >= 2 and id(p) not in linear_weights]
+    return names
 
 
 def _count_parameters(model, blocks_name: str, blocks, report: QuantizeReport) -> None:

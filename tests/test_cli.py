@@ -21,7 +21,7 @@ def run(capsys, *argv):
     (["quantize", "{model}", "-o", "{out}", "--method", "magic"], "unknown method 'magic'"),
     (["quantize", "{model}", "-o", "{out}", "--layer", "down_proj"], "must look like REGEX=SPEC"),
     (["quantize", "{model}", "-o", "{out}", "--layer", "(=W4A16"], "not a valid regular expression"),
-    (["quantize", "{model}", "-o", "{out}", "--eval-text", "missing.txt"], "--eval-text missing.txt not found"),
+    (["quantize", "{model}", "-o", "{out}", "--eval-text", "missing.txt"], "perplexity text missing.txt not found"),
     (["quantize", "{model}", "-o", "{out}", "--dataset", "missing.txt", "--iters", "1"], "calibration data 'missing.txt' not found"),
     (["quantize", "{model}", "-o", "{full}"], "not empty: choose another -o or pass --overwrite"),
     (["generate", "{out}"], "has no config.json"),
@@ -56,7 +56,8 @@ def test_quantize_then_generate(capsys, tmp_path, tiny_model_dir):
                             "--iters", 3, "--nsamples", 4, "--seqlen", 32, "--batch-size", 2, "--dataset", text,
                             "--eval-text", text, "--eval-tokens", 256, "--eval-seqlen", 64, "-q")
     assert code == 0, err
-    assert "perplexity before:" in stdout and "perplexity after:" in stdout and "layers quantized: 14" in stdout
+    assert "perplexity: " in stdout and " before, " in stdout and "quantized: 14 weight tensors" in stdout
+    assert "kept 16-bit: 0 weight tensors in the blocks (0.0%)" in stdout
     assert "calibration: 4 samples x 32 tokens" in stdout
     qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert (qcfg["quant_method"], qcfg["bits"], qcfg["group_size"], qcfg["sym"]) == ("signround", 3, 32, True)

@@ -96,7 +96,24 @@ def test_report_counts_bits_including_scales_and_zeros():
     model = make("llama")
     report = signround.quantize(model, QuantConfig(method="rtn", scheme="W4A16G32"))
     assert report.bits_per_weight == pytest.approx(4 + (16 + 4) / 32)
-    assert "layers quantized: 14" in report.summary()
+    assert "quantized: 14 weight tensors" in report.summary()
+
+
+def test_every_weight_tensor_left_16_bit_in_the_blocks_is_counted_with_its_share():
+    """Nothing stays 16-bit silently: a linear kept by an override, and a weight tensor no linear layer
+    holds (here a 3-D parameter, as fused MoE experts are), are both named with their share."""
+    model = make("llama")
+    experts = torch.nn.Parameter(torch.randn(4, 64, 32))  # 8192 weights the quantizer does not see as a linear
+    model.model.layers[1].mlp.register_parameter("experts", experts)
+    total = sum(p.numel() for p in model.parameters())
+    with pytest.warns(UserWarning, match="1 weight tensors in the blocks belong to no linear layer and stay 16-bit: model.layers.1.mlp.experts"):
+        report = signround.quantize(model, QuantConfig(method="rtn", scheme="W4A16G32", layer_overrides={r"layers\.0\.mlp\.down_proj": "fp16"}))
+    assert report.kept_16bit == {"model.layers.0.mlp.down_proj.weight": 64 * 128, "model.layers.1.mlp.experts": 4 * 64 * 32}
+    assert report.share("kept 16-bit") == pytest.approx((64 * 128 + 4 * 64 * 32) / total)
+    assert sum(report.parameters.values()) == total
+    summary = report.summary()
+    assert "quantized: 13 weight tensors" in summary and "kept 16-bit: 2 weight tensors in the blocks" in summary
+    assert "model.layers.1.mlp.experts" in summary
 
 
 def test_output_folder_is_refused_when_not_empty(tmp_path):
