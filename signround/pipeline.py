@@ -348,6 +348,9 @@ def quantize(model, config: QuantConfig | None = None, run: RunConfig | None = N
         torch.cuda.reset_peak_memory_stats(device)
     if algorithm.needs_calibration:
         calibration_seqlen(model, config)  # a bad seqlen fails before any state is touched
+        if weights is not None and isinstance(calibration, str) and calibration == "self":
+            raise ConfigError("calibration='self' samples text from the whole model, but this one was opened block by block: "
+                              "load it whole (signround.load_model, or run(..., stream=False))")
 
     state = None
     if work_dir is not None:
@@ -441,7 +444,7 @@ def _weights_outside_linears(blocks_name: str, blocks) -> list[str]:
     """Weight tensors (two or more dimensions) of the blocks that no linear layer holds, e.g. fused 3-D expert tensors."""
     names = []
     for i, block in enumerate(blocks):
-        linear_weights = {id(linear_weight(m)) for m in find_linears(block).values()}
+        linear_weights = {id(m.weight) for m in find_linears(block).values()}  # gpt2's Conv1D holds its weight transposed
         names += [f"{blocks_name}.{i}.{n}" for n, p in block.named_parameters() if p.dim() >= 2 and id(p) not in linear_weights]
     return names
 

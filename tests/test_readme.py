@@ -3,8 +3,7 @@
 Every `signround quantize smollm2-135m ...` command in a ```sh or ```bash block of README.md that is cheap
 to run (round-to-nearest, or tiny tuning settings) is run in-process, in a temporary folder, followed by the
 README's `signround generate` / `eval` / `export` commands on its output. Each must exit 0, and each output
-must load with `signround.load`. A README example that stops working fails here (`make test-all`, or
-`pytest -m slow tests/test_readme.py`; the default run checks only that the README still has such commands).
+must load with `signround.load`. A README example that stops working fails `make test` here.
 """
 
 from __future__ import annotations
@@ -86,7 +85,7 @@ def test_the_readme_shows_a_runnable_quantize_and_its_use():
         "README.md runs no `signround generate` or `signround eval` on the output of a runnable quantize command"
 
 
-@pytest.mark.slow  # 60-85 s on 2 busy cores: loading SmolLM2 from its GGUF, quantizing 30 blocks, generating 40 tokens
+# 60-85 s on 2 busy cores (loading SmolLM2 from its GGUF, quantizing 30 blocks, generating 40 tokens): worth it in the default run
 @pytest.mark.parametrize("chain", CHAINS, ids=[shlex.join(c[0][1:]) for c in CHAINS])
 def test_readme_commands_run(chain, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # relative output paths land in tmp_path
