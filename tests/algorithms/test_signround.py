@@ -217,6 +217,23 @@ def test_a_compiled_step_that_disagrees_with_the_eager_one_is_dropped_for_the_bl
     assert report.block_losses == expected.block_losses
 
 
+def test_a_compiled_step_that_fails_is_replaced_by_the_eager_one_for_the_block(monkeypatch):
+    """A compile failure (inductor once raised 'expected scalar type float but found bfloat16' in the backward
+    of Gemma-3's first global-attention block) must not reach the user: the block is tuned eagerly, said so."""
+    from signround.algorithms import signround as algorithm
+
+    def broken(*args):
+        raise RuntimeError("expected scalar type float but found bfloat16\n(a long inductor trace)")
+
+    monkeypatch.setattr(algorithm, "_compiled_tuned_loss", lambda: broken)
+    config = QuantConfig(scheme="W4A16G32", iters=6, nsamples=8, seqlen=32, batch_size=4)
+    expected = signround.quantize(make("llama"), config, RunConfig(amp="off", compile=False), calibration=calib_ids(8, 32))
+    with pytest.warns(UserWarning, match="the compiled step failed .RuntimeError: expected scalar type float but found bfloat16.; tuned eagerly"):
+        report = signround.quantize(make("llama"), config, RunConfig(amp="off", compile=True), calibration=calib_ids(8, 32))
+    assert report.block_losses == expected.block_losses
+    assert sum("compiled step failed" in note for note in report.notes) == 2  # once per block
+
+
 @pytest.mark.parametrize("keep", ["last", "average"])
 def test_a_compiled_step_fallback_still_keeps_the_tuned_parameters(monkeypatch, keep):
     """The fallback's note once doubled as the divergence flag: keep=last/average then returned the
