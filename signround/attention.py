@@ -79,10 +79,11 @@ def causal_attention(q, k, v, scale: float):
     return _CausalAttention.apply(q, k, v, scale)
 
 
-def _serves(module, query, key, attention_mask, dropout, kwargs) -> bool:
-    """Whether a call is plain causal self-attention over a whole sequence in fp32 on CPU, with a gradient."""
-    return (attention_mask is None and not dropout and query.device.type == "cpu" and query.dtype == torch.float32
-            and key.dtype == torch.float32 and torch.is_grad_enabled() and query.shape[2] == key.shape[2] > 1
+def _serves(module, query, key, value, attention_mask, dropout, kwargs) -> bool:
+    """Whether a call is plain causal self-attention over a whole sequence in fp32 on CPU, with a gradient.
+    All three of q, k, v in fp32: under bf16 autocast Gemma-3's normed q and k stay fp32 while v is bf16."""
+    return (attention_mask is None and not dropout and query.device.type == "cpu"
+            and query.dtype == key.dtype == value.dtype == torch.float32 and torch.is_grad_enabled() and query.shape[2] == key.shape[2] > 1
             and query.shape[1] % key.shape[1] == 0 and getattr(module, "is_causal", True) and kwargs.get("is_causal") is not False
             and all(kwargs.get(name) is None for name in ("sliding_window", "softcap", "s_aux", "position_bias")))
 
@@ -91,7 +92,7 @@ def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, s
     """transformers' attention-function signature: (attn_output (batch, seq, heads, dim), weights)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if not _serves(module, query, key, attention_mask, dropout, kwargs):
+    if not _serves(module, query, key, value, attention_mask, dropout, kwargs):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     return causal_attention(query, key, value, scale).transpose(1, 2).contiguous(), None

@@ -186,6 +186,16 @@ def _frozen(block):
             p.requires_grad_(True)
 
 
+def _reason(error: Exception) -> str:
+    """The informative line of a (often many-line) torch.compile error: the first naming an error, else the first."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return next((line for line in lines if "Error" in line), lines[0] if lines else "")[:160]
+
+
+class _CompiledStepFailed(RuntimeError):
+    """torch.compile failed on a block's tuning step; the message is the note the run keeps."""
+
+
 @register("signround")
 class SignRound:
     needs_calibration = True
@@ -194,9 +204,20 @@ class SignRound:
         # K-quants stay eager: inductor drops the fp16 round trip of their super-block scales
         config = config.resolved()
         compiled = data.compiled and not any(t.scheme.kquant for t in layers)
-        # the CPU attention with the cheaper backward pays only traced into the compiled step (attention.py)
-        with _frozen(block), tuning_attention(block, data.device) if compiled else contextlib.nullcontext():
-            return self._tune(block, layers, data, config, compiled)
+        if compiled:
+            # the CPU attention with the cheaper backward pays only traced into the compiled step (attention.py)
+            try:
+                with _frozen(block), tuning_attention(block, data.device):
+                    return self._tune(block, layers, data, config, compiled=True)
+            except _CompiledStepFailed as failure:  # a crash must not reach the user: this block is tuned eagerly
+                note = str(failure)
+                warnings.warn(note)
+        else:
+            note = None
+        with _frozen(block):
+            result = self._tune(block, layers, data, config, compiled=False)
+        result.notes[:0] = [note] if note else []
+        return result
 
     def _tune(self, block, layers, data: BlockData, config, compiled: bool) -> BlockResult:
         device = data.device
@@ -261,16 +282,11 @@ class SignRound:
                 total = grads(rows, check=step == 0)
             except torch.OutOfMemoryError:
                 raise
-            except Exception as e:  # torch.compile fails in many types (inductor, dynamo, generated code): run this block eagerly
+            except Exception as e:  # torch.compile fails in many types (inductor, dynamo, generated code)
                 if step_loss is _tuned_loss:
                     raise
-                notes.append(f"block {data.index}: the compiled step failed ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
-                             f"tuned eagerly (--compile off avoids compiling)")
-                warnings.warn(notes[-1])
-                step_loss = _tuned_loss
-                for p in params:
-                    p.grad = None
-                total = grads(rows, check=False)
+                raise _CompiledStepFailed(f"block {data.index}: the compiled step failed ({type(e).__name__}: {_reason(e)}); "
+                                          f"tuned eagerly (--compile off avoids compiling)") from e
             if not math.isfinite(total):
                 kept = "the best finite state (the start if none)" if config.keep == "best" else "the starting point"
                 notes.append(f"block {data.index}: loss became {total} at step {step}; kept {kept}")

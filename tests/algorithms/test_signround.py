@@ -232,6 +232,33 @@ def test_a_compiled_step_that_fails_is_replaced_by_the_eager_one_for_the_block(m
         report = signround.quantize(make("llama"), config, RunConfig(amp="off", compile=True), calibration=calib_ids(8, 32))
     assert report.block_losses == expected.block_losses
     assert sum("compiled step failed" in note for note in report.notes) == 2  # once per block
+    assert "(RuntimeError: expected scalar type float but found bfloat16)" in report.notes[0]
+
+
+def test_a_real_compile_failure_on_mixed_sliding_and_global_layers_falls_back_to_eager(monkeypatch):
+    """Gemma-3's layout (sliding-window layers and a global one) under bf16 autocast, compiled: the global
+    layer's attention once went to the CPU attention with v in bf16 and inductor failed in its backward,
+    killing the run. With that bug put back, the block must be tuned eagerly, with plain sdpa, and the
+    run must finish; without it, every block compiles."""
+    import transformers as tf
+    from tiny_models import COMMON
+
+    from signround import attention
+    from signround.hardware import can_compile
+
+    if not can_compile(torch.device("cpu")):
+        pytest.fail("no C++ compiler for torch.compile: install g++ (build-essential)")
+    torch.manual_seed(0)
+    config = tf.Gemma3TextConfig(**{**COMMON, "num_hidden_layers": 3}, head_dim=16, sliding_window=16,
+                                 layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    serves = attention._serves
+    monkeypatch.setattr(attention, "_serves", lambda module, q, k, v, *rest: serves(module, q, k, k, *rest))  # v's dtype unchecked, as before
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    with pytest.warns(UserWarning, match="block 1: the compiled step failed"):
+        report = signround.quantize(model, QuantConfig(scheme="W4A16G32", iters=3, nsamples=4, seqlen=32, batch_size=2),
+                                    RunConfig(amp="bf16", compile=True), calibration=calib_ids(4, 32))
+    assert len(report.block_losses) == 3 and all(after is not None for _, after in report.block_losses)
+    assert [n for n in report.notes if "compiled step failed" in n] == [report.notes[0]] and model.config._attn_implementation == "sdpa"
 
 
 @pytest.mark.parametrize("keep", ["last", "average"])
