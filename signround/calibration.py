@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import random
+import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -114,9 +115,24 @@ def _hub_documents(name: str, nsamples: int, seed: int) -> list[str]:
     return [t for t in ds[column] if isinstance(t, str)]
 
 
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name: "books/" or "a/b/c" are paths, not hub names
+
+
 def is_hub_name(source: str) -> bool:
     path = Path(source)
-    return source != SELF and not path.exists() and "/" in source and not source.startswith((".", "/", "~")) and path.suffix not in TEXT_SUFFIXES
+    return source != SELF and not path.exists() and bool(_HUB_NAME.match(source)) and path.suffix not in TEXT_SUFFIXES
+
+
+def check_hub_dataset(name: str) -> None:
+    """Before a model loads: a hub dataset needs the `datasets` extra and a reachable hub."""
+    try:
+        import datasets  # noqa: F401  (optional extra: signround[data])
+    except ImportError:
+        raise DataError(f"calibration dataset {name!r} is read with the datasets package: pip install 'signround[data]', "
+                        f"or give local .txt/.jsonl/.parquet files") from None
+    if not hub_reachable():
+        raise DataError(f"calibration dataset {name!r} is on the Hugging Face hub, which is not reachable from here: "
+                        f"give local files, or leave --dataset out to use the text shipped with signround")
 
 
 def check_source(source) -> None:

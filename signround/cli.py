@@ -33,8 +33,8 @@ def _add_quantize(sub) -> None:
     p.add_argument("--recipe", default="fast", choices=["fast", "full", "paper"],
                    help="fast (default): 112 steps of 3 rows from an activation-weighted clipping search; full: 200 steps of 8 rows "
                         "from the same start; paper: 200 steps of 8 rows from round-to-nearest, clipping projected (the paper's and "
-                        "auto-round's default); all keep the best-loss step; --iters, --batch-size, --clip-search, --keep, "
-                        "--project-clipping and --cache-dtype override any")
+                        "auto-round's default); all keep the best-loss step; --iters, --batch-size, --clip-search, --keep and "
+                        "--project-clipping override any (auto-round's fp32 caches: --cache-dtype float32)")
     p.add_argument("--iters", type=int, help="tuning steps per block (default: the recipe's)")
     clip = p.add_mutually_exclusive_group()
     clip.add_argument("--clip-search", dest="clip_search", action="store_true", default=None,

@@ -32,6 +32,7 @@ def run_demo(model: str = "smollm2-135m", output: str | Path = "demo-out", *, sc
     from .pipeline import quantize
     from .runner import run
 
+    _check_replaceable(Path(output))
     calibration, heldout = shipped_text("calibration.txt"), shipped_text("heldout.txt")
     say(f"model: {model}; calibration: {nsamples} x {seqlen} tokens of {calibration.name}, held-out perplexity: "
         f"{eval_tokens} tokens of {heldout.name} (public-domain texts shipped in {calibration.parent})", flush=True)
@@ -52,7 +53,7 @@ def run_demo(model: str = "smollm2-135m", output: str | Path = "demo-out", *, sc
     say(f"round-to-nearest: perplexity {rows[f'round-to-nearest {scheme}']['ppl']:.3f}", flush=True)
     del rtn, original
     say(f"SignRound {scheme}: {config.resolved().iters} steps of {batch_size} rows per block ...", flush=True)
-    report = run(model, output, config, RunConfig(progress=progress), calibration=calibration, overwrite=True)
+    report = run(model, output, config, RunConfig(progress=progress, resume="never"), calibration=calibration, overwrite=True)
     tuned = checkpoint.load(output)  # what a user gets back from disk
     rows[f"SignRound {scheme}"] = {"bits": report.bits_per_weight, "seconds": report.tuning_seconds, "ppl": score(tuned)}
     say(_table(rows), flush=True)
@@ -61,6 +62,15 @@ def run_demo(model: str = "smollm2-135m", output: str | Path = "demo-out", *, sc
         out = tuned.generate(prompt, max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     say(f"\nreloaded from {Path(output).resolve()}: {tokenizer.decode(out[0], skip_special_tokens=True)!r}", flush=True)
     return rows
+
+
+def _check_replaceable(output: Path) -> None:
+    """The demo replaces its own earlier output, never a folder holding anything else."""
+    from .checkpoint import OutputExistsError
+    from .models import is_signround_output
+
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not is_signround_output(str(output)):
+        raise OutputExistsError(f"{output} exists and is not an earlier signround output: choose another -o for the demo")
 
 
 def _table(rows: dict) -> str:

@@ -50,7 +50,11 @@ def _assembled(name: str, package: str, hint: str) -> ModelSource:
     import importlib
 
     try:
-        path = Path(importlib.import_module(package).assemble())
+        joiner = importlib.import_module(package)
+        try:
+            path = Path(joiner.assemble())
+        except FileExistsError:  # a cached join that an interrupted first run left incomplete: join again
+            path = Path(joiner.assemble(overwrite=True))
     except (ImportError, FileNotFoundError) as e:
         raise ModelNotFoundError(f"the built-in model {name!r} is missing a part ({str(e)[:120]}): {hint}") from None
     except ValueError as e:  # the joined file's sha256 differs

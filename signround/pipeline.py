@@ -367,8 +367,10 @@ def quantize(model, config: QuantConfig | None = None, run: RunConfig | None = N
         report.notes.extend(state.notes)
 
     fp_in = q_in = calls = None
-    if run.offload and offload_dir is None:  # no work folder to put them in: a temporary one
-        offload_dir = Path(tempfile.mkdtemp(prefix="signround-caches-"))
+    temporary = None
+    if run.offload and offload_dir is None:  # no work folder to put them in: a temporary one, removed however the run ends
+        temporary = tempfile.TemporaryDirectory(prefix="signround-caches-")
+        offload_dir = Path(temporary.name)
     if offload_dir is not None:
         Path(offload_dir).mkdir(parents=True, exist_ok=True)
         for stale in Path(offload_dir).glob(CACHE_FILES):  # left by an interrupted run; the work state keeps its own copies
@@ -424,6 +426,8 @@ def quantize(model, config: QuantConfig | None = None, run: RunConfig | None = N
         report.tuning_seconds = earlier_seconds + time.perf_counter() - start
     finally:
         reload(unloaded, weights)
+        if temporary is not None:
+            temporary.cleanup()
     if config.quantize_lm_head:
         _quantize_lm_head(model, config, report)
     model._apply(lambda t: t if t.is_meta else t.to("cpu"))

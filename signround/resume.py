@@ -89,6 +89,8 @@ def fingerprint(model, config, run, tokenizer, calibration, compute: str = "", w
     }
 
 
+# Settings moved out of the fingerprint's settings (the run's device and amp are in "compute"): not compared.
+MOVED_SETTINGS = ("setting.device", "setting.amp")
 # Settings added after the state format was fixed, with the value that runs of earlier versions used.
 ADDED_SETTINGS = {"setting.cache_dtype": "float32", "setting.recipe": "full", "setting.clip_search": False, "setting.keep": "best", "setting.mixture": None,
                   "setting.tame_outliers": False, "setting.project_clipping": False,
@@ -98,7 +100,7 @@ ADDED_SETTINGS = {"setting.cache_dtype": "float32", "setting.recipe": "full", "s
 def _differences(old: dict, new: dict) -> list[str]:
     """Fields that differ, as "name (was -> now)"; a setting an older state lacks counts as what that version did."""
     changed = []
-    for k in sorted(old.keys() | new.keys()):
+    for k in sorted((old.keys() | new.keys()) - set(MOVED_SETTINGS)):
         was, now = old.get(k, ADDED_SETTINGS.get(k)), new.get(k, ADDED_SETTINGS.get(k))
         if was != now:
             name = k.removeprefix("setting.")
@@ -159,6 +161,9 @@ class WorkState:
                                      f"cannot be reused as they are; they are kept: --resume (resume='force') continues with them anyway, "
                                      f"--restart (resume='never') discards them")
             log.warning("%s holds the state of a different run with no finished block (it differs in: %s): starting over", folder, ", ".join(changed))
+        if folder.exists() and saved is None and any(folder.iterdir()):
+            raise ResumeMismatch(f"work folder {folder} holds files but no {STATE_FILE}, so it is no signround work folder: "
+                                 f"choose an empty or new work_dir (nothing there was touched)")
         if folder.exists():
             shutil.rmtree(folder)
         folder.mkdir(parents=True)

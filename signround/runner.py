@@ -19,7 +19,7 @@ import torch
 
 from . import checkpoint
 from .algorithms import get_algorithm
-from .calibration import DataError, check_source, documents_from, is_hub_name
+from .calibration import DataError, check_hub_dataset, check_source, documents_from, is_hub_name
 from .config import ConfigError, QuantConfig, RunConfig
 from .evaluate import check_eval_text, perplexity, text_token_ids, use_bos
 from .export import NATIVE, check_formats, export, get_format
@@ -100,11 +100,14 @@ def _calibration_source(source):
     token ids pass as they are."""
     if source is None or isinstance(source, torch.Tensor) or (isinstance(source, str) and source == "self"):
         return source
+    if not isinstance(source, (str, os.PathLike, list, tuple)):
+        raise DataError(f"calibration of type {type(source).__name__} is not understood: give a path, a hub dataset name, "
+                        f"a list of paths or of texts, or token ids")
     items = [source] if isinstance(source, (str, os.PathLike)) else list(source)
-    if all(isinstance(s, str) for s in items) and not isinstance(source, str):
-        return items  # texts
     if not all(isinstance(s, (str, os.PathLike)) for s in items):
-        raise DataError("calibration must be a path, a hub dataset name, a list of paths or of texts, or token ids")
+        raise DataError("a calibration list must hold paths or texts (strings)")
+    if all(isinstance(s, str) for s in items) and not isinstance(source, str) and not all(_is_file(s) for s in items):
+        return items  # texts
     paths = [str(s) for s in items]
     for p in paths:
         check_source(p)
@@ -112,11 +115,20 @@ def _calibration_source(source):
     if hub:
         if len(paths) > 1:
             raise DataError(f"give one hub dataset or local files, not both: {', '.join(paths)}")
+        check_hub_dataset(hub[0])
         return hub[0]
     docs = [doc for p in paths for doc in documents_from(p)]
     if not any(doc.strip() for doc in docs):
         raise DataError(f"calibration data {', '.join(paths)} is empty: give files with text in them")
     return docs
+
+
+def _is_file(text: str) -> bool:
+    """Whether a string names an existing file or folder (a long text can be no file name at all)."""
+    try:
+        return Path(text).exists()
+    except OSError:
+        return False
 
 
 def _open(spec, tokenizer, lazy: bool, trust_remote_code: bool, allow_pickle: bool):

@@ -186,3 +186,11 @@ def test_parquet_source(tmp_path):
     pq.write_table(pa.table({"body": ["x"]}), tmp_path / "e.parquet")
     with pytest.raises(DataError, match="has no column 'text'"):
         documents_from(tmp_path / "e.parquet")
+
+
+def test_a_folder_path_with_a_trailing_slash_is_no_hub_name(tmp_path):
+    from signround.calibration import is_hub_name
+
+    assert not is_hub_name("books/") and not is_hub_name("a/b/c") and is_hub_name("NeelNanda/pile-10k")
+    with pytest.raises(DataError, match="'books/' not found"):
+        documents_from("books/")

@@ -105,5 +105,7 @@ def test_recipe_flags_reach_the_config():
     assert run().compile == "auto" and run("--compile", "on").compile is True and run("--compile", "off").compile is False
     assert run().cache_dtype == "bfloat16" and run("--cache-dtype", "float32").cache_dtype == "float32"
     assert (run("--restart").resume, run("--resume").resume, run().resume) == ("never", "force", "auto")
-    assert run("--offload", "--threads", "1", "-q") == run_config_from_args(parsed("--offload", "--threads", "1", "-q"))
-    assert run("--offload", "--threads", "1", "-q").offload and run("--threads", "1").threads == 1 and not run("-q").progress
+    from signround.config import RunConfig
+
+    assert run("--offload", "--threads", "1", "-q", "--device", "cpu", "--amp", "off") == RunConfig(
+        device="cpu", amp="off", offload=True, threads=1, progress=False)

@@ -63,7 +63,12 @@ def offline_builtin(monkeypatch, sources):
 @pytest.mark.parametrize("stream", [True, False], ids=["streamed", "whole"])
 @pytest.mark.parametrize("calibration", CALIBRATIONS)
 @pytest.mark.parametrize("source", SOURCES)
-def test_plain_quantize_saves_reloads_and_generates(tmp_path, capsys, recwarn, sources, calibrations, offline_builtin, source, calibration, stream):
+def test_plain_quantize_saves_reloads_and_generates(tmp_path, capsys, recwarn, monkeypatch, sources, calibrations, offline_builtin,
+                                                    source, calibration, stream):
+    from signround import runner
+
+    opened, open_lazy = [], runner.open_lazy  # a streamed run must really stream (a LLaMA folder or GGUF does)
+    monkeypatch.setattr(runner, "open_lazy", lambda *a, **k: opened.append(open_lazy(*a, **k)) or opened[-1])
     out = tmp_path / "out"
     argv = ["quantize", sources[source], "-o", out, "--scheme", "W4A16G32", "--iters", "2", "--nsamples", "4", "--seqlen", "32",
             "--batch-size", "2", *calibrations[calibration], *([] if stream else ["--no-stream"]), "-q"]
@@ -71,6 +76,7 @@ def test_plain_quantize_saves_reloads_and_generates(tmp_path, capsys, recwarn, s
     printed, err = capsys.readouterr()
     assert code == 0, err
     assert "Traceback" not in err and f"saved {out.resolve()}" in printed
+    assert len(opened) == (1 if stream else 0)
     if calibration == "none":
         assert any("calibration.txt" in str(w.message) for w in recwarn)  # the fallback says what it used
     assert not (tmp_path / "out.signround-work").exists(), "the work folder goes once the output is saved"
@@ -81,3 +87,20 @@ def test_plain_quantize_saves_reloads_and_generates(tmp_path, capsys, recwarn, s
     assert main(["generate", str(out), "The old ship", "--max-new-tokens", "5"]) == 0
     generated, err = capsys.readouterr()
     assert generated.startswith("The old ship") and "Traceback" not in err
+
+
+@pytest.mark.parametrize("calibration, kind", [(["PATH"], "paths"), (["some text", "more text"], "texts"), (5, None)])
+def test_library_calibration_forms(tmp_path, calibration, kind):
+    """A list of strings that all name files is a list of paths; other strings are texts; anything else is refused."""
+    from signround.calibration import DataError
+    from signround.runner import _calibration_source
+
+    book = tmp_path / "book.txt"
+    book.write_text(PROSE * 3)
+    calibration = [str(book) if item == "PATH" else item for item in calibration] if isinstance(calibration, list) else calibration
+    if kind is None:
+        with pytest.raises(DataError, match="calibration of type int is not understood"):
+            _calibration_source(calibration)
+        return
+    docs = _calibration_source(calibration)
+    assert docs == ([PROSE * 3] if kind == "paths" else calibration)

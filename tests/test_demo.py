@@ -35,3 +35,14 @@ def test_table_states_the_share_of_the_gap_closed():
 def test_demo_command_refuses_a_bad_setting_in_one_line(capsys, tmp_path):
     assert main(["demo", "--model", str(tmp_path / "nothing"), "-o", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err.startswith("signround: error: unknown model")
+
+
+def test_demo_never_replaces_a_folder_that_is_not_its_own_output(tmp_path, tiny_model_dir):
+    from signround.checkpoint import OutputExistsError
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("keep me")
+    with pytest.raises(OutputExistsError, match="not an earlier signround output"):
+        run_demo(str(tiny_model_dir), mine, iters=1, nsamples=2, seqlen=16, batch_size=2, eval_tokens=64, progress=False, say=lambda *a, **k: None)
+    assert (mine / "thesis.txt").read_text() == "keep me"

@@ -93,6 +93,20 @@ def _calibration_file(ctx: Ctx, name: str, content: bytes) -> Seen:
     return ctx.cli("quantize", ctx.model, "-o", ctx.out, "--dataset", bad, *FAST)
 
 
+def _offline(ctx, *argv) -> Seen:
+    ctx.monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return ctx.cli("quantize", ctx.model, "-o", ctx.out, *argv, *FAST)
+
+
+def _changed_settings(ctx) -> Seen:
+    ctx.fail_block(1, KeyboardInterrupt())
+    assert ctx.quantize().code == 130 and ctx.work_finished() == 1
+    ctx.monkeypatch.undo()
+    seen = ctx.quantize(None, "--iters", "4")
+    assert ctx.work_finished() == 1  # kept
+    return seen
+
+
 def _truncated_safetensors(ctx):
     folder = ctx.folder("cut", tokenizer_from=ctx.model)
     weights = folder / "model.safetensors"
@@ -218,6 +232,8 @@ CASES = {
     "calibration file missing": lambda c: c.cli("quantize", c.model, "-o", c.out, "--dataset", "missing.txt"),
     "empty calibration file": lambda c: _calibration_file(c, "empty.txt", b"  \n"),
     "binary calibration file": lambda c: _calibration_file(c, "blob.txt", b"\x00\x01\x02binary"),
+    "hub calibration dataset while offline": lambda c: _offline(c, "--dataset", "nobody/nothing"),
+    "a finished run's work folder, settings changed": _changed_settings,
     "calibration text too short": lambda c: _calibration_file(c, "short.txt", b"a few words"),
     ".jsonl without the text field": lambda c: _calibration_file(c, "c.jsonl", b'{"content": "x"}\n'),
     "NaN or Inf in the model's weights": _nan_weights,

@@ -192,3 +192,37 @@ def test_sigkill_mid_run_then_same_command_gives_identical_output(tmp_path, deep
     assert load_file(out / "model.safetensors").keys() == load_file(reference / "model.safetensors").keys()
     assert (out / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
     assert (out / "config.json").read_text() == (reference / "config.json").read_text()
+
+
+def test_a_work_dir_that_is_no_work_folder_is_refused_untouched(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(ResumeMismatch, match="holds files but no state.json"):
+        signround.quantize(make("llama"), QuantConfig(**CONFIG), calibration=calib_ids(), run=RunConfig(work_dir=mine))
+    assert (mine / "notes.txt").read_text() == "keep me"
+
+
+def test_offloaded_caches_without_a_work_dir_leave_nothing_behind(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    signround.quantize(make("llama"), QuantConfig(**CONFIG), calibration=calib_ids(), run=RunConfig(offload=True))
+    assert not list(tmp_path.glob("signround-caches-*"))
+
+
+def test_fingerprints_of_the_version_before_the_run_settings_moved_still_resume(monkeypatch, tmp_path):
+    """States written when device and amp were quantization settings compare equal on everything else."""
+    work = tmp_path / "work"
+    with monkeypatch.context() as patch:
+        stop_at_block(patch, 2)
+        with pytest.raises(KeyboardInterrupt):
+            signround.quantize(make("llama", num_hidden_layers=4), QuantConfig(**CONFIG), calibration=calib_ids(), run=RunConfig(work_dir=work))
+    state = json.loads((work / "state.json").read_text())
+    state["fingerprint"].update({"setting.device": "auto", "setting.amp": "auto"})
+    (work / "state.json").write_text(json.dumps(state))
+    calls = []
+    original = SignRound.quantize_block
+    monkeypatch.setattr(SignRound, "quantize_block", lambda self, *a: calls.append(a[2].index) or original(self, *a))
+    signround.quantize(make("llama", num_hidden_layers=4), QuantConfig(**CONFIG), calibration=calib_ids(), run=RunConfig(work_dir=work))
+    assert calls == [2, 3]

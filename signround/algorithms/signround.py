@@ -253,6 +253,7 @@ class SignRound:
                 t.search_clipping(importance.get(id(t)))
         start_state = [s for t in tunables for s in t.initial_state()]
         params = [p for t in tunables for p in t.params()]
+        notes: list[str] = []
 
         def grads(rows: torch.Tensor, check: bool) -> float:
             """Forward and backward over `rows`, batch by batch, the gradients accumulating in the parameters; the
@@ -273,14 +274,14 @@ class SignRound:
             return total
 
         projected = [config.projects_clipping(t.task.scheme) for t in tunables]
-        best_loss, best_state, notes, steps, diverged = math.inf, None, [], 0, False
+        best_loss, best_state, steps, diverged = math.inf, None, 0, False
         average = _TailAverage(iters) if config.keep == "average" else None
         for step in range(iters):
             steps += 1
             rows = torch.randperm(n, generator=gen)[: batch * config.grad_accum]  # independent draws: epochs cost perplexity (21.27 against 21.14)
             try:
                 total = grads(rows, check=step == 0)
-            except torch.OutOfMemoryError:
+            except (torch.OutOfMemoryError, MemoryError):
                 raise
             except Exception as e:  # torch.compile fails in many types (inductor, dynamo, generated code)
                 if step_loss is _tuned_loss:
