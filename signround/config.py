@@ -284,8 +284,8 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
-        """The config a `to_dict` (or a saved output's `tuning` record) describes; an unknown key is an error,
-        not dropped: it is a setting this version would silently not apply."""
+        """The config a `to_dict` describes; an unknown key is an error, not dropped: it is a setting this
+        version would silently not apply."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known - set(MOVED_TO_RUN))
         if unknown:

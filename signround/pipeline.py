@@ -230,14 +230,13 @@ def _quantize_lm_head(model, config: QuantConfig, report: QuantizeReport) -> Non
     report.notes.append("lm_head quantized with round-to-nearest")
 
 
-def quantization_config_dict(config: QuantConfig, report: QuantizeReport, run: RunConfig | None = None) -> dict:
+def quantization_config_dict(config: QuantConfig, report: QuantizeReport, computed: dict | None = None) -> dict:
     """The `quantization_config` written to config.json: enough for `signround.load` to rebuild every layer,
     with the tuning settings (recipe values filled in) and how the run computed, for the record."""
     default = config.scheme
     settings = config.resolved().to_dict()
     extra = {name: s.to_dict() for name, s in report.quantized.items() if s != default}
     tuning = {k: v for k, v in settings.items() if k not in ("scheme", "mixture", "layer_overrides")}
-    computed = {k: getattr(run, k) for k in ("device", "amp", "compile", "cache_dtype")} if run else {}
     return {
         "quant_method": "signround",
         "version": __version__,
@@ -440,7 +439,9 @@ def quantize(model, config: QuantConfig | None = None, run: RunConfig | None = N
         sizes[name] = (module.in_features * module.out_features, scheme.bits_per_weight(module.in_features))
     total = sum(n for n, _ in sizes.values())
     report.bits_per_weight = sum(n * b for n, b in sizes.values()) / total
-    model.config.quantization_config = quantization_config_dict(config, report, run)
+    computed = {"device": str(device), "amp": str(amp_dtype).removeprefix("torch.") if amp_dtype else "off",
+                "compiled": compiled, "cache_dtype": run.cache_dtype}
+    model.config.quantization_config = quantization_config_dict(config, report, computed)
     return report
 
 

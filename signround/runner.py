@@ -140,14 +140,15 @@ def _open(spec, tokenizer, lazy: bool, trust_remote_code: bool, allow_pickle: bo
         if tokenizer is None:
             raise ConfigError("a model passed as a module needs its tokenizer: run(model, output, tokenizer=tokenizer)")
         return spec, tokenizer, None
-    spec = str(spec)
+    spec, given = str(spec), tokenizer  # a tokenizer passed with a model name replaces the model's own
     if lazy:
         try:
-            return open_lazy(spec, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+            model, tokenizer, weights = open_lazy(spec, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+            return model, given or tokenizer, weights
         except StreamingUnsupported as e:
             log.info("loading %s whole: %s", spec, e)
     model, tokenizer = models.load(spec, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-    return model, tokenizer, None
+    return model, given or tokenizer, None
 
 
 def _write(model, tokenizer, output, formats: list[str], overwrite: bool, save_dtype: str, finished, work: Path) -> list[Path]:

@@ -138,3 +138,11 @@ def test_relative_links_resolve(doc):
             if anchor not in {slug(h) for h in headings}:
                 broken.append(target)
     assert not broken, f"{doc.relative_to(ROOT)}: links to nothing: {broken}"
+
+
+@pytest.mark.parametrize("args", [c for c in shell_commands(README.read_text()) if c[0] == "signround"], ids=shlex.join)
+def test_every_readme_command_parses(args):
+    """The commands that are not run (hub ids, your own folders) still name only options that exist."""
+    from signround.cli import build_parser
+
+    build_parser().parse_args(args[1:])
