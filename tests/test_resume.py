@@ -43,6 +43,21 @@ def stop_at_block(monkeypatch, k: int) -> None:
     monkeypatch.setattr(SignRound, "quantize_block", interrupted)
 
 
+def interrupted_run(monkeypatch, work: Path, k: int) -> None:
+    """A 4-block run into `work` stopped by Ctrl-C at block k."""
+    with monkeypatch.context() as patch:
+        stop_at_block(patch, k)
+        with pytest.raises(KeyboardInterrupt):
+            signround.quantize(make("llama", num_hidden_layers=4), QuantConfig(**CONFIG), calibration=calib_ids(), run=RunConfig(work_dir=work))
+
+
+def tuned_blocks(monkeypatch) -> list[int]:
+    """The indices of the blocks tuned from now on, in order."""
+    calls, original = [], SignRound.quantize_block
+    monkeypatch.setattr(SignRound, "quantize_block", lambda self, *a: calls.append(a[2].index) or original(self, *a))
+    return calls
+
+
 @pytest.mark.parametrize("k", [1, 3])
 def test_interrupted_run_resumes_to_identical_weights(monkeypatch, tmp_path, k):
     reference = make("llama", num_hidden_layers=4)
@@ -88,10 +103,7 @@ def test_a_different_run_keeps_the_finished_blocks_until_told(monkeypatch, tmp_p
     are; they were once deleted without asking. Now the run refuses, says why and keeps them; --resume
     (force) continues with them, --restart (never) discards them."""
     work = tmp_path / "work"
-    with monkeypatch.context() as patch:
-        stop_at_block(patch, 2)
-        with pytest.raises(KeyboardInterrupt):
-            signround.quantize(make("llama", num_hidden_layers=4), QuantConfig(**CONFIG), calibration=calib_ids(), run=RunConfig(work_dir=work))
+    interrupted_run(monkeypatch, work, 2)
     state = json.loads((work / "state.json").read_text())
     state["fingerprint"]["torch"] = "1.0.0"  # as if written by another torch
     (work / "state.json").write_text(json.dumps(state))
@@ -134,13 +146,8 @@ def test_the_cli_says_so_in_one_line_and_keeps_the_blocks(monkeypatch, tmp_path,
 
 def test_restart_discards_saved_state(monkeypatch, tmp_path):
     work = tmp_path / "work"
-    with monkeypatch.context() as patch:
-        stop_at_block(patch, 2)
-        with pytest.raises(KeyboardInterrupt):
-            signround.quantize(make("llama", num_hidden_layers=4), QuantConfig(**CONFIG), calibration=calib_ids(), run=RunConfig(work_dir=work))
-    calls = []
-    original = SignRound.quantize_block
-    monkeypatch.setattr(SignRound, "quantize_block", lambda self, *a: calls.append(a[2].index) or original(self, *a))
+    interrupted_run(monkeypatch, work, 2)
+    calls = tuned_blocks(monkeypatch)
     signround.quantize(make("llama", num_hidden_layers=4), QuantConfig(**CONFIG), calibration=calib_ids(), run=RunConfig(work_dir=work, resume="never"))
     assert calls == [0, 1, 2, 3]
 
@@ -214,15 +221,10 @@ def test_offloaded_caches_without_a_work_dir_leave_nothing_behind(tmp_path, monk
 def test_fingerprints_of_the_version_before_the_run_settings_moved_still_resume(monkeypatch, tmp_path):
     """States written when device and amp were quantization settings compare equal on everything else."""
     work = tmp_path / "work"
-    with monkeypatch.context() as patch:
-        stop_at_block(patch, 2)
-        with pytest.raises(KeyboardInterrupt):
-            signround.quantize(make("llama", num_hidden_layers=4), QuantConfig(**CONFIG), calibration=calib_ids(), run=RunConfig(work_dir=work))
+    interrupted_run(monkeypatch, work, 2)
     state = json.loads((work / "state.json").read_text())
     state["fingerprint"].update({"setting.device": "auto", "setting.amp": "auto"})
     (work / "state.json").write_text(json.dumps(state))
-    calls = []
-    original = SignRound.quantize_block
-    monkeypatch.setattr(SignRound, "quantize_block", lambda self, *a: calls.append(a[2].index) or original(self, *a))
+    calls = tuned_blocks(monkeypatch)
     signround.quantize(make("llama", num_hidden_layers=4), QuantConfig(**CONFIG), calibration=calib_ids(), run=RunConfig(work_dir=work))
     assert calls == [2, 3]
