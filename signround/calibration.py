@@ -7,7 +7,6 @@ import json
 import logging
 import math
 import random
-import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .config import DEFAULT_DATASET
-from .hub import hub_reachable
+from .hub import hub_reachable, looks_like_hub_id
 
 log = logging.getLogger("signround")
 
@@ -115,12 +114,9 @@ def _hub_documents(name: str, nsamples: int, seed: int) -> list[str]:
     return [t for t in ds[column] if isinstance(t, str)]
 
 
-_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name: "books/" or "a/b/c" are paths, not hub names
-
-
 def is_hub_name(source: str) -> bool:
     path = Path(source)
-    return source != SELF and not path.exists() and bool(_HUB_NAME.match(source)) and path.suffix not in TEXT_SUFFIXES
+    return source != SELF and not path.exists() and looks_like_hub_id(source) and path.suffix not in TEXT_SUFFIXES
 
 
 def check_hub_dataset(name: str) -> None:

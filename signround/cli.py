@@ -95,7 +95,7 @@ def _add_quantize(sub) -> None:
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="what SignRound buys: fp32, round-to-nearest and SignRound perplexity side by side, then generate")
     p.add_argument("--model", default="smollm2-135m", help="built-in name, local HF folder or .gguf (default smollm2-135m)")
-    p.add_argument("-o", "--output", default="demo-out", help="where the SignRound model is saved (replaced if it exists)")
+    p.add_argument("-o", "--output", default="demo-out", help="where the SignRound model is saved (an earlier demo output there is replaced)")
     p.add_argument("--scheme", default=DEMO["scheme"])
     p.add_argument("--iters", type=int, default=DEMO["iters"])
     p.add_argument("--nsamples", type=int, default=DEMO["nsamples"])

@@ -51,9 +51,12 @@ def run_demo(model: str = "smollm2-135m", output: str | Path = "demo-out", *, sc
     report = quantize(rtn, QuantConfig(scheme=scheme, method="rtn"), RunConfig(progress=False))
     rows[f"round-to-nearest {scheme}"] = {"bits": report.bits_per_weight, "seconds": time.perf_counter() - start, "ppl": score(rtn)}
     say(f"round-to-nearest: perplexity {rows[f'round-to-nearest {scheme}']['ppl']:.3f}", flush=True)
-    del rtn, original
+    del rtn
     say(f"SignRound {scheme}: {config.resolved().iters} steps of {batch_size} rows per block ...", flush=True)
-    report = run(model, output, config, RunConfig(progress=progress, resume="never"), calibration=calibration, overwrite=True)
+    # the model already in memory: opening it again would parse its files (and convert a GGUF tokenizer) twice
+    report = run(original, output, config, RunConfig(progress=progress, resume="never"), calibration=calibration, overwrite=True,
+                 tokenizer=tokenizer)
+    del original
     tuned = checkpoint.load(output)  # what a user gets back from disk
     rows[f"SignRound {scheme}"] = {"bits": report.bits_per_weight, "seconds": report.tuning_seconds, "ppl": score(tuned)}
     say(_table(rows), flush=True)

