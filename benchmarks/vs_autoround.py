@@ -5,7 +5,7 @@ each run in its own process (so peak RSS is its own), the tools alternating:
                   forward+backward and its share of the machine's matmul peak measured in this run (bf16
                   where the CPU has fast bf16, else fp32);
   default recipe  signround's default (`--recipe` of the CLI) against auto-round's default (iters 200,
-                  batch 8): wall time ratio and wt2-32k perplexity;
+                  batch 8): wall time ratio, wt2-32k and prose-16k perplexity (protocol.scores; BOS windows for Gemma);
   and the peak RSS of every run (model load included: signround streams the blocks, auto-round loads whole),
   on a GPU beside the peak of its allocations there.
   A signround run also saves its packed checkpoint and reloads it: the same-settings table gives both perplexities.
@@ -74,7 +74,6 @@ def _child_signround(args) -> dict:
     import tempfile
 
     import signround
-    from signround.evaluate import perplexity
     from signround.resume import finished_blocks
     from signround.weights import materialize_blocks, open_lazy
 
@@ -95,10 +94,10 @@ def _child_signround(args) -> dict:
         report = signround.quantize(model, config, dataclasses.replace(run, work_dir=work), tokenizer=tokenizer, calibration=calib, weights=weights)
         rss, gpu = protocol.peak_rss_mib(), protocol.peak_device_mib(args.device)
         materialize_blocks(model, finished_blocks(work, model))
-    eval_ids = protocol.wikitext_ids(tokenizer).to(args.device)
-    ppl = perplexity(model.to(args.device), eval_ids)
-    reloaded_ppl = protocol.reloaded_perplexity(model, tokenizer, eval_ids, args.device)
-    return {"tuning_s": report.tuning_seconds, "iters": config.iters, "steps": report.tuning_steps, "ppl": ppl, "reloaded_ppl": reloaded_ppl,
+    scores = protocol.scores(model.to(args.device), tokenizer, args.device)
+    reloaded_ppl = protocol.reloaded_perplexity(model, tokenizer, device=args.device)
+    return {"tuning_s": report.tuning_seconds, "iters": config.iters, "steps": report.tuning_steps, "ppl": scores["wt2"], "prose_ppl": scores["prose"],
+            "reloaded_ppl": reloaded_ppl,
             "peak_rss_mib": rss, "peak_gpu_mib": gpu, "batch": config.batch_size, "nsamples": args.nsamples, "seqlen": args.seqlen, "work": config.iters * args.nsamples * args.seqlen,
             "compile": run.compile, "compiled": run.compiles(config, torch.device(args.device), args.layers_run)}
 
@@ -107,7 +106,6 @@ def _child_autoround(args) -> dict:
     from auto_round import AutoRound
 
     import signround
-    from signround.evaluate import perplexity
     from signround.hardware import cpu_has_fast_bf16
 
     model, tokenizer = signround.load_model(args.model)
@@ -123,8 +121,9 @@ def _child_autoround(args) -> dict:
     seconds = time.perf_counter() - start
     rss, gpu = protocol.peak_rss_mib(), protocol.peak_device_mib(args.device)
     qmodel = result[0] if isinstance(result, tuple) else ar.model
-    ppl = perplexity(qmodel.to(args.device), protocol.wikitext_ids(tokenizer).to(args.device))
-    return {"tuning_s": seconds, "iters": getattr(ar, "iters", None), "steps": ar.iters * args.layers_run, "ppl": ppl, "peak_rss_mib": rss, "peak_gpu_mib": gpu,
+    scores = protocol.scores(qmodel.to(args.device), tokenizer, args.device)
+    return {"tuning_s": seconds, "iters": getattr(ar, "iters", None), "steps": ar.iters * args.layers_run, "ppl": scores["wt2"], "prose_ppl": scores["prose"],
+            "peak_rss_mib": rss, "peak_gpu_mib": gpu,
             "batch": getattr(ar, "batch_size", None), "amp": amp}
 
 
@@ -181,6 +180,11 @@ def signround_rows(results: dict, recipe: str, scheme: str) -> list[tuple[str, d
 def run_key(tool: str, recipe: str, scheme: str, args) -> str:
     """Where a run's row is stored: signround's carries its variant settings (`signround_key`)."""
     return signround_key(recipe, scheme, args) if tool == "signround" else f"{tool}|{recipe}|{scheme}"
+
+
+def relative(row: dict, theirs: dict, key: str) -> str:
+    """`row`'s perplexity against auto-round's, in percent (blank where either run lacks it)."""
+    return f"{(row[key] / theirs[key] - 1) * 100:+.2f}%" if key in row and key in theirs else ""
 
 
 def seconds_per_iter(row: dict, layers: int) -> float:
@@ -260,17 +264,19 @@ def write_table(results: dict, args, peaks: dict, path: Path) -> None:
                          f"{row['ppl']:.3f} | {reloaded} | {memory_mib(row)} |")
     lines += repeated_pairs(results, schemes, layers)
     if any(key.split("|")[1] == "default" for key in results):  # a same-settings-only run has no such rows
-        lines += ["", "## Default recipes", "", "| scheme | tool | iters | tuning s | time ratio | ppl | ppl vs auto-round | peak RSS MiB | RSS ratio |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", "## Default recipes", "", "ppl: wt2-32k; prose: prose-16k (benchmarks/protocol.py)", "",
+                  "| scheme | tool | iters | tuning s | time ratio | ppl | ppl vs auto-round | prose ppl | prose vs auto-round | peak RSS MiB | RSS ratio |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
     for scheme in schemes:
         theirs = results.get(f"auto-round|default|{scheme}")
         for tool, row in (*signround_rows(results, "default", scheme), ("auto-round", theirs)):
             if not row:
                 continue
-            vs = f"{(row['ppl'] / theirs['ppl'] - 1) * 100:+.2f}%" if theirs and tool.startswith("signround") else ""
+            vs, prose_vs = (relative(row, theirs, key) if theirs and tool.startswith("signround") else "" for key in ("ppl", "prose_ppl"))
             ratio = f"{row['tuning_s'] / theirs['tuning_s']:.2f}" if theirs else ""
             rss = f"{row['peak_rss_mib'] / theirs['peak_rss_mib']:.2f}" if theirs else ""
-            lines.append(f"| {scheme} | {tool} | {row['iters']} | {row['tuning_s']:.0f} | {ratio} | {row['ppl']:.3f} | {vs} | "
+            prose = f"{row['prose_ppl']:.3f}" if "prose_ppl" in row else ""
+            lines.append(f"| {scheme} | {tool} | {row['iters']} | {row['tuning_s']:.0f} | {ratio} | {row['ppl']:.3f} | {vs} | {prose} | {prose_vs} | "
                          f"{memory_mib(row)} | {rss} |")
     scaling = sorted((v for k, v in results.items() if k.startswith("signround|scaling|") and k == signround_key("scaling", k.split("|")[2], args)), key=lambda r: (r["iters"], r["nsamples"], r["seqlen"]))
     if len(scaling) >= 3:

@@ -48,6 +48,9 @@ def text_token_ids(tokenizer, source: str | Path, max_tokens: int | None = 32768
     return ids[:max_tokens] if max_tokens else ids
 
 
+LOGIT_ROWS = 256  # positions whose logits exist at once: 2,048 x 262k fp32 logits would be 2 GiB, twice over in log-softmax
+
+
 @torch.no_grad()
 def perplexity(model, ids: torch.Tensor, seqlen: int = 2048, stride: int | None = None, bos_token_id: int | None = None, device=None) -> float:
     """exp(mean NLL) over windows of `seqlen` tokens, each scored on all but its first token.
@@ -58,16 +61,16 @@ def perplexity(model, ids: torch.Tensor, seqlen: int = 2048, stride: int | None 
     """
     stride = stride or seqlen
     device = device or next(model.parameters()).device
+    split = split_head(model, ids[: min(16, ids.numel())].to(device))
     nll, count = 0.0, 0
     for begin in range(0, ids.numel() - 1, stride):
         window = ids[begin : begin + seqlen]
         if window.numel() < 2:
             break
         inputs = window if bos_token_id is None else torch.cat([torch.tensor([bos_token_id]), window])
-        logits = model(input_ids=inputs.unsqueeze(0).to(device), use_cache=False).logits[0].float()
+        losses = token_losses(model, inputs.to(device), split)
         if bos_token_id is not None:
-            logits = logits[1:]
-        losses = F.cross_entropy(logits[:-1], window[1:].to(device), reduction="none")
+            losses = losses[1:]
         if begin > 0 and stride < seqlen:
             losses = losses[-stride:]
         nll += losses.sum().item()
@@ -75,6 +78,40 @@ def perplexity(model, ids: torch.Tensor, seqlen: int = 2048, stride: int | None 
         if begin + seqlen >= ids.numel():
             break
     return math.exp(nll / count)
+
+
+def token_losses(model, ids: torch.Tensor, split=None) -> torch.Tensor:
+    """Cross-entropy of each next token of the 1-D `ids` (one fewer than ids), in fp32. With `split`
+    (`split_head`), the logits are made LOGIT_ROWS positions at a time."""
+    if split is None:
+        logits = model(input_ids=ids.unsqueeze(0), use_cache=False).logits[0, :-1].float()
+        return F.cross_entropy(logits, ids[1:], reduction="none")
+    body, head, softcap = split
+    hidden = body(input_ids=ids.unsqueeze(0), use_cache=False).last_hidden_state[0, :-1]
+    parts = []
+    for start in range(0, hidden.shape[0], LOGIT_ROWS):
+        logits = head(hidden[start : start + LOGIT_ROWS]).float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        parts.append(F.cross_entropy(logits, ids[1 + start : 1 + start + LOGIT_ROWS], reduction="none"))
+    return torch.cat(parts)
+
+
+def split_head(model, probe: torch.Tensor):
+    """(decoder body, head, softcap) when the model's logits are its head applied to its body's last hidden
+    states (Gemma's logit softcapping included), checked on `probe` tokens against the model's own forward;
+    None otherwise (the logits are then made whole)."""
+    body = model.get_decoder() if hasattr(model, "get_decoder") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if body is None or head is None or body is model or probe.numel() < 2:
+        return None
+    split = (body, head, getattr(model.config, "final_logit_softcapping", None))
+    try:
+        chunked = token_losses(model, probe, split)
+    except (TypeError, AttributeError):  # a body that takes other arguments or returns no last_hidden_state
+        return None
+    whole = token_losses(model, probe)
+    return split if torch.allclose(chunked, whole, rtol=1e-3, atol=1e-3) else None
 
 
 def use_bos(tokenizer, mode: str) -> bool:

@@ -98,9 +98,15 @@ class MultiSource:
         return hashlib.sha256("".join(s.digest() for s in self.sources).encode()).hexdigest()[:16]
 
 
+DEQUANTIZE_ROWS = 4096  # a 262k-token embedding dequantized whole would briefly need ~4x its fp32 size
+
+
 class GGUFSource:
-    """The tensors of a LLaMA-architecture GGUF file under their Hugging Face names, dequantized to fp32,
-    with llama.cpp's rotary row order of q/k undone (as transformers' GGUF loader does)."""
+    """The tensors of a GGUF file under their Hugging Face names, dequantized to fp32, with what llama.cpp's
+    converter changed undone as transformers' GGUF loader undoes it: LLaMA's rotary row order of q/k,
+    Gemma's norm weights stored as 1 + w. Architectures with other changes are not streamed."""
+
+    ARCHITECTURES = {"llama": ("LLAMA", True, 0.0), "gemma3": ("GEMMA3", False, -1.0)}  # name map, q/k reordered, norm offset
 
     def __init__(self, path: str | Path, model: nn.Module):
         import gguf
@@ -111,12 +117,13 @@ class GGUFSource:
         self.path = Path(path)
         reader = gguf.GGUFReader(self.path)
         arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
-        if arch != "llama":
-            raise StreamingUnsupported(f"GGUF architecture {arch!r} is not streamed (only llama)")
+        if arch not in self.ARCHITECTURES:
+            raise StreamingUnsupported(f"GGUF architecture {arch!r} is not streamed (only {', '.join(self.ARCHITECTURES)})")
+        arch_name, reordered, norm_offset = self.ARCHITECTURES[arch]
         by_name = {t.name: t for t in reader.tensors}
         cfg = model.config
         heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
-        names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, len(find_blocks(model)[1]))
+        names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch_name), len(find_blocks(model)[1]))
         self.entries = {}
         for hf_name, param in model.state_dict().items():
             base, _, suffix = hf_name.rpartition(".")
@@ -125,8 +132,9 @@ class GGUFSource:
             if t is None:
                 continue
             rows = heads if gguf_base.endswith("attn_q") else kv_heads if gguf_base.endswith("attn_k") else None
-            order = torch.argsort(llama_row_order(param.shape[0], rows)) if rows and param.dim() == 2 else None
-            self.entries[hf_name] = (int(t.data_offset), int(t.n_bytes), t.tensor_type, tuple(t.data.shape), tuple(param.shape), order)
+            order = torch.argsort(llama_row_order(param.shape[0], rows)) if reordered and rows and param.dim() == 2 else None
+            offset = norm_offset if t.name.endswith("norm.weight") else 0.0
+            self.entries[hf_name] = (int(t.data_offset), int(t.n_bytes), t.tensor_type, tuple(t.data.shape), tuple(param.shape), order, offset)
         del reader, by_name  # drops the memory map
 
     def names(self) -> set[str]:
@@ -138,11 +146,17 @@ class GGUFSource:
         out = {}
         with open(self.path, "rb") as f:
             for name in names:
-                offset, nbytes, qtype, raw_shape, shape, order = self.entries[name]
+                offset, nbytes, qtype, raw_shape, shape, order, shift = self.entries[name]
                 f.seek(offset)
-                raw = np.frombuffer(bytearray(f.read(nbytes)), dtype=np.uint8)
-                values = torch.from_numpy(np.ascontiguousarray(dequantize(raw.reshape(*raw_shape[:-1], -1), qtype), dtype=np.float32))
-                values = values.reshape(shape)
+                rows = int(np.prod(raw_shape[:-1])) if len(raw_shape) > 1 else 1
+                raw = np.frombuffer(bytearray(f.read(nbytes)), dtype=np.uint8).reshape(rows, -1)
+                values = torch.empty(shape, dtype=torch.float32)
+                flat = values.view(raw.shape[0], -1)
+                for start in range(0, raw.shape[0], DEQUANTIZE_ROWS):  # gguf's dequantize makes several full-size temporaries
+                    part = np.ascontiguousarray(dequantize(raw[start : start + DEQUANTIZE_ROWS], qtype), dtype=np.float32)
+                    flat[start : start + DEQUANTIZE_ROWS] = torch.from_numpy(part).reshape(part.shape[0], -1)
+                if shift:
+                    values += shift
                 out[name] = values[order] if order is not None else values
         return out
 
@@ -151,12 +165,13 @@ class GGUFSource:
 
 
 def materialize(module: nn.Module, prefix: str, source: WeightSource, *, init=None, recurse: bool = True, memo: dict | None = None) -> None:
-    """Give `module`'s meta tensors real storage on the CPU and fill them from `source` (names are
-    `prefix` + the module's own). Modules with non-persistent buffers (rotary tables) are first run
-    through `init`, the model's own weight initialiser, which rebuilds those. `memo` maps meta
-    parameters already materialized elsewhere to their new tensors, so tied weights stay tied."""
+    """Replace `module`'s meta tensors by CPU tensors filled from `source` (names are `prefix` + the
+    module's own). Modules with non-persistent buffers (rotary tables) are first run through `init`, the
+    model's own weight initialiser, which rebuilds those. `memo` maps meta tensors already materialized
+    elsewhere to their new tensors, so tied weights stay tied. The loaded tensors become the parameters
+    themselves (no second copy: a 262k-token embedding is 640 MiB in fp32)."""
     memo = {} if memo is None else memo
-    wanted = {}
+    wanted: dict[str, tuple[dict, str, torch.Tensor]] = {}  # full name -> (the dict holding it, its key, the meta tensor)
     for sub_name, sub in (module.named_modules() if recurse else [("", module)]):
         rebuilt = False
         for kind in (sub._parameters, sub._buffers):
@@ -165,12 +180,11 @@ def materialize(module: nn.Module, prefix: str, source: WeightSource, *, init=No
                     continue
                 if id(t) in memo:
                     kind[name] = memo[id(t)]
-                    continue
-                kind[name] = memo[id(t)] = _empty_like(t)
-                if kind is sub._buffers and name in sub._non_persistent_buffers_set:
+                elif kind is sub._buffers and name in sub._non_persistent_buffers_set:
+                    kind[name] = memo[id(t)] = torch.empty(t.shape, dtype=t.dtype, device="cpu")
                     rebuilt = True
                 else:
-                    wanted[prefix + (f"{sub_name}." if sub_name else "") + name] = kind[name]
+                    wanted[prefix + (f"{sub_name}." if sub_name else "") + name] = (kind, name, t)
         if rebuilt:
             if init is None:
                 raise StreamingUnsupported(f"{prefix}{sub_name} has buffers that are not in the checkpoint")
@@ -179,18 +193,16 @@ def materialize(module: nn.Module, prefix: str, source: WeightSource, *, init=No
     missing = [n for n in wanted if n not in available]
     if missing:
         raise StreamingUnsupported(f"the checkpoint has no tensor {missing[0]!r}")
-    loaded = source.tensors(list(wanted))
-    with torch.no_grad():
-        for name, target in wanted.items():
+    first = {id(t): n for n, (_, _, t) in reversed(list(wanted.items()))}  # a weight tied within this module loads once
+    loaded = source.tensors(list(first.values()))
+    for name, (kind, key, t) in wanted.items():
+        if id(t) not in memo:
             value = loaded.pop(name)
-            if tuple(value.shape) != tuple(target.shape):
-                raise StreamingUnsupported(f"{name} has shape {tuple(value.shape)} in the checkpoint but {tuple(target.shape)} in the model")
-            target.copy_(value)
-
-
-def _empty_like(t: torch.Tensor) -> torch.Tensor:
-    value = torch.empty(t.shape, dtype=t.dtype, device="cpu")
-    return nn.Parameter(value, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else value
+            if tuple(value.shape) != tuple(t.shape):
+                raise StreamingUnsupported(f"{name} has shape {tuple(value.shape)} in the checkpoint but {tuple(t.shape)} in the model")
+            value = value.to(t.dtype)
+            memo[id(t)] = nn.Parameter(value, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else value
+        kind[key] = memo[id(t)]
 
 
 def unload_input_embeddings(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -234,7 +246,7 @@ def is_lazy(module: nn.Module) -> bool:
 def open_lazy(spec: str, trust_remote_code: bool = False, allow_pickle: bool = False):
     """(model, tokenizer, source): the model with its decoder blocks left on the meta device, to be
     filled block by block from `source` by `quantize(..., weights=source)`. Local safetensors folders
-    and LLaMA-architecture GGUF files stream; anything else raises StreamingUnsupported."""
+    and GGUF files of the architectures `GGUFSource` knows stream; anything else raises StreamingUnsupported."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from . import models

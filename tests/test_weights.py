@@ -8,7 +8,7 @@ from tiny_models import CONFIGS, make
 import signround
 from signround.blocks import find_blocks
 from signround.resume import finished_blocks
-from signround.weights import StreamingUnsupported, is_lazy, materialize_blocks, open_lazy
+from signround.weights import GGUFSource, StreamingUnsupported, is_lazy, materialize_blocks, open_lazy
 
 
 def _save(model, folder, tokenizer=None):
@@ -52,6 +52,51 @@ def test_gguf_tensors_match_transformers_loader(tmp_path, bpe_tokenizer):
     assert expected.keys() == got.keys()
     for key in expected:
         assert torch.equal(expected[key], got[key]), key
+
+
+def test_gemma3_gguf_tensors_stream_under_their_hf_names(tmp_path):
+    """llama.cpp stores Gemma's norm weights as 1 + w and leaves q/k rows in order: the streamed tensors are
+    the model's own (the real Gemma-3 file against transformers' loader: tests/test_gemma3.py)."""
+    import gguf
+
+    model = make("gemma3")
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3, model.config.num_hidden_layers)
+    writer = gguf.GGUFWriter(tmp_path / "tiny.gguf", "gemma3")
+    for hf_name, value in model.state_dict().items():
+        base, _, suffix = hf_name.rpartition(".")
+        if hf_name == "lm_head.weight":  # tied to the embedding: stored once
+            continue
+        gguf_name = f"{names.get_name(base)}.{suffix}"
+        writer.add_tensor(gguf_name, (value + 1 if gguf_name.endswith("norm.weight") else value).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with torch.device("meta"):
+        skeleton = type(model)(model.config)
+    source = GGUFSource(tmp_path / "tiny.gguf", skeleton)
+    expected = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    assert source.names() == set(expected)
+    got = source.tensors(sorted(expected))
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=0, atol=1e-6, msg=key)
+
+
+def test_gguf_dequantizes_large_tensors_in_row_chunks(tmp_path, monkeypatch, bpe_tokenizer):
+    """Rows dequantized a few at a time give the tensor dequantized whole."""
+    import signround.weights as weights
+    from signround.export import export
+    from signround.export.gguf import FILE_NAME
+
+    model = make("llama", vocab_size=len(bpe_tokenizer))
+    signround.quantize(model, signround.QuantConfig(scheme=signround.WeightScheme(4, 32, False), method="rtn"))
+    export(model, bpe_tokenizer, tmp_path, "gguf")
+    lazy, _, source = open_lazy(str(tmp_path / FILE_NAME))
+    whole = source.tensors(sorted(source.names()))
+    monkeypatch.setattr(weights, "DEQUANTIZE_ROWS", 3)
+    chunked = source.tensors(sorted(source.names()))
+    for key in whole:
+        assert torch.equal(whole[key], chunked[key]), key
 
 
 def test_renamed_checkpoint_is_not_streamed(tmp_path, smollm2_tokenizer):
