@@ -154,7 +154,17 @@ def documents_from(source, nsamples: int = 128, seed: int = 0) -> list[str]:
 
 def pack_documents(tokenizer, docs: Sequence[str], nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
     """(n, seqlen) token rows. Long documents contribute windows at seeded random offsets, spread over
-    documents; short ones are joined (separated by EOS) and cut into rows, never dropped."""
+    documents; short ones are joined (separated by EOS) and cut into rows, never dropped. Where the
+    tokenizer itself prepends BOS (Gemma), every row starts with it, as the model's inputs always do:
+    Gemma-3 tuned on rows without it came out far worse (benchmarks/results/README.md)."""
+    from .evaluate import use_bos
+
+    lead = [tokenizer.bos_token_id] if use_bos(tokenizer, "auto") else []
+    rows = _pack(tokenizer, docs, nsamples, seqlen - len(lead), seed)
+    return torch.cat([torch.tensor(lead, dtype=rows.dtype).expand(rows.shape[0], -1), rows], dim=1) if lead else rows
+
+
+def _pack(tokenizer, docs: Sequence[str], nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
     docs = [d for d in docs if d.strip()]
     if not docs:
         raise DataError("the calibration data holds no text")

@@ -87,7 +87,7 @@ def _add_quantize(sub) -> None:
     p.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code (off by default)")
     p.add_argument("--allow-pickle", action="store_true", help="accept .bin/.pt pickle checkpoints (they can run code when loaded)")
     p.add_argument("--no-stream", action="store_true",
-                   help="load the whole model first; by default a local safetensors folder or LLaMA GGUF is read one block at a time "
+                   help="load the whole model first; by default a local safetensors folder or LLaMA/Gemma-3 GGUF is read one block at a time "
                         "and finished blocks go to disk, so memory holds about one block (--eval-text also loads it whole)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 

@@ -45,7 +45,7 @@ def run(model, output: str | os.PathLike, config: QuantConfig | None = None, run
     texts, token ids, "self" (text the model samples) or None (the default hub dataset online, text the
     package ships offline). `formats`: one writes `output` in that format; several write `output/<format>/`
     each. `eval_text`: also score perplexity on this file before and after (loads the model whole).
-    `stream`: read a local safetensors folder or LLaMA GGUF one block at a time, finished blocks going to
+    `stream`: read a local safetensors folder or LLaMA/Gemma-3 GGUF one block at a time, finished blocks going to
     the work folder, so memory holds about one block.
     """
     config = config or QuantConfig()

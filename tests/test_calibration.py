@@ -48,6 +48,23 @@ def test_long_documents_give_windows_spread_over_documents():
     assert firsts == {2 + ord("x") % 100, 2 + ord("y") % 100}
 
 
+class BosTokenizer(CharTokenizer):
+    """Prepends BOS itself, as Gemma's tokenizer does."""
+
+    def __call__(self, text, add_special_tokens=False):
+        ids = super().__call__(text)["input_ids"]
+        return {"input_ids": [self.bos_token_id, *ids] if add_special_tokens else ids}
+
+
+@pytest.mark.parametrize("docs", [["x" * 5000, "y" * 5000], ["abcde"] * 40], ids=["windows", "joined"])
+def test_rows_start_with_bos_where_the_tokenizer_prepends_it(docs):
+    ids = pack_documents(BosTokenizer(), docs, nsamples=4, seqlen=12, seed=0)
+    plain = pack_documents(CharTokenizer(), docs, nsamples=4, seqlen=11, seed=0)
+    assert ids.shape == (4, 12)
+    assert (ids[:, 0] == BosTokenizer.bos_token_id).all()
+    assert torch.equal(ids[:, 1:], plain)  # the same text, one token shorter
+
+
 def test_packing_is_seeded():
     docs = [str(i) * 3000 for i in range(10)]
     a = pack_documents(CharTokenizer(), docs, 8, 50, seed=1)
