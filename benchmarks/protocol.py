@@ -78,6 +78,21 @@ def scored_perplexity(model, tokenizer, ids: torch.Tensor, device: str = "cpu") 
     return perplexity(model, ids, seqlen=2048 - (bos is not None), bos_token_id=bos, device=device)
 
 
+@torch.no_grad()
+def block_errors(reference, model, ids: torch.Tensor) -> list[float]:
+    """Each block's output error in `model` against `reference` (the unquantized model) on the rows `ids`,
+    relative: ||h - h_ref||^2 / ||h_ref||^2 over every position but the first (Gemma keeps a huge
+    attention-sink state there that would outweigh the rest). Tool-agnostic: the same numbers for any
+    quantizer's output, so two tools' per-block errors compare on the same inputs."""
+    errors = None
+    for row in ids:
+        ref = reference(input_ids=row.unsqueeze(0), output_hidden_states=True, use_cache=False).hidden_states[1:]
+        got = model(input_ids=row.unsqueeze(0).to(next(model.parameters()).device), output_hidden_states=True, use_cache=False).hidden_states[1:]
+        pairs = [((g.float().cpu() - r.float())[:, 1:].pow(2).sum().item(), r.float()[:, 1:].pow(2).sum().item()) for g, r in zip(got, ref)]
+        errors = pairs if errors is None else [(e + a, n + b) for (e, n), (a, b) in zip(errors, pairs)]
+    return [e / n for e, n in errors]
+
+
 def cpu_name() -> str:
     info = Path("/proc/cpuinfo")
     if info.is_file():

@@ -68,6 +68,9 @@ def flops_per_iter(config, batch: int, seqlen: int) -> float:
     return 3 * (2 * tokens * linear + attention)
 
 
+ERROR_ROWS = 8  # calibration rows each run's per-block output error is measured on (protocol.block_errors)
+
+
 # ---- one run, in a child process --------------------------------------------------------------
 
 def _child_signround(args) -> dict:
@@ -96,7 +99,8 @@ def _child_signround(args) -> dict:
         materialize_blocks(model, finished_blocks(work, model))
     scores = protocol.scores(model.to(args.device), tokenizer, args.device)
     reloaded_ppl = protocol.reloaded_perplexity(model, tokenizer, device=args.device)
-    return {"tuning_s": report.tuning_seconds, "iters": config.iters, "steps": report.tuning_steps, "ppl": scores["wt2"], "prose_ppl": scores["prose"],
+    errors = protocol.block_errors(protocol.truncate(signround.load_model(args.model)[0], args.layers), model, calib[:ERROR_ROWS])
+    return {"block_errors": errors, "tuning_s": report.tuning_seconds, "iters": config.iters, "steps": report.tuning_steps, "ppl": scores["wt2"], "prose_ppl": scores["prose"],
             "reloaded_ppl": reloaded_ppl,
             "peak_rss_mib": rss, "peak_gpu_mib": gpu, "batch": config.batch_size, "nsamples": args.nsamples, "seqlen": args.seqlen, "work": config.iters * args.nsamples * args.seqlen,
             "compile": run.compile, "compiled": run.compiles(config, torch.device(args.device), args.layers_run)}
@@ -122,7 +126,8 @@ def _child_autoround(args) -> dict:
     rss, gpu = protocol.peak_rss_mib(), protocol.peak_device_mib(args.device)
     qmodel = result[0] if isinstance(result, tuple) else ar.model
     scores = protocol.scores(qmodel.to(args.device), tokenizer, args.device)
-    return {"tuning_s": seconds, "iters": getattr(ar, "iters", None), "steps": ar.iters * args.layers_run, "ppl": scores["wt2"], "prose_ppl": scores["prose"],
+    errors = protocol.block_errors(protocol.truncate(signround.load_model(args.model)[0], args.layers), qmodel, calib[:ERROR_ROWS])
+    return {"block_errors": errors, "tuning_s": seconds, "iters": getattr(ar, "iters", None), "steps": ar.iters * args.layers_run, "ppl": scores["wt2"], "prose_ppl": scores["prose"],
             "peak_rss_mib": rss, "peak_gpu_mib": gpu,
             "batch": getattr(ar, "batch_size", None), "amp": amp}
 
@@ -185,6 +190,20 @@ def run_key(tool: str, recipe: str, scheme: str, args) -> str:
 def relative(row: dict, theirs: dict, key: str) -> str:
     """`row`'s perplexity against auto-round's, in percent (blank where either run lacks it)."""
     return f"{(row[key] / theirs[key] - 1) * 100:+.2f}%" if key in row and key in theirs else ""
+
+
+def block_error_lines(results: dict, schemes: list[str]) -> list[str]:
+    """Every run's per-block output error against the unquantized model (`protocol.block_errors`), where recorded:
+    where one tool's quantized model starts to drift from the other's."""
+    rows = [(key, row) for scheme in schemes for key, row in results.items() if key.split("|")[2] == scheme and "block_errors" in row]
+    if not rows:
+        return []
+    depth = len(rows[0][1]["block_errors"])
+    lines = ["", "## Block output error", "", f"||h - h_fp||^2 / ||h_fp||^2 after each block, on {ERROR_ROWS} calibration rows, the first position left out", "",
+             "| run | " + " | ".join(str(i) for i in range(depth)) + " |", "|---|" + "---|" * depth]
+    for key, row in rows:
+        lines.append(f"| {key.replace('|', ' ')} | " + " | ".join(f"{e:.2e}" for e in row["block_errors"]) + " |")
+    return lines
 
 
 def seconds_per_iter(row: dict, layers: int) -> float:
@@ -278,6 +297,7 @@ def write_table(results: dict, args, peaks: dict, path: Path) -> None:
             prose = f"{row['prose_ppl']:.3f}" if "prose_ppl" in row else ""
             lines.append(f"| {scheme} | {tool} | {row['iters']} | {row['tuning_s']:.0f} | {ratio} | {row['ppl']:.3f} | {vs} | {prose} | {prose_vs} | "
                          f"{memory_mib(row)} | {rss} |")
+    lines += block_error_lines(results, schemes)
     scaling = sorted((v for k, v in results.items() if k.startswith("signround|scaling|") and k == signround_key("scaling", k.split("|")[2], args)), key=lambda r: (r["iters"], r["nsamples"], r["seqlen"]))
     if len(scaling) >= 3:
         lines += ["", "## Tuning time against the work (signround)", "",

@@ -1,5 +1,5 @@
 """The table logic of benchmarks/vs_autoround.py on stored rows (no tuning runs): the repeated pairs'
-ratios and median, and the memory cells of CPU and GPU rows."""
+ratios and median, the memory cells of CPU and GPU rows, and the per-block output errors."""
 
 import importlib.util
 import statistics
@@ -51,3 +51,24 @@ def test_memory_cell_adds_the_gpu_peak_only_for_gpu_rows(vs_autoround):
     assert vs_autoround.memory_mib(_row(1.0)) == "1000"
     assert vs_autoround.memory_mib(_row(1.0, peak_gpu_mib=None)) == "1000"
     assert vs_autoround.memory_mib(_row(1.0, peak_gpu_mib=2345.4)) == "1000 (GPU 2345)"
+
+
+def test_block_errors_are_zero_for_the_same_model_and_grow_with_quantization(vs_autoround):
+    """protocol.block_errors: each block's relative output error against the unquantized model."""
+    import copy
+
+    import torch
+    from tiny_models import calib_ids, make
+
+    import signround
+
+    reference = make("llama")
+    quantized = copy.deepcopy(reference)
+    signround.quantize(quantized, signround.QuantConfig(scheme="W2A16G32", method="rtn"))
+    ids = calib_ids(2, 16)
+    assert vs_autoround.protocol.block_errors(reference, copy.deepcopy(reference), ids) == [0.0] * reference.config.num_hidden_layers
+    errors = vs_autoround.protocol.block_errors(reference, quantized, ids)
+    assert len(errors) == reference.config.num_hidden_layers and all(0 < e for e in errors)
+    lines = vs_autoround.block_error_lines({"signround|default|W2A16G32": {"block_errors": errors}, "auto-round|default|W2A16G32": {}}, ["W2A16G32"])
+    assert lines[-1].startswith("| signround default W2A16G32 | ") and lines[-1].count("|") == len(errors) + 2
+    assert torch.isfinite(torch.tensor(errors)).all()
