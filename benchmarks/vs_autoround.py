@@ -100,9 +100,9 @@ def _child_signround(args) -> dict:
     scores = protocol.scores(model.to(args.device), tokenizer, args.device)
     reloaded_ppl = protocol.reloaded_perplexity(model, tokenizer, device=args.device)
     errors = protocol.block_errors(protocol.truncate(signround.load_model(args.model)[0], args.layers), model, calib[:ERROR_ROWS])
-    return {"block_errors": errors, "tuning_s": report.tuning_seconds, "iters": config.iters, "steps": report.tuning_steps, "ppl": scores["wt2"], "prose_ppl": scores["prose"],
-            "reloaded_ppl": reloaded_ppl,
-            "peak_rss_mib": rss, "peak_gpu_mib": gpu, "batch": config.batch_size, "nsamples": args.nsamples, "seqlen": args.seqlen, "work": config.iters * args.nsamples * args.seqlen,
+    return {"block_errors": errors, "tuning_s": report.tuning_seconds, "iters": config.iters, "steps": report.tuning_steps,
+            "ppl": scores["wt2"], "prose_ppl": scores["prose"], "reloaded_ppl": reloaded_ppl, "peak_rss_mib": rss, "peak_gpu_mib": gpu,
+            "batch": config.batch_size, "nsamples": args.nsamples, "seqlen": args.seqlen, "work": config.iters * args.nsamples * args.seqlen,
             "compile": run.compile, "compiled": run.compiles(config, torch.device(args.device), args.layers_run)}
 
 
@@ -127,8 +127,8 @@ def _child_autoround(args) -> dict:
     qmodel = result[0] if isinstance(result, tuple) else ar.model
     scores = protocol.scores(qmodel.to(args.device), tokenizer, args.device)
     errors = protocol.block_errors(protocol.truncate(signround.load_model(args.model)[0], args.layers), qmodel, calib[:ERROR_ROWS])
-    return {"block_errors": errors, "tuning_s": seconds, "iters": getattr(ar, "iters", None), "steps": ar.iters * args.layers_run, "ppl": scores["wt2"], "prose_ppl": scores["prose"],
-            "peak_rss_mib": rss, "peak_gpu_mib": gpu,
+    return {"block_errors": errors, "tuning_s": seconds, "iters": getattr(ar, "iters", None), "steps": ar.iters * args.layers_run,
+            "ppl": scores["wt2"], "prose_ppl": scores["prose"], "peak_rss_mib": rss, "peak_gpu_mib": gpu,
             "batch": getattr(ar, "batch_size", None), "amp": amp}
 
 
@@ -199,7 +199,8 @@ def block_error_lines(results: dict, schemes: list[str]) -> list[str]:
     if not rows:
         return []
     depth = len(rows[0][1]["block_errors"])
-    lines = ["", "## Block output error", "", f"||h - h_fp||^2 / ||h_fp||^2 after each block, on {ERROR_ROWS} calibration rows, the first position left out", "",
+    lines = ["", "## Block output error", "",
+             f"||h - h_fp||^2 / ||h_fp||^2 after each block, on {ERROR_ROWS} calibration rows, the first position left out", "",
              "| run | " + " | ".join(str(i) for i in range(depth)) + " |", "|---|" + "---|" * depth]
     for key, row in rows:
         lines.append(f"| {key.replace('|', ' ')} | " + " | ".join(f"{e:.2e}" for e in row["block_errors"]) + " |")
@@ -298,7 +299,8 @@ def write_table(results: dict, args, peaks: dict, path: Path) -> None:
             lines.append(f"| {scheme} | {tool} | {row['iters']} | {row['tuning_s']:.0f} | {ratio} | {row['ppl']:.3f} | {vs} | {prose} | {prose_vs} | "
                          f"{memory_mib(row)} | {rss} |")
     lines += block_error_lines(results, schemes)
-    scaling = sorted((v for k, v in results.items() if k.startswith("signround|scaling|") and k == signround_key("scaling", k.split("|")[2], args)), key=lambda r: (r["iters"], r["nsamples"], r["seqlen"]))
+    scaling = sorted((v for k, v in results.items() if k.startswith("signround|scaling|") and k == signround_key("scaling", k.split("|")[2], args)),
+                     key=lambda r: (r["iters"], r["nsamples"], r["seqlen"]))
     if len(scaling) >= 3:
         lines += ["", "## Tuning time against the work (signround)", "",
                   "A step processes batch x seqlen tokens of one block whatever nsamples is; nsamples x seqlen tokens go through each block",

@@ -4,7 +4,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from tiny_models import CONFIGS, make
 
 from signround import evaluate
