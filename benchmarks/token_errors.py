@@ -4,6 +4,7 @@ on the four worst tokens of each row, with the sink's energy against a typical t
 the plain block-output MSE SignRound minimises is made of (`--tame-outliers` weighs it otherwise).
 
     python benchmarks/token_errors.py            # W4A16 round-to-nearest, 8 gutenberg rows of 512 tokens
+    python benchmarks/token_errors.py --model gemma3-270m   # its rows start with BOS (protocol.py)
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ def main() -> None:
             for module in find_linears(block).values():
                 rounded = fake_quant(linear_weight(module), scheme.bits, scheme.group_size, scheme.sym)
                 module.weight.copy_(as_param_layout(module, rounded))
-        original = model(ids, output_hidden_states=True).hidden_states
-        rounded = quantized(ids, output_hidden_states=True).hidden_states
+        # the body alone: a 262k-token head would make gigabytes of logits nobody reads
+        original = model.get_decoder()(ids, output_hidden_states=True).hidden_states
+        rounded = quantized.get_decoder()(ids, output_hidden_states=True).hidden_states
     lines = [f"# Hidden-state error by token: {args.model}, {args.scheme} round-to-nearest, {args.rows} gutenberg rows of 512 tokens", "",
              "| after block | first token's share of the squared error | 4 worst tokens' share | first token's energy / median token's |",
              "|---|---|---|---|"]
@@ -48,7 +50,7 @@ def main() -> None:
         energy = original[depth].pow(2).sum(-1)
         lines.append(f"| {depth - 1} | {err[:, 0].sum() / err.sum():.2f} | {err.topk(4, dim=1).values.sum() / err.sum():.2f} | "
                      f"{energy[:, 0].mean() / energy.median():.0f} |")
-    protocol.write_result("token_errors.md", lines)
+    protocol.write_result("token_errors.md" if args.model == "smollm2-135m" else f"token_errors-{args.model}.md", lines)
 
 
 if __name__ == "__main__":

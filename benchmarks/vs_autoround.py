@@ -155,7 +155,8 @@ def run_child(tool: str, recipe: str, scheme: str, args, extra=()) -> dict:
 
 
 # signround settings a run may override beside its recipe: each gives the run a row of its own
-VARIANT_SETTINGS = {"project_clipping": ("projected", "unprojected"), "clip_search": ("clip search", "RTN start"), "cache_dtype": None}
+VARIANT_SETTINGS = {"project_clipping": ("projected", "unprojected"), "clip_search": ("clip search", "RTN start"),
+                    "tame_outliers": ("tamed outliers", "plain loss"), "cache_dtype": None}
 
 
 def variant_argv(args) -> list[str]:
@@ -169,7 +170,7 @@ def variant_argv(args) -> list[str]:
 
 
 def signround_key(recipe: str, scheme_or_point: str, args) -> str:
-    """Runs with variant settings (--project-clipping, --clip-search, --cache-dtype) keep rows of their own beside the recipe-default run."""
+    """Runs with variant settings (--project-clipping, --clip-search, --tame-outliers, --cache-dtype) keep rows of their own beside the recipe-default run."""
     parts = [(f"{value} caches" if labels is None else labels[0 if value else 1])
              for name, labels in VARIANT_SETTINGS.items() if (value := getattr(args, name)) is not None]
     return f"signround|{recipe}|{scheme_or_point}" + "".join(f"|{part}" for part in parts)
@@ -343,6 +344,7 @@ def main() -> None:
     p.add_argument("--project-clipping", action=argparse.BooleanOptionalAction,
                    help="signround runs with (or without) the clipping-scale projection, whatever its recipe's default; stored as its own rows")
     p.add_argument("--clip-search", action=argparse.BooleanOptionalAction, help="signround variant: start the clipping scales at the search (or not)")
+    p.add_argument("--tame-outliers", action=argparse.BooleanOptionalAction, help="signround variant: weigh down massive tokens in the loss (or not)")
     p.add_argument("--cache-dtype", choices=["float32", "bfloat16"], help="signround variant: the activation caches' dtype")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--recipe", help=argparse.SUPPRESS)
