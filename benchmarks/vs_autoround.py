@@ -89,7 +89,8 @@ def _child_signround(args) -> dict:
     for name in VARIANT_SETTINGS:
         if getattr(args, name) is not None and name != "cache_dtype":
             recipe[name] = getattr(args, name)
-    config = signround.QuantConfig(scheme=args.scheme, nsamples=args.nsamples, seqlen=args.seqlen, seed=42, **recipe).resolved()
+    recipe.setdefault("seed", 42)
+    config = signround.QuantConfig(scheme=args.scheme, nsamples=args.nsamples, seqlen=args.seqlen, **recipe).resolved()
     run = signround.RunConfig(device=args.device, compile=True if args.recipe != "default" else "auto", cache_dtype=args.cache_dtype or "bfloat16",
                               offload=args.offload, progress=False)
     with tempfile.TemporaryDirectory() as tmp:
@@ -155,8 +156,9 @@ def run_child(tool: str, recipe: str, scheme: str, args, extra=()) -> dict:
 
 
 # signround settings a run may override beside its recipe: each gives the run a row of its own
+# (label when on, label when off) for a flag, a format for a value
 VARIANT_SETTINGS = {"project_clipping": ("projected", "unprojected"), "clip_search": ("clip search", "RTN start"),
-                    "tame_outliers": ("tamed outliers", "plain loss"), "cache_dtype": None}
+                    "tame_outliers": ("tamed outliers", "plain loss"), "cache_dtype": "{} caches", "seed": "seed {}"}
 
 
 def variant_argv(args) -> list[str]:
@@ -165,13 +167,14 @@ def variant_argv(args) -> list[str]:
     for name, labels in VARIANT_SETTINGS.items():
         value, flag = getattr(args, name), "--" + name.replace("_", "-")
         if value is not None:
-            argv += [flag, value] if labels is None else [flag if value else "--no-" + flag[2:]]
+            argv += [flag, str(value)] if isinstance(labels, str) else [flag if value else "--no-" + flag[2:]]
     return argv
 
 
 def signround_key(recipe: str, scheme_or_point: str, args) -> str:
-    """Runs with variant settings (--project-clipping, --clip-search, --tame-outliers, --cache-dtype) keep rows of their own beside the recipe-default run."""
-    parts = [(f"{value} caches" if labels is None else labels[0 if value else 1])
+    """Runs with variant settings (--project-clipping, --clip-search, --tame-outliers, --cache-dtype, --seed) keep
+    rows of their own beside the recipe-default run."""
+    parts = [(labels.format(value) if isinstance(labels, str) else labels[0 if value else 1])
              for name, labels in VARIANT_SETTINGS.items() if (value := getattr(args, name)) is not None]
     return f"signround|{recipe}|{scheme_or_point}" + "".join(f"|{part}" for part in parts)
 
@@ -244,12 +247,9 @@ def repeated_pairs(results: dict, schemes: list[str], layers: int) -> list[str]:
 
 
 def write_table(results: dict, args, peaks: dict, path: Path) -> None:
-    from transformers import AutoConfig
-
     import signround.models as models
 
-    source = models.resolve(args.model)
-    config = AutoConfig.from_pretrained(source.location, gguf_file=source.gguf_file)
+    config = models.load_metadata(models.resolve(args.model))[0]
     layers = args.layers or config.num_hidden_layers
     step = flops_per_iter(config, args.batch_size, args.seqlen)
     measured = {key.split("|")[2] for key in results if not key.startswith("signround|scaling|")}
@@ -345,6 +345,7 @@ def main() -> None:
                    help="signround runs with (or without) the clipping-scale projection, whatever its recipe's default; stored as its own rows")
     p.add_argument("--clip-search", action=argparse.BooleanOptionalAction, help="signround variant: start the clipping scales at the search (or not)")
     p.add_argument("--tame-outliers", action=argparse.BooleanOptionalAction, help="signround variant: weigh down massive tokens in the loss (or not)")
+    p.add_argument("--seed", type=int, help="signround variant: the seed of its batch sampling (42 otherwise): how far one run is from another")
     p.add_argument("--cache-dtype", choices=["float32", "bfloat16"], help="signround variant: the activation caches' dtype")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--recipe", help=argparse.SUPPRESS)
@@ -352,12 +353,9 @@ def main() -> None:
     p.add_argument("--offload", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        from transformers import AutoConfig
-
         import signround.models as models
 
-        source = models.resolve(args.model)
-        args.layers_run = args.layers or AutoConfig.from_pretrained(source.location, gguf_file=source.gguf_file).num_hidden_layers
+        args.layers_run = args.layers or models.load_metadata(models.resolve(args.model))[0].num_hidden_layers
         row = (_child_signround if args.child == "signround" else _child_autoround)(args)
         print(json.dumps(row))
         return

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import os
+import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,10 +143,63 @@ def check_loadable(source: ModelSource, trust_remote_code: bool = False, allow_p
     _check_causal_lm(source, trust_remote_code)
 
 
+def cache_root() -> Path:
+    """Where signround keeps what it derives from a user's files: $SIGNROUND_CACHE, else ~/.cache/signround."""
+    configured = os.environ.get("SIGNROUND_CACHE")
+    return Path(configured) if configured else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "signround"
+
+
+def load_metadata(source: ModelSource, trust_remote_code: bool = False):
+    """(config, tokenizer) of a model, read from its folder, or for a GGUF file from a folder saved from its
+    metadata on the first open (`_gguf_metadata_folder`); both name the model's own location."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    kwargs = {"trust_remote_code": trust_remote_code}
+    folder = _gguf_metadata_folder(source) if source.gguf_file else None
+    if source.gguf_file and folder is None:
+        kwargs["gguf_file"] = source.gguf_file
+    location = str(folder or source.location)
+    config = AutoConfig.from_pretrained(location, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+    config.name_or_path = tokenizer.name_or_path = source.location
+    return config, tokenizer
+
+
+def _gguf_metadata_folder(source: ModelSource) -> Path | None:
+    """transformers rebuilds config and tokenizer from a GGUF file's metadata on every open: for Gemma-3's
+    262k-token vocabulary ~12 s of parsing for each, ~1 GiB of transient Python objects and a tokenizer
+    conversion. The first open saves both as an ordinary folder, keyed by the file (path, size, mtime) and
+    the transformers version; None where that folder cannot be written (each open then parses the file)."""
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = (Path(source.location) / source.gguf_file).resolve()
+    stat = path.stat()
+    key = hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}".encode()).hexdigest()[:16]
+    folder = cache_root() / "gguf-metadata" / f"{path.stem}-{key}"
+    if folder.is_dir():
+        return folder
+    config = AutoConfig.from_pretrained(source.location, gguf_file=source.gguf_file)
+    tokenizer = AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
+    partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+    try:
+        config.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        partial.rename(folder)  # atomic: a folder under the final name is complete
+    except OSError as e:
+        shutil.rmtree(partial, ignore_errors=True)
+        if folder.is_dir():  # another process saved it first
+            return folder
+        warnings.warn(f"could not cache {path.name}'s config and tokenizer in {folder.parent} ({e.strerror or e}): "
+                      f"each open parses the file again (set SIGNROUND_CACHE to a writable folder)")
+        return None
+    return folder
+
+
 def load(spec: str, dtype: str | torch.dtype = "auto", trust_remote_code: bool = False, allow_pickle: bool = False):
     """(model, tokenizer) for a model spec, in eval mode on the CPU. GGUF weights are dequantized to fp32;
     folders and hub models load from safetensors only unless `allow_pickle`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     source = resolve(spec)
     check_loadable(source, trust_remote_code, allow_pickle)
@@ -155,7 +212,9 @@ def load(spec: str, dtype: str | torch.dtype = "auto", trust_remote_code: bool =
         kwargs["gguf_file"] = source.gguf_file
         dtype = torch.float32 if dtype == "auto" else dtype
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
+        config, tokenizer = load_metadata(source, trust_remote_code)
+        if source.gguf_file:  # so that the weights' load is the only parse of the file
+            kwargs["config"] = config
         model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **kwargs)
     except OSError as e:
         if source.kind == "hub":

@@ -247,7 +247,7 @@ def open_lazy(spec: str, trust_remote_code: bool = False, allow_pickle: bool = F
     """(model, tokenizer, source): the model with its decoder blocks left on the meta device, to be
     filled block by block from `source` by `quantize(..., weights=source)`. Local safetensors folders
     and GGUF files of the architectures `GGUFSource` knows stream; anything else raises StreamingUnsupported."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from . import models
     from .blocks import find_blocks
@@ -256,11 +256,7 @@ def open_lazy(spec: str, trust_remote_code: bool = False, allow_pickle: bool = F
     if source_spec.kind == "hub":
         raise StreamingUnsupported("hub models are loaded whole")
     models.check_loadable(source_spec, trust_remote_code, allow_pickle)
-    kwargs = {"trust_remote_code": trust_remote_code}
-    if source_spec.gguf_file:
-        kwargs["gguf_file"] = source_spec.gguf_file
-    config = AutoConfig.from_pretrained(source_spec.location, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(source_spec.location, **kwargs)
+    config, tokenizer = models.load_metadata(source_spec, trust_remote_code)
     dtype = torch.float32 if source_spec.gguf_file else (getattr(config, "dtype", None) or torch.float32)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)

@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -16,6 +17,12 @@ def seeded():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def private_cache(tmp_path_factory):
+    """signround's cache (GGUF metadata) in a folder of this test run's own, not the user's."""
+    os.environ["SIGNROUND_CACHE"] = str(tmp_path_factory.mktemp("signround-cache"))
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED.is_dir():  # a user's clone: the rest of the suite runs on data the tests make or ship
@@ -25,12 +32,9 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
-    from transformers import AutoTokenizer
+    from signround.models import load_metadata, resolve
 
-    from signround.models import resolve
-
-    source = resolve("smollm2-135m")
-    return AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
+    return load_metadata(resolve("smollm2-135m"))[1]
 
 
 @pytest.fixture(scope="session")

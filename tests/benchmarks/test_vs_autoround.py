@@ -72,3 +72,13 @@ def test_block_errors_are_zero_for_the_same_model_and_grow_with_quantization(vs_
     lines = vs_autoround.block_error_lines({"signround|default|W2A16G32": {"block_errors": errors}, "auto-round|default|W2A16G32": {}}, ["W2A16G32"])
     assert lines[-1].startswith("| signround default W2A16G32 | ") and lines[-1].count("|") == len(errors) + 2
     assert torch.isfinite(torch.tensor(errors)).all()
+
+
+def test_variant_settings_key_their_rows_and_reach_the_child(vs_autoround):
+    import argparse
+
+    args = argparse.Namespace(project_clipping=None, clip_search=False, tame_outliers=True, cache_dtype="float32", seed=43)
+    assert vs_autoround.signround_key("default", "W4A16", args) == "signround|default|W4A16|RTN start|tamed outliers|float32 caches|seed 43"
+    assert vs_autoround.variant_argv(args) == ["--no-clip-search", "--tame-outliers", "--cache-dtype", "float32", "--seed", "43"]
+    plain = argparse.Namespace(**dict.fromkeys(vars(args)))
+    assert vs_autoround.signround_key("default", "W4A16", plain) == "signround|default|W4A16" and not vs_autoround.variant_argv(plain)
