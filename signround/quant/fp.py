@@ -1,0 +1,213 @@
+"""Floating-point weight formats as pure tensor functions (no modules, no I/O).
+
+    FP8    E4M3 elements, one fp32 scale per output channel
+    MXFP8  E4M3 elements, one power-of-two (E8M0) scale per 32 weights  (OCP microscaling)
+    MXFP4  E2M1 elements, one power-of-two (E8M0) scale per 32 weights  (OCP microscaling)
+    NVFP4  E2M1 elements, one E4M3 scale per 16 weights and one fp32 scale per tensor
+
+Weights are (out_features, in_features), grouped (out, groups, g) as in `integer`. A weight dequantizes
+to `element * scale`; NVFP4's scale is its stored E4M3 group scale divided by the tensor's global scale.
+
+SignRound tunes the same two things as for integers. Per weight, an offset V in [-0.5, 0.5] is added
+before rounding to the element grid. It is counted in steps of the grid where the value lies, so V picks
+between a value's two neighbours at every magnitude. auto-round adds V in plain scaled units instead:
+E2M1's steps are 0.5, 1 and 2, so there a fixed V decides the rounding of small values only. Per group,
+a clipping scale in [0, 1] multiplies the group's absolute maximum. A floating-point grid is symmetric,
+so there is no zero point and no separate minimum.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from .integer import from_groups, num_groups, round_ste, to_groups
+
+
+class Element(NamedTuple):
+    """A small float format: sign, `exp_bits` exponent bits, `man_bits` mantissa bits, saturating at `max`
+    (E4M3 as `float8_e4m3fn`: no infinities, 448 is the largest finite value)."""
+
+    name: str
+    exp_bits: int
+    man_bits: int
+    max: float
+
+    @property
+    def min_exp(self) -> int:
+        """Exponent of the smallest normal value; below it the grid is evenly spaced (subnormals)."""
+        return 2 - 2 ** (self.exp_bits - 1)
+
+    @property
+    def max_exp(self) -> int:
+        """Exponent of the largest value: what an MX scale leaves room for."""
+        return math.floor(math.log2(self.max))
+
+    @property
+    def bits(self) -> int:
+        return 1 + self.exp_bits + self.man_bits
+
+
+E2M1 = Element("e2m1", 2, 1, 6.0)
+E4M3 = Element("e4m3", 4, 3, 448.0)
+E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])  # code & 7 indexes this; bit 3 is the sign
+E4M3_TINY = 2.0**-9  # the smallest positive E4M3 value: NVFP4's group scales stay at least this
+
+
+class FPType(NamedTuple):
+    """A floating-point weight format: its element, group length (-1: one group per output channel) and how
+    the group scales are stored: "fp32", "e8m0" (a power of two, as a biased exponent byte) or "e4m3"."""
+
+    name: str
+    element: Element
+    group_size: int
+    scale: str
+
+    def bits_per_weight(self, in_features: int) -> float:
+        """Element bits plus the group scale's share (NVFP4's one fp32 per tensor is left out: under 1e-4)."""
+        scale_bits = 32 if self.scale == "fp32" else 8
+        return self.element.bits + scale_bits * num_groups(in_features, self.group_size) / in_features
+
+
+FP_TYPES = {t.name: t for t in (
+    FPType("FP8", E4M3, -1, "fp32"),
+    FPType("MXFP8", E4M3, 32, "e8m0"),
+    FPType("MXFP4", E2M1, 32, "e8m0"),
+    FPType("NVFP4", E2M1, 16, "e4m3"),
+)}
+
+
+class FPQuantized(NamedTuple):
+    """Element codes (out, in) as uint8 bit patterns (E4M3: the float8 byte; E2M1: sign << 3 | index into
+    `E2M1_VALUES`), group scales (out, groups) as stored (fp32, uint8 biased exponents, or float8_e4m3fn),
+    and NVFP4's fp32 global scale (a 0-dim tensor; None for the others)."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    global_scale: torch.Tensor | None
+    fptype: FPType
+
+
+def grid_step(x: torch.Tensor, element: Element) -> torch.Tensor:
+    """The spacing of the element grid at |x|: 2^(exponent - man_bits), the exponent floored at the
+    smallest normal one, where the subnormals continue the grid evenly."""
+    exponent = torch.floor(torch.log2(x.abs().clamp(min=torch.finfo(torch.float32).tiny)))
+    return torch.exp2(exponent.clamp(min=element.min_exp) - element.man_bits)
+
+
+def round_element(x: torch.Tensor, element: Element, offset=None) -> torch.Tensor:
+    """`x` rounded to the element grid (to nearest, ties to even, saturating at +-max) after adding `offset`
+    grid steps. Straight-through: the gradient is 1 for `x` and the step for `offset` inside the range."""
+    step = grid_step(x.detach(), element)
+    y = x / step
+    if offset is not None:
+        y = y + offset
+    return (round_ste(y) * step).clamp(-element.max, element.max)
+
+
+def floor_ste(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.floor(x) - x).detach()
+
+
+def _e4m3_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round to E4M3 in the forward pass (NVFP4's group scales are stored so), identity backward."""
+    return x + (x.to(torch.float8_e4m3fn).float() - x).detach()
+
+
+def global_scale(w: torch.Tensor, fptype: FPType) -> torch.Tensor | None:
+    """NVFP4's per-tensor fp32 scale, E4M3 max x E2M1 max / the tensor's absolute maximum, which puts the
+    largest group scale at the top of E4M3's range (None for the other formats)."""
+    if fptype.scale != "e4m3":
+        return None
+    return (E4M3.max * fptype.element.max / w.detach().abs().amax().float().clamp(min=1e-12)).reshape(())
+
+
+def group_scales(wg: torch.Tensor, fptype: FPType, max_scale=None, global_: torch.Tensor | None = None):
+    """(effective scale (out, groups, 1) in fp32, the stored form (out, groups)) for grouped weights.
+    Differentiable in `max_scale` (one per group, clamped to [0, 1])."""
+    amax = wg.abs().amax(dim=-1, keepdim=True).float()
+    if max_scale is not None:
+        amax = amax * max_scale.clamp(0, 1).unsqueeze(-1)
+    element = fptype.element
+    if fptype.scale == "fp32":
+        scale = (amax / element.max).clamp(min=torch.finfo(torch.float32).tiny)
+        return scale, scale.detach().squeeze(-1)
+    if fptype.scale == "e8m0":  # the OCP rule: floor(log2 amax) - the element's largest exponent
+        exponent = (floor_ste(torch.log2(amax.clamp(min=2.0**-127))) - element.max_exp).clamp(-127, 127)
+        return torch.exp2(exponent), (exponent.detach().squeeze(-1) + 127).to(torch.uint8)
+    stored = _e4m3_ste((global_ * amax / element.max).clamp(E4M3_TINY, E4M3.max))
+    return stored / global_, stored.detach().squeeze(-1).to(torch.float8_e4m3fn)
+
+
+def fake_quant_groups(wg: torch.Tensor, fptype: FPType, offset=None, max_scale=None, global_: torch.Tensor | None = None) -> torch.Tensor:
+    """Straight-through quantize-dequantize of grouped weights (out, groups, g): what tuning trains through.
+    `global_`: NVFP4's global scale, taken from the untuned weight (`global_scale`)."""
+    if fptype.scale == "e4m3" and global_ is None:
+        raise ValueError("NVFP4 needs the tensor's global scale: pass global_scale(w, fptype)")
+    scale, _ = group_scales(wg, fptype, max_scale, global_)
+    return round_element(wg / scale, fptype.element, offset) * scale
+
+
+def fake_quant(w: torch.Tensor, fptype: FPType, offset=None, max_scale=None) -> torch.Tensor:
+    """`fake_quant_groups` on an (out, in) weight; `offset` has the weight's shape."""
+    off = None if offset is None else to_groups(offset, fptype.group_size)
+    wg = to_groups(w, fptype.group_size)
+    return from_groups(fake_quant_groups(wg, fptype, off, max_scale, global_scale(w, fptype)), w.shape[1])
+
+
+def encode(values: torch.Tensor, element: Element) -> torch.Tensor:
+    """uint8 codes of values already on the element grid."""
+    if element == E4M3:
+        return values.to(torch.float8_e4m3fn).view(torch.uint8)
+    index = torch.searchsorted(E2M1_VALUES.to(values.device), values.abs().contiguous())
+    return (index | (values < 0).to(torch.int64) << 3).to(torch.uint8)
+
+
+def decode(codes: torch.Tensor, element: Element) -> torch.Tensor:
+    """fp32 values of uint8 codes (inverse of `encode`)."""
+    if element == E4M3:
+        return codes.view(torch.float8_e4m3fn).float()
+    magnitude = E2M1_VALUES.to(codes.device)[(codes & 7).long()]
+    return torch.where(codes & 8 > 0, -magnitude, magnitude)
+
+
+@torch.no_grad()
+def quantize(w: torch.Tensor, fptype: FPType, offset=None, max_scale=None) -> FPQuantized:
+    """Final codes and stored scales; `dequantize` gives exactly what `fake_quant` evaluates."""
+    wg = to_groups(w.float(), fptype.group_size)
+    glob = global_scale(w, fptype)
+    scale, stored = group_scales(wg, fptype, max_scale, glob)
+    off = None if offset is None else to_groups(offset.float(), fptype.group_size)
+    values = round_element(wg / scale, fptype.element, off)
+    return FPQuantized(encode(from_groups(values, w.shape[1]), fptype.element), stored, glob, fptype)
+
+
+def stored_scale(q: FPQuantized) -> torch.Tensor:
+    """The effective fp32 group scales (out, groups) from their stored form."""
+    t = q.fptype
+    if t.scale == "fp32":
+        return q.scale.float()
+    if t.scale == "e8m0":
+        return torch.exp2(q.scale.float() - 127)
+    return q.scale.float() / q.global_scale
+
+
+def dequantize(q: FPQuantized, dtype=torch.float32) -> torch.Tensor:
+    """(out, in) weight in `dtype`."""
+    values = to_groups(decode(q.codes, q.fptype.element), q.fptype.group_size)
+    return from_groups(values * stored_scale(q).unsqueeze(-1), q.codes.shape[1]).to(dtype)
+
+
+def pack_fp4(codes: torch.Tensor) -> torch.Tensor:
+    """(out, in) 4-bit codes -> (out, in/2) uint8, the even-indexed code in the low nibble (the layout
+    compressed-tensors' nvfp4/mxfp4 packing and auto-round use)."""
+    if codes.shape[-1] % 2:
+        raise ValueError(f"cannot pack an odd number ({codes.shape[-1]}) of 4-bit codes per row")
+    return (codes[..., 0::2] & 15) | (codes[..., 1::2] & 15) << 4
+
+
+def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pack_fp4`."""
+    return torch.stack((packed & 15, packed >> 4), dim=-1).flatten(-2)

@@ -1,0 +1,114 @@
+"""Floating-point formats: the element grids against torch's own casts and the OCP/NVIDIA tables, offsets
+that pick between neighbours at every magnitude, straight-through gradients, codes and stored scales that
+dequantize to exactly what tuning evaluated, and 4-bit packing, swept over formats and input dtypes."""
+
+import pytest
+import torch
+
+from signround.quant import fp
+
+FORMATS = list(fp.FP_TYPES.values())
+
+
+def _all_values(element):
+    codes = torch.arange(256 if element == fp.E4M3 else 16, dtype=torch.uint8)
+    values = fp.decode(codes, element)
+    return values[values.isfinite()]
+
+
+@pytest.mark.parametrize("element", [fp.E2M1, fp.E4M3], ids=lambda e: e.name)
+def test_grid_values_are_fixed_points_and_codes_round_trip(element):
+    values = _all_values(element)
+    assert torch.equal(fp.round_element(values, element), values)
+    assert torch.equal(fp.decode(fp.encode(values, element), element), values)
+    assert values.abs().max() == element.max
+
+
+def test_e4m3_rounding_is_torchs_cast():
+    x = torch.randn(100_000) * torch.exp2(torch.randint(-12, 9, (100_000,)).float())
+    x = x.clamp(-448, 448)
+    assert torch.equal(fp.round_element(x, fp.E4M3), x.to(torch.float8_e4m3fn).float())
+
+
+def test_e2m1_rounds_to_nearest_with_ties_to_even_and_saturates():
+    x = torch.tensor([0.2, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 5.1, 7.0, 100.0, -2.6])
+    expected = torch.tensor([0.0, 0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0, 6.0, 6.0, -3.0])
+    assert torch.equal(fp.round_element(x, fp.E2M1), expected)
+
+
+@pytest.mark.parametrize("element", [fp.E2M1, fp.E4M3], ids=lambda e: e.name)
+def test_offsets_pick_between_the_two_neighbours_at_every_magnitude(element):
+    values = _all_values(element)
+    grid = values[values >= 0].sort().values
+    x = (grid[:-1] + grid[1:]) / 2 + (grid[1:] - grid[:-1]) * 0.1  # just above each midpoint
+    up = fp.round_element(x, element, offset=torch.full_like(x, 0.45))
+    down = fp.round_element(x, element, offset=torch.full_like(x, -0.45))
+    assert torch.equal(up, grid[1:]) and torch.equal(down, grid[:-1])
+
+
+def test_gradients_pass_straight_through_inside_the_range_only():
+    x = torch.tensor([0.3, 2.7, 5.9, 9.0], requires_grad=True)
+    offset = torch.zeros(4, requires_grad=True)
+    fp.round_element(x, fp.E2M1, offset).sum().backward()
+    assert torch.equal(x.grad, torch.tensor([1.0, 1.0, 1.0, 0.0]))
+    assert torch.equal(offset.grad, torch.tensor([0.5, 1.0, 2.0, 0.0]))  # the grid step where each value lies
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fptype", FORMATS, ids=lambda t: t.name)
+def test_codes_dequantize_to_the_fake_quantized_weight(fptype, dtype):
+    w = (torch.randn(48, 96) * 0.02).to(dtype)
+    offset = (torch.rand(48, 96) - 0.5) * 0.8
+    max_scale = 0.8 + 0.2 * torch.rand(48, fp.num_groups(96, fptype.group_size))
+    q = fp.quantize(w, fptype, offset, max_scale)
+    assert q.codes.dtype == torch.uint8 and q.codes.shape == w.shape
+    assert torch.equal(fp.dequantize(q), fp.fake_quant(w.float(), fptype, offset, max_scale))
+    nearest = fp.dequantize(fp.quantize(w, fptype))
+    error = (nearest - w.float()).pow(2).mean() / w.float().pow(2).mean()
+    assert error < (0.02 if fptype.element == fp.E2M1 else 0.002)  # Gaussian weights: ~0.01 and ~0.001
+
+
+def test_stored_scales_follow_each_format():
+    w = torch.randn(8, 64)
+    mx = fp.quantize(w, fp.FP_TYPES["MXFP4"])
+    amax = w.abs().reshape(8, 2, 32).amax(-1)
+    assert mx.scale.dtype == torch.uint8 and torch.equal(fp.stored_scale(mx), torch.exp2(torch.floor(torch.log2(amax)) - 2))
+    nv = fp.quantize(w, fp.FP_TYPES["NVFP4"])
+    assert nv.scale.dtype == torch.float8_e4m3fn and nv.global_scale == 448 * 6 / w.abs().max()
+    assert nv.scale.float().max() == pytest.approx(448, rel=0.07)  # the largest group scale sits at the top of E4M3
+    fp8 = fp.quantize(w, fp.FP_TYPES["FP8"])
+    assert fp8.scale.shape == (8, 1) and torch.allclose(fp8.scale, w.abs().amax(1, keepdim=True) / 448)
+
+
+def test_clipping_scale_trains_through_the_mx_exponent():
+    wg = torch.randn(4, 2, 32)
+    max_scale = torch.ones(4, 2, requires_grad=True)
+    fp.fake_quant_groups(wg, fp.FP_TYPES["MXFP4"], max_scale=max_scale).pow(2).sum().backward()
+    assert max_scale.grad.abs().min() > 0
+
+
+def test_finer_scales_quantize_closer():
+    w = torch.randn(64, 256)
+    errors = {t.name: (fp.fake_quant(w, t) - w).pow(2).mean().item() for t in FORMATS}
+    assert errors["NVFP4"] < errors["MXFP4"] and errors["MXFP8"] < errors["NVFP4"]
+
+
+def test_bits_per_weight():
+    assert fp.FP_TYPES["MXFP4"].bits_per_weight(4096) == 4.25
+    assert fp.FP_TYPES["NVFP4"].bits_per_weight(4096) == 4.5
+    assert fp.FP_TYPES["MXFP8"].bits_per_weight(4096) == 8.25
+    assert fp.FP_TYPES["FP8"].bits_per_weight(4096) == 8 + 32 / 4096
+
+
+def test_fp4_packing_puts_the_even_code_in_the_low_nibble():
+    codes = torch.randint(0, 16, (5, 32), dtype=torch.uint8)
+    packed = fp.pack_fp4(codes)
+    assert packed.shape == (5, 16) and torch.equal(packed[:, 0] & 15, codes[:, 0]) and torch.equal(packed[:, 0] >> 4, codes[:, 1])
+    assert torch.equal(fp.unpack_fp4(packed), codes)
+    with pytest.raises(ValueError, match="odd number"):
+        fp.pack_fp4(codes[:, :3])
+
+
+def test_nvfp4_needs_its_global_scale():
+    with pytest.raises(ValueError, match="global scale"):
+        fp.fake_quant_groups(torch.randn(2, 1, 16), fp.FP_TYPES["NVFP4"])
