@@ -35,3 +35,28 @@ def make(arch: str, seed: int = 0, **overrides):
 
 def calib_ids(n: int = 16, seqlen: int = 32, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 128, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+# Mixtures of experts, kept apart from CONFIGS so that the dense architectures' tests stay as they are.
+# intermediate (96) differs from hidden (64) so that a transposed expert matrix cannot pass for the right one.
+MOE = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256, num_experts_per_tok=2)
+MOE_CONFIGS = {
+    "qwen3_moe": lambda: tf.Qwen3MoeConfig(**MOE, num_key_value_heads=2, head_dim=16, intermediate_size=128, moe_intermediate_size=96,
+                                           num_experts=4, decoder_sparse_step=1, mlp_only_layers=[]),
+    "mixtral": lambda: tf.MixtralConfig(**MOE, num_key_value_heads=2, intermediate_size=96, num_local_experts=4),
+    "deepseek_v3": lambda: tf.DeepseekV3Config(**MOE, num_key_value_heads=4, intermediate_size=128, moe_intermediate_size=96,
+                                               n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
+                                               kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16),
+    "gpt_oss": lambda: tf.GptOssConfig(**MOE, num_key_value_heads=2, head_dim=16, intermediate_size=96, num_local_experts=4,
+                                       sliding_window=16),
+}
+
+
+def make_moe(arch: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(MOE_CONFIGS[arch]())
+    with torch.no_grad():  # gpt-oss starts its expert biases at zero: values, so that a bias read from the wrong place shows
+        for name, p in model.named_parameters():
+            if "experts" in name and name.endswith("_bias"):
+                p.normal_(0, 0.05)
+    return model.eval()
