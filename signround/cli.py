@@ -30,6 +30,7 @@ def _add_quantize(sub) -> None:
                    help="per-layer override, e.g. 'down_proj=W8A16', 'q_proj=bits=3,group_size=64' or 'lm_head|mlp.0=fp16'")
     p.add_argument("--method", default="signround", help="rtn or signround (default)")
     p.add_argument("--quantize-lm-head", action="store_true", help="also quantize an untied lm_head (round-to-nearest)")
+    p.add_argument("--quantize-routers", action="store_true", help="also quantize mixture-of-experts routing layers (kept 16-bit by default)")
     p.add_argument("--recipe", default="fast", choices=["fast", "full", "paper"],
                    help="fast (default): 112 steps of 3 rows from an activation-weighted clipping search; full: 200 steps of 8 rows "
                         "from the same start; paper: 200 steps of 8 rows from round-to-nearest, clipping projected (the paper's and "
@@ -184,7 +185,7 @@ def config_from_args(args):
             raise _usage(f"--layer {item!r} must look like REGEX=SPEC, e.g. 'down_proj=W8A16'")
         overrides[pattern] = parse_scheme(spec)
     return QuantConfig(
-        scheme=scheme, method=args.method, layer_overrides=overrides, quantize_lm_head=args.quantize_lm_head,
+        scheme=scheme, method=args.method, layer_overrides=overrides, quantize_lm_head=args.quantize_lm_head, quantize_routers=args.quantize_routers,
         recipe=args.recipe, iters=args.iters, clip_search=args.clip_search, keep=args.keep, tame_outliers=args.tame_outliers,
         project_clipping=_on_off_auto(args.project_clipping),
         nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size, grad_accum=args.grad_accum,

@@ -158,6 +158,9 @@ RECIPES = {
     "full": {"iters": 200, "batch_size": 8, "clip_search": True, "keep": "best", "tame_outliers": False, "project_clipping": "auto"},
     "paper": {"iters": 200, "batch_size": 8, "clip_search": False, "keep": "best", "tame_outliers": False, "project_clipping": True},
 }
+# A mixture of experts' routing layers, where they are linear: AfMoE-style `gate`, `router`, Qwen2/3.5-MoE's
+# `shared_expert_gate`. Kept 16-bit unless `quantize_routers`: a wrong route costs more than their few weights save.
+ROUTER = re.compile(r"(^|\.)(gate|router|shared_expert_gate)$")
 # Settings that earlier versions kept in QuantConfig and now belong to RunConfig: a saved config that has them is read without them.
 MOVED_TO_RUN = ("device", "amp", "compile", "cache_dtype")
 
@@ -181,6 +184,7 @@ class QuantConfig:
     method: str = "signround"
     layer_overrides: dict[str, WeightScheme | None] = field(default_factory=dict)
     quantize_lm_head: bool = False
+    quantize_routers: bool = False   # mixture-of-experts routing layers (ROUTER) are kept 16-bit unless set
     pad_groups: bool = True          # a partial last group where in_features % group_size != 0 (auto-round does this)
     # calibration and tuning
     recipe: str = "fast"             # fills the tuning fields left None: see RECIPES
@@ -271,10 +275,22 @@ class QuantConfig:
         chosen: WeightScheme | None = self.scheme
         if self.mixture:
             chosen = WeightScheme.preset(mixtures.mixture_type(self.mixture, layer_name, block))
+        if self.keeps_router(layer_name):
+            chosen = None
         for pattern, scheme in self.layer_overrides.items():
             if re.search(pattern, layer_name):
                 chosen = scheme
         return chosen
+
+    def keeps_router(self, layer_name: str) -> bool:
+        """Whether this layer is a router kept 16-bit by default (a layer override still decides)."""
+        return not self.quantize_routers and ROUTER.search(layer_name) is not None
+
+    def kept_reason(self, layer_name: str) -> str:
+        """Why `scheme_for` keeps this layer 16-bit."""
+        if self.keeps_router(layer_name) and not any(re.search(p, layer_name) for p in self.layer_overrides):
+            return "a router: kept 16-bit (quantize_routers quantizes it)"
+        return "kept 16-bit by a layer override"
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -136,7 +136,7 @@ def plan_layers(model, blocks_name: str, blocks, config: QuantConfig, report: Qu
             scheme = _fitting(config.scheme_for(full, (i, len(blocks))), in_features, full, report)
             _check_finite(full, module)
             if scheme is None:
-                report.skipped[full] = "kept 16-bit by a layer override"
+                report.skipped[full] = config.kept_reason(full)
             elif not scheme.fits(in_features, config.pad_groups):
                 report.skipped[full] = f"in_features={in_features} is not divisible by group_size={scheme.group_size} (pad_groups is off)"
             else:

@@ -59,3 +59,15 @@ def test_gate_up_and_down_mean_what_their_names_say(arch):
         for e in range(module.down_proj.shape[0]):
             routed = module(x, torch.full((5, 1), e), torch.ones(5, 1))  # every token to expert e, weight 1
             torch.testing.assert_close(routed, _expected(arch, module, matrices, e, x), rtol=1e-4, atol=1e-5)
+
+
+def test_routers_stay_16bit_unless_asked():
+    """Qwen2-MoE's shared-expert gate is an nn.Linear (hidden -> 1): kept 16-bit with its reason, quantized on request."""
+    import signround
+
+    for routers in (False, True):
+        model = make_moe("qwen2_moe")
+        report = signround.quantize(model, signround.QuantConfig(scheme="W4A16G32", method="rtn", quantize_routers=routers))
+        name = "model.layers.0.mlp.shared_expert_gate"
+        assert (name in report.quantized) == routers
+        assert routers or report.skipped[name] == "a router: kept 16-bit (quantize_routers quantizes it)"

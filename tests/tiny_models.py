@@ -47,6 +47,8 @@ MOE_CONFIGS = {
     "deepseek_v3": lambda: tf.DeepseekV3Config(**MOE, num_key_value_heads=4, intermediate_size=128, moe_intermediate_size=96,
                                                n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
                                                kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16),
+    "qwen2_moe": lambda: tf.Qwen2MoeConfig(**MOE, num_key_value_heads=2, intermediate_size=128, moe_intermediate_size=96, num_experts=4,
+                                           shared_expert_intermediate_size=64, decoder_sparse_step=1, mlp_only_layers=[]),
     "gpt_oss": lambda: tf.GptOssConfig(**MOE, num_key_value_heads=2, head_dim=16, intermediate_size=96, num_local_experts=4,
                                        sliding_window=16),
 }
