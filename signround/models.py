@@ -107,20 +107,27 @@ def check_weight_files(source: ModelSource) -> None:
     if source.kind == "hub":
         return
     folder = Path(source.location)
-    files = [folder / source.gguf_file] if source.gguf_file else sorted(folder.glob("*.safetensors"))
-    for path in files:
+    if source.gguf_file:
+        read_gguf(folder / source.gguf_file)
+        return
+    for path in sorted(folder.glob("*.safetensors")):
         try:
-            if path.suffix == ".gguf":
-                import gguf
+            from safetensors import safe_open
 
-                gguf.GGUFReader(path)
-            else:
-                from safetensors import safe_open
-
-                with safe_open(path, framework="pt") as reader:
-                    reader.keys()
-        except Exception as e:  # each reader has its own error types; all mean the same to the user
+            with safe_open(path, framework="pt") as reader:
+                reader.keys()
+        except Exception as e:  # the reader's error types vary; all mean the same to the user
             raise CorruptModelError(f"{path} is corrupt or truncated ({str(e).splitlines()[0][:120]}): re-download or re-convert it") from None
+
+
+def read_gguf(path: Path):
+    """The gguf package's reader of a file (its metadata and tensor table parsed), or CorruptModelError."""
+    import gguf
+
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # the reader's error types vary; all mean the same to the user
+        raise CorruptModelError(f"{path} is corrupt or truncated ({str(e).splitlines()[0][:120]}): re-download or re-convert it") from None
 
 
 def _check_causal_lm(source: ModelSource, trust_remote_code: bool) -> None:
@@ -136,10 +143,12 @@ def _check_causal_lm(source: ModelSource, trust_remote_code: bool) -> None:
         raise UnsupportedModelError(f"{source.location} holds a {config.model_type!r} model, which is not a causal LM transformers can load: {SUPPORTED}")
 
 
-def check_loadable(source: ModelSource, trust_remote_code: bool = False, allow_pickle: bool = False) -> None:
-    """The checks every load makes first: no pickle-only folder, readable weight files, a causal LM."""
+def check_loadable(source: ModelSource, trust_remote_code: bool = False, allow_pickle: bool = False, read_weights: bool = True) -> None:
+    """The checks every load makes first: no pickle-only folder, readable weight files (unless the caller
+    reads them itself: `read_weights=False`), a causal LM."""
     _refuse_pickle(source, allow_pickle)
-    check_weight_files(source)
+    if read_weights:
+        check_weight_files(source)
     _check_causal_lm(source, trust_remote_code)
 
 

@@ -108,14 +108,16 @@ class GGUFSource:
 
     ARCHITECTURES = {"llama": ("LLAMA", True, 0.0), "gemma3": ("GEMMA3", False, -1.0)}  # name map, q/k reordered, norm offset
 
-    def __init__(self, path: str | Path, model: nn.Module):
+    def __init__(self, path: str | Path, model: nn.Module, reader=None):
+        """`reader`: the file's `gguf.GGUFReader` where the caller has one (parsing Gemma's metadata takes ~12 s)."""
         import gguf
 
         from .blocks import find_blocks
         from .export.gguf import llama_row_order
+        from .models import read_gguf
 
         self.path = Path(path)
-        reader = gguf.GGUFReader(self.path)
+        reader = reader or read_gguf(self.path)
         arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
         if arch not in self.ARCHITECTURES:
             raise StreamingUnsupported(f"GGUF architecture {arch!r} is not streamed (only {', '.join(self.ARCHITECTURES)})")
@@ -255,15 +257,18 @@ def open_lazy(spec: str, trust_remote_code: bool = False, allow_pickle: bool = F
     source_spec = models.resolve(spec)
     if source_spec.kind == "hub":
         raise StreamingUnsupported("hub models are loaded whole")
-    models.check_loadable(source_spec, trust_remote_code, allow_pickle)
+    models.check_loadable(source_spec, trust_remote_code, allow_pickle, read_weights=not source_spec.gguf_file)
+    gguf_path = Path(source_spec.location) / source_spec.gguf_file if source_spec.gguf_file else None
+    reader = models.read_gguf(gguf_path) if gguf_path else None  # the check, and kept for GGUFSource
     config, tokenizer = models.load_metadata(source_spec, trust_remote_code)
     dtype = torch.float32 if source_spec.gguf_file else (getattr(config, "dtype", None) or torch.float32)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-    if source_spec.gguf_file:
-        source = GGUFSource(Path(source_spec.location) / source_spec.gguf_file, model)
+    if gguf_path:
+        source = GGUFSource(gguf_path, model, reader)
+        del reader
     else:
         if not any(Path(source_spec.location).glob("*.safetensors")):
             raise StreamingUnsupported("no safetensors files")
