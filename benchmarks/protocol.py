@@ -85,9 +85,10 @@ def block_errors(reference, model, ids: torch.Tensor) -> list[float]:
     attention-sink state there that would outweigh the rest). Tool-agnostic: the same numbers for any
     quantizer's output, so two tools' per-block errors compare on the same inputs."""
     errors = None
-    for row in ids:
-        ref = reference(input_ids=row.unsqueeze(0), output_hidden_states=True, use_cache=False).hidden_states[1:]
-        got = model(input_ids=row.unsqueeze(0).to(next(model.parameters()).device), output_hidden_states=True, use_cache=False).hidden_states[1:]
+    for row in ids:  # the bodies alone: a 262k-token head would make gigabytes of logits nobody reads
+        ref = reference.get_decoder()(input_ids=row.unsqueeze(0), output_hidden_states=True, use_cache=False).hidden_states[1:]
+        got = model.get_decoder()(input_ids=row.unsqueeze(0).to(next(model.parameters()).device), output_hidden_states=True,
+                                  use_cache=False).hidden_states[1:]
         pairs = [((g.float().cpu() - r.float())[:, 1:].pow(2).sum().item(), r.float()[:, 1:].pow(2).sum().item()) for g, r in zip(got, ref)]
         errors = pairs if errors is None else [(e + a, n + b) for (e, n), (a, b) in zip(errors, pairs)]
     return [e / n for e, n in errors]
