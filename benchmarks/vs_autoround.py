@@ -340,6 +340,7 @@ def main() -> None:
     p.add_argument("--tools", default="signround,auto-round", type=lambda s: s.split(","), help="whose runs to make (rows stored earlier are kept)")
     p.add_argument("--autoround-amp", default="auto", choices=["auto", "on", "off"])
     p.add_argument("--name", default="vs_autoround", help="results file stem")
+    p.add_argument("--rerun", action="store_true", help="run again where a row is stored (replacing it), e.g. to time both tools in one session")
     p.add_argument("--table-only", action="store_true", help="rewrite the markdown table from the stored results and stop")
     p.add_argument("--project-clipping", action=argparse.BooleanOptionalAction,
                    help="signround runs with (or without) the clipping-scale projection, whatever its recipe's default; stored as its own rows")
@@ -382,9 +383,9 @@ def main() -> None:
             for tool in tools:  # alternating, so drifting machine load hits both
                 key = run_key(tool, recipe, scheme, args)
                 twin = f"{tool}|{'default' if recipe == 'same' else 'same'}|{scheme}"
-                if key in results:
+                if key in results and not args.rerun:
                     continue
-                if tool == "auto-round" and twin in results and same_is_autoround_default(args):
+                if tool == "auto-round" and twin in results and same_is_autoround_default(args) and not args.rerun in results and same_is_autoround_default(args):
                     results[key] = dict(results[twin])  # one run serves both tables: ~100 minutes saved at full depth on CPU
                 else:
                     results[key] = {**run_child(tool, recipe, scheme, args), "matmul_peaks": peaks}
