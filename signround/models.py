@@ -160,25 +160,24 @@ def cache_root() -> Path:
 
 def load_metadata(source: ModelSource, trust_remote_code: bool = False):
     """(config, tokenizer) of a model, read from its folder, or for a GGUF file from a folder saved from its
-    metadata on the first open (`_gguf_metadata_folder`); both name the model's own location."""
+    metadata on the first open (`_gguf_metadata`); both name the model's own location."""
     from transformers import AutoConfig, AutoTokenizer
 
     kwargs = {"trust_remote_code": trust_remote_code}
-    folder = _gguf_metadata_folder(source) if source.gguf_file else None
-    if source.gguf_file and folder is None:
-        kwargs["gguf_file"] = source.gguf_file
-    location = str(folder or source.location)
-    config = AutoConfig.from_pretrained(location, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+    if source.gguf_file:
+        config, tokenizer = _gguf_metadata(source, kwargs)
+    else:
+        config = AutoConfig.from_pretrained(source.location, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
     config.name_or_path = tokenizer.name_or_path = source.location
     return config, tokenizer
 
 
-def _gguf_metadata_folder(source: ModelSource) -> Path | None:
+def _gguf_metadata(source: ModelSource, kwargs: dict):
     """transformers rebuilds config and tokenizer from a GGUF file's metadata on every open: for Gemma-3's
     262k-token vocabulary ~12 s of parsing for each, ~1 GiB of transient Python objects and a tokenizer
     conversion. The first open saves both as an ordinary folder, keyed by the file (path, size, mtime) and
-    the transformers version; None where that folder cannot be written (each open then parses the file)."""
+    the transformers version, which later opens read instead; where it cannot be written, a warning."""
     import transformers
     from transformers import AutoConfig, AutoTokenizer
 
@@ -187,9 +186,9 @@ def _gguf_metadata_folder(source: ModelSource) -> Path | None:
     key = hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}".encode()).hexdigest()[:16]
     folder = cache_root() / "gguf-metadata" / f"{path.stem}-{key}"
     if folder.is_dir():
-        return folder
-    config = AutoConfig.from_pretrained(source.location, gguf_file=source.gguf_file)
-    tokenizer = AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
+        return AutoConfig.from_pretrained(folder, **kwargs), AutoTokenizer.from_pretrained(folder, **kwargs)
+    config = AutoConfig.from_pretrained(source.location, gguf_file=source.gguf_file, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file, **kwargs)
     partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
     try:
         config.save_pretrained(partial)
@@ -197,12 +196,10 @@ def _gguf_metadata_folder(source: ModelSource) -> Path | None:
         partial.rename(folder)  # atomic: a folder under the final name is complete
     except OSError as e:
         shutil.rmtree(partial, ignore_errors=True)
-        if folder.is_dir():  # another process saved it first
-            return folder
-        warnings.warn(f"could not cache {path.name}'s config and tokenizer in {folder.parent} ({e.strerror or e}): "
-                      f"each open parses the file again (set SIGNROUND_CACHE to a writable folder)")
-        return None
-    return folder
+        if not folder.is_dir():  # else another process saved it first
+            warnings.warn(f"could not cache {path.name}'s config and tokenizer in {folder.parent} ({e.strerror or e}): "
+                          f"each open parses the file again (set SIGNROUND_CACHE to a writable folder)")
+    return config, tokenizer
 
 
 def load(spec: str, dtype: str | torch.dtype = "auto", trust_remote_code: bool = False, allow_pickle: bool = False):
