@@ -1,15 +1,22 @@
-"""How closely a recipe tunes one block: the first block's relative output error (`protocol.block_errors`)
-after SignRound with each given iters x batch, on the error rows vs_autoround.py uses. Block 0 sees the
-same inputs (the embeddings) in every tool, so its error compares directly with auto-round's block 0 in
-vs_autoround's "Block output error" table: a gap there is the tuning's own, not propagated.
+"""How closely a recipe tunes one block: the block's relative output error (`protocol.block_errors`) after
+SignRound with each given recipe, on the error rows vs_autoround.py uses, every other block kept 16-bit.
+Block 0 sees the same inputs (the embeddings) in every tool, so its error compares directly with
+auto-round's block 0 in vs_autoround's "Block output error" table: a gap there is the tuning's own, not
+propagated. A later block (`--block K`) sees the unquantized model's hidden states.
 
-    python benchmarks/first_block.py --model gemma3-270m --scheme W2A16G64 --recipes 112x3,112x8,200x3,200x8,112x3:float32
+A recipe is ITERSxBATCH, then optional `:field=value` items setting QuantConfig or RunConfig fields
+(`:cache_dtype=float32`, `:compile=true`, `:lr=0.005`); a bare `:float32` means float32 caches.
+
+    python benchmarks/first_block.py --model gemma3-270m --scheme W2A16G64 --recipes 112x3,200x8,112x3:float32
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
+import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -25,29 +32,48 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--scheme", default="W4A16")
+    p.add_argument("--block", type=int, default=0, help="the block to tune (the others stay 16-bit)")
     p.add_argument("--recipes", default="112x3,200x8", type=lambda s: s.split(","),
-                   help="ITERSxBATCH, optionally :float32 for float32 activation caches")
+                   help="ITERSxBATCH[:field=value...]: see above")
     args = p.parse_args()
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("signround.algorithms.signround").setLevel(logging.INFO)  # adapt_batch's agreement and choice
     model, tokenizer = signround.load_model(args.model)
-    protocol.truncate(model, 2)  # block 1 is kept 16-bit: block 0's raw output is then hidden state 1, not the final-normed last one
+    # one block past the tuned one, kept 16-bit: the tuned block's raw output is then a hidden state, not the final-normed last one
+    protocol.truncate(model, args.block + 2)
     calib = protocol.gutenberg_calibration(tokenizer, 128, 512)
-    lines = [f"# First-block error by recipe: {args.model}, {args.scheme}, gutenberg-128x512, error on {ERROR_ROWS} rows", "",
-             "| iters x batch | caches | tuning s | block 0 relative error |", "|---|---|---|---|"]
+    others = {rf"\.layers\.(?!{args.block}\.)\d+\.": "fp16"}
+    lines = [f"# Block {args.block} error by recipe: {args.model}, {args.scheme}, gutenberg-128x512, error on {ERROR_ROWS} rows", "",
+             f"| recipe | steps | tuning s | block {args.block} relative error |", "|---|---|---|---|"]
     for spec in args.recipes:
-        shape, _, caches = spec.partition(":")
-        iters, batch = (int(v) for v in shape.split("x"))
+        config, run = recipe(spec, signround.QuantConfig(scheme=args.scheme, seqlen=512, seed=42, layer_overrides=others),
+                             signround.RunConfig(progress=False))
         quantized = copy.deepcopy(model)
-        config = signround.QuantConfig(scheme=args.scheme, iters=iters, batch_size=batch, seqlen=512, seed=42,
-                                       layer_overrides={r"\.layers\.1\.": "fp16"})
-        run = signround.RunConfig(cache_dtype=caches or "bfloat16", progress=False)
         start = time.perf_counter()
-        signround.quantize(quantized, config, run, tokenizer=tokenizer, calibration=calib)
+        report = signround.quantize(quantized, config, run, tokenizer=tokenizer, calibration=calib)
         seconds = time.perf_counter() - start
-        error = protocol.block_errors(model, quantized, calib[:ERROR_ROWS])[0]
-        lines.append(f"| {iters} x {batch} | {caches or 'bfloat16'} | {seconds:.0f} | {error:.3e} |")
+        error = protocol.block_errors(model, quantized, calib[:ERROR_ROWS])[args.block]
+        lines.append(f"| {spec} | {report.tuning_steps} | {seconds:.0f} | {error:.3e} |")
         print(lines[-1], flush=True)
-    protocol.write_result(f"first_block-{args.model}-{args.scheme}.md", lines)
+    suffix = f"-block{args.block}" if args.block else ""
+    protocol.write_result(f"first_block-{args.model}-{args.scheme}{suffix}.md", lines)
 
+
+def recipe(spec: str, config, run):
+    """`config` and `run` with a recipe spec's iters x batch and `field=value` items applied."""
+    shape, *items = spec.split(":")
+    iters, batch = (int(v) for v in shape.split("x"))
+    config = dataclasses.replace(config, iters=iters, batch_size=batch)
+    for item in items:
+        key, _, text = item.partition("=") if "=" in item else ("cache_dtype", "=", item)
+        value = {"true": True, "on": True, "false": False, "off": False}.get(text.lower(), text)
+        if isinstance(value, str) and re.fullmatch(r"-?\d+(\.\d*)?(e-?\d+)?", value):
+            value = int(value) if value.lstrip("-").isdigit() else float(value)
+        if key in {f.name for f in dataclasses.fields(config)}:
+            config = dataclasses.replace(config, **{key: value})
+        else:
+            run = dataclasses.replace(run, **{key: value})
+    return config, run
 
 if __name__ == "__main__":
     main()

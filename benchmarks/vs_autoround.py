@@ -26,6 +26,8 @@ import argparse
 import dataclasses
 import datetime
 import json
+import logging
+import re
 import statistics
 import subprocess
 import sys
@@ -78,6 +80,9 @@ def _child_signround(args) -> dict:
 
     import signround
     from signround.resume import finished_blocks
+
+    logging.basicConfig(format="%(message)s")  # to stderr: the parent reads adapt_batch's choices from it (`schedule`)
+    logging.getLogger("signround.algorithms.signround").setLevel(logging.INFO)
     from signround.weights import materialize_blocks, open_lazy
 
     model, tokenizer, weights = open_lazy(args.model)
@@ -138,6 +143,9 @@ def same_is_autoround_default(args) -> bool:
     return args.iters == 200 and args.batch_size == 8 and not args.lr
 
 
+SCHEDULE_LINE = re.compile(r"block (\d+): row gradients agree ([\d.]+): (\d+) steps of (\d+) rows")
+
+
 def run_child(tool: str, recipe: str, scheme: str, args, extra=()) -> dict:
     argv = [sys.executable, __file__, "--child", tool, "--recipe", recipe, "--scheme", scheme, "--model", args.model, "--device", args.device,
             "--iters", str(args.iters), "--batch-size", str(args.batch_size), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
@@ -151,6 +159,8 @@ def run_child(tool: str, recipe: str, scheme: str, args, extra=()) -> dict:
     if done.returncode:
         raise RuntimeError(f"{tool} {recipe} {scheme} failed:\n{done.stderr[-3000:]}")
     row = json.loads(done.stdout.strip().splitlines()[-1])
+    if tool == "signround":  # per block: the rows' gradient agreement, steps and rows per step that adapt_batch chose
+        row["schedule"] = [[int(b), float(a), int(n), int(r)] for b, a, n, r in SCHEDULE_LINE.findall(done.stderr)]
     print(f"   {row}", flush=True)
     return row
 
@@ -158,7 +168,8 @@ def run_child(tool: str, recipe: str, scheme: str, args, extra=()) -> dict:
 # signround settings a run may override beside its recipe: each gives the run a row of its own
 # (label when on, label when off) for a flag, a format for a value
 VARIANT_SETTINGS = {"project_clipping": ("projected", "unprojected"), "clip_search": ("clip search", "RTN start"),
-                    "tame_outliers": ("tamed outliers", "plain loss"), "cache_dtype": "{} caches", "seed": "seed {}"}
+                    "tame_outliers": ("tamed outliers", "plain loss"), "adapt_batch": ("adapted batch", "fixed batch"),
+                    "cache_dtype": "{} caches", "seed": "seed {}"}
 
 
 def variant_argv(args) -> list[str]:
@@ -172,7 +183,7 @@ def variant_argv(args) -> list[str]:
 
 
 def signround_key(recipe: str, scheme_or_point: str, args) -> str:
-    """Runs with variant settings (--project-clipping, --clip-search, --tame-outliers, --cache-dtype, --seed) keep
+    """Runs with variant settings (--project-clipping, --clip-search, --tame-outliers, --adapt-batch, --cache-dtype, --seed) keep
     rows of their own beside the recipe-default run."""
     parts = [(labels.format(value) if isinstance(labels, str) else labels[0 if value else 1])
              for name, labels in VARIANT_SETTINGS.items() if (value := getattr(args, name)) is not None]
@@ -189,6 +200,13 @@ def signround_rows(results: dict, recipe: str, scheme: str) -> list[tuple[str, d
 def run_key(tool: str, recipe: str, scheme: str, args) -> str:
     """Where a run's row is stored: signround's carries its variant settings (`signround_key`)."""
     return signround_key(recipe, scheme, args) if tool == "signround" else f"{tool}|{recipe}|{scheme}"
+
+
+def steps_cell(row: dict) -> str:
+    """iters x batch, and in how many blocks adapt_batch took single-row steps instead (where recorded)."""
+    cell = f"{row['iters']} x {row['batch']}" if row.get("batch") else str(row["iters"])
+    schedule = row.get("schedule")
+    return cell + (f" (1-row steps in {sum(r == 1 for *_, r in schedule)}/{len(schedule)} blocks)" if schedule else "")
 
 
 def relative(row: dict, theirs: dict, key: str) -> str:
@@ -286,7 +304,8 @@ def write_table(results: dict, args, peaks: dict, path: Path) -> None:
     lines += repeated_pairs(results, schemes, layers)
     if any(key.split("|")[1] == "default" for key in results):  # a same-settings-only run has no such rows
         lines += ["", "## Default recipes", "", "ppl: wt2-32k; prose: prose-16k (benchmarks/protocol.py)", "",
-                  "| scheme | tool | iters | tuning s | time ratio | ppl | ppl vs auto-round | prose ppl | prose vs auto-round | peak RSS MiB | RSS ratio |",
+                  "| scheme | tool | iters x batch | tuning s | time ratio | ppl | ppl vs auto-round | prose ppl | prose vs auto-round "
+                  "| peak RSS MiB | RSS ratio |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
     for scheme in schemes:
         theirs = results.get(f"auto-round|default|{scheme}")
@@ -297,7 +316,7 @@ def write_table(results: dict, args, peaks: dict, path: Path) -> None:
             ratio = f"{row['tuning_s'] / theirs['tuning_s']:.2f}" if theirs else ""
             rss = f"{row['peak_rss_mib'] / theirs['peak_rss_mib']:.2f}" if theirs else ""
             prose = f"{row['prose_ppl']:.3f}" if "prose_ppl" in row else ""
-            lines.append(f"| {scheme} | {tool} | {row['iters']} | {row['tuning_s']:.0f} | {ratio} | {row['ppl']:.3f} | {vs} | {prose} | {prose_vs} | "
+            lines.append(f"| {scheme} | {tool} | {steps_cell(row)} | {row['tuning_s']:.0f} | {ratio} | {row['ppl']:.3f} | {vs} | {prose} | {prose_vs} | "
                          f"{memory_mib(row)} | {rss} |")
     lines += block_error_lines(results, schemes)
     scaling = sorted((v for k, v in results.items() if k.startswith("signround|scaling|") and k == signround_key("scaling", k.split("|")[2], args)),
@@ -346,6 +365,8 @@ def main() -> None:
                    help="signround runs with (or without) the clipping-scale projection, whatever its recipe's default; stored as its own rows")
     p.add_argument("--clip-search", action=argparse.BooleanOptionalAction, help="signround variant: start the clipping scales at the search (or not)")
     p.add_argument("--tame-outliers", action=argparse.BooleanOptionalAction, help="signround variant: weigh down massive tokens in the loss (or not)")
+    p.add_argument("--adapt-batch", action=argparse.BooleanOptionalAction,
+                   help="signround variant: single-row steps where the rows' gradients agree (or always the recipe's batch)")
     p.add_argument("--seed", type=int, help="signround variant: the seed of its batch sampling (42 otherwise): how far one run is from another")
     p.add_argument("--cache-dtype", choices=["float32", "bfloat16"], help="signround variant: the activation caches' dtype")
     p.add_argument("--child", help=argparse.SUPPRESS)

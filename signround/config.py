@@ -154,9 +154,9 @@ KEEP = ("best", "last", "average")  # which parameters a tuned block keeps: see 
 COMPILE_MIN_ROWS = 20000
 PROJECT_AUTO_MAX_BITS = 2  # project_clipping="auto": on for layers of at most this many bits (docs/methods.md)
 RECIPES = {
-    "fast": {"iters": 112, "batch_size": 3, "clip_search": True, "keep": "best", "tame_outliers": False, "project_clipping": "auto"},
-    "full": {"iters": 200, "batch_size": 8, "clip_search": True, "keep": "best", "tame_outliers": False, "project_clipping": "auto"},
-    "paper": {"iters": 200, "batch_size": 8, "clip_search": False, "keep": "best", "tame_outliers": False, "project_clipping": True},
+    "fast": {"iters": 112, "batch_size": 3, "adapt_batch": True, "clip_search": True, "keep": "best", "tame_outliers": False, "project_clipping": "auto"},
+    "full": {"iters": 200, "batch_size": 8, "adapt_batch": False, "clip_search": True, "keep": "best", "tame_outliers": False, "project_clipping": "auto"},
+    "paper": {"iters": 200, "batch_size": 8, "adapt_batch": False, "clip_search": False, "keep": "best", "tame_outliers": False, "project_clipping": True},
 }
 # A mixture of experts' routing layers, where they are linear: AfMoE-style `gate`, `router`, Qwen2/3.5-MoE's
 # `shared_expert_gate`. Kept 16-bit unless `quantize_routers`: a wrong route costs more than their few weights save.
@@ -192,6 +192,7 @@ class QuantConfig:
     nsamples: int = 128
     seqlen: int | None = None        # None: 2048, or the model's maximum when that is shorter
     batch_size: int | None = None
+    adapt_batch: bool | None = None  # per block: iters x batch_size steps of one row where the rows' gradients agree
     grad_accum: int = 1
     lr: float | None = None          # None: 1 / iters, so the offsets can travel at most ±0.5
     minmax_lr: float | None = None   # None: same as lr
@@ -252,8 +253,9 @@ class QuantConfig:
                 raise ConfigError(f"{name}={value} must be positive (or left unset for 1/iters)")
         if self.keep is not None and self.keep not in KEEP:
             raise ConfigError(f"keep={self.keep!r} is not one of {', '.join(KEEP)}")
-        if self.tame_outliers is not None and not isinstance(self.tame_outliers, bool):
-            raise ConfigError(f"tame_outliers={self.tame_outliers!r} must be True or False")
+        for name in ("tame_outliers", "adapt_batch", "clip_search"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be True or False")
         if self.project_clipping is not None and not isinstance(self.project_clipping, bool) and self.project_clipping != "auto":
             raise ConfigError(f"project_clipping={self.project_clipping!r} must be True, False or 'auto' (on at <= {PROJECT_AUTO_MAX_BITS} bits)")
 

@@ -330,3 +330,50 @@ def test_compile_auto_waits_for_a_run_long_enough_to_repay_it():
     assert not RunConfig(compile=False).compiles(QuantConfig(recipe="full"), cpu, blocks=30)
     with pytest.raises(ConfigError, match="compile="):
         RunConfig(compile="yes")
+
+
+def test_gradient_agreement_runs_from_noise_to_unanimity():
+    """1 where every row's gradient is the same, 1/2 where rows cancel, between where they partly agree;
+    the parameters' gradients are left cleared."""
+    from signround.algorithms.signround import _gradient_agreement
+
+    param = torch.zeros(4, requires_grad=True)
+    per_row = {"same": [torch.tensor([1.0, -2, 3, -4])] * 4,
+               "cancel": [torch.tensor([1.0, -2, 3, -4]), torch.tensor([-1.0, 2, -3, 4])] * 2,
+               "partly": [torch.tensor([1.0, 1, 1, 1])] * 3 + [torch.tensor([-1.0, -1, -1, -1])]}
+    agreement = {}
+    for name, grads in per_row.items():
+        def backward(row, grads=grads):
+            (param * grads[int(row)]).sum().backward()
+        agreement[name] = _gradient_agreement(backward, [param], torch.arange(4))
+        assert param.grad is None
+    assert agreement["same"] == pytest.approx(1.0) and agreement["cancel"] == pytest.approx(0.5)
+    assert agreement["partly"] == pytest.approx(0.75)  # 3 of 4 rows with the mean's sign, all of one size
+
+
+@pytest.mark.parametrize("threshold,steps_per_block", [(0.0, 24), (1.01, 6)])
+def test_adapt_batch_spends_the_row_budget_on_single_row_steps_where_rows_agree(monkeypatch, threshold, steps_per_block):
+    """iters x batch_size rows either way: 6 steps of 4 rows, or 24 steps of one row where the rows'
+    gradients agree at least AGREEMENT_MIN (forced here to always and never)."""
+    import signround.algorithms.signround as sr
+
+    monkeypatch.setattr(sr, "AGREEMENT_MIN", threshold)
+    model = make("llama")
+    config = QuantConfig(scheme="W4A16G32", iters=6, nsamples=8, seqlen=16, batch_size=4)
+    report = signround.quantize(model, config, calibration=calib_ids(8, 16))
+    assert report.tuning_steps == steps_per_block * len(report.block_losses)
+    assert all(tuned < rtn for rtn, tuned in report.block_losses), report.block_losses
+
+
+def test_adapt_batch_is_the_fast_recipes_alone_and_can_be_turned_off(monkeypatch):
+    import signround.algorithms.signround as sr
+
+    assert QuantConfig().resolved().adapt_batch is True
+    assert QuantConfig(recipe="full").resolved().adapt_batch is False is QuantConfig(recipe="paper").resolved().adapt_batch
+    monkeypatch.setattr(sr, "AGREEMENT_MIN", 0.0)
+    model = make("llama")
+    report = signround.quantize(model, QuantConfig(scheme="W4A16G32", iters=6, nsamples=8, seqlen=16, batch_size=4, adapt_batch=False),
+                                calibration=calib_ids(8, 16))
+    assert report.tuning_steps == 6 * len(report.block_losses)
+    with pytest.raises(signround.ConfigError, match="adapt_batch='yes' must be True or False"):
+        QuantConfig(adapt_batch="yes")
