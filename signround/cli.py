@@ -32,15 +32,21 @@ def _add_quantize(sub) -> None:
     p.add_argument("--quantize-lm-head", action="store_true", help="also quantize an untied lm_head (round-to-nearest)")
     p.add_argument("--quantize-routers", action="store_true", help="also quantize mixture-of-experts routing layers (kept 16-bit by default)")
     p.add_argument("--recipe", default="fast", choices=["fast", "full", "paper"],
-                   help="fast (default): 112 steps of 3 rows from an activation-weighted clipping search; full: 200 steps of 8 rows "
+                   help="fast (default): 112 steps of 3 rows from an activation-weighted clipping search (336 steps of 1 row in "
+                        "blocks whose rows' gradients agree); full: 200 steps of 8 rows "
                         "from the same start; paper: 200 steps of 8 rows from round-to-nearest, clipping projected (the paper's and "
-                        "auto-round's default); all keep the best-loss step; --iters, --batch-size, --clip-search, --keep and "
+                        "auto-round's default); all keep the best-loss step; --iters, --batch-size, --clip-search, --adapt-batch, --keep and "
                         "--project-clipping override any (auto-round's fp32 caches: --cache-dtype float32)")
     p.add_argument("--iters", type=int, help="tuning steps per block (default: the recipe's)")
     clip = p.add_mutually_exclusive_group()
     clip.add_argument("--clip-search", dest="clip_search", action="store_true", default=None,
                       help="start the clipping scales at an activation-weighted search (default: the recipe's)")
     clip.add_argument("--no-clip-search", dest="clip_search", action="store_false")
+    adapt = p.add_mutually_exclusive_group()
+    adapt.add_argument("--adapt-batch", dest="adapt_batch", action="store_true", default=None,
+                       help="in a block whose calibration rows' gradients agree in sign, spend the same rows on single-row steps "
+                            "(iters x batch steps of 1 row; default: the recipe's, on for fast)")
+    adapt.add_argument("--no-adapt-batch", dest="adapt_batch", action="store_false")
     tame = p.add_mutually_exclusive_group()
     tame.add_argument("--tame-outliers", dest="tame_outliers", action="store_true", default=None,
                       help="weigh tokens with massive hidden states (attention sinks) down to a typical token's weight in the "
@@ -186,7 +192,7 @@ def config_from_args(args):
         overrides[pattern] = parse_scheme(spec)
     return QuantConfig(
         scheme=scheme, method=args.method, layer_overrides=overrides, quantize_lm_head=args.quantize_lm_head, quantize_routers=args.quantize_routers,
-        recipe=args.recipe, iters=args.iters, clip_search=args.clip_search, keep=args.keep, tame_outliers=args.tame_outliers,
+        recipe=args.recipe, iters=args.iters, clip_search=args.clip_search, adapt_batch=args.adapt_batch, keep=args.keep, tame_outliers=args.tame_outliers,
         project_clipping=_on_off_auto(args.project_clipping),
         nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size, grad_accum=args.grad_accum,
         lr=args.lr, minmax_lr=args.minmax_lr, seed=args.seed, quantized_inputs=not args.fp_inputs,

@@ -97,6 +97,8 @@ def test_recipe_flags_reach_the_config():
     assert all(config("--recipe", name).recipe == name for name in RECIPES)
     assert config("--project-clipping", "on").project_clipping is True and config("--project-clipping", "off").project_clipping is False
     assert config("--no-clip-search").clip_search is False and config("--keep", "last").keep == "last"
+    assert config().adapt_batch is True and config("--no-adapt-batch").adapt_batch is False
+    assert config("--recipe", "full").adapt_batch is False and config("--recipe", "full", "--adapt-batch").adapt_batch is True
     assert config_from_args(parsed()).iters is None  # left for the recipe, not frozen at the fast recipe's value
 
     def run(*argv):
