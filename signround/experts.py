@@ -11,6 +11,7 @@ are (`mlp.experts.3.gate_proj`), and back. Algorithms and formats see only the m
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -75,6 +76,30 @@ def read(module: nn.Module, entry: ExpertMatrix) -> torch.Tensor:
     if module.is_transposed:  # (in, out): the fused dimension is the last
         return stacked[:, _rows(module, entry.part, stacked.shape[1])].t()
     return stacked[_rows(module, entry.part, stacked.shape[0])]
+
+
+@contextlib.contextmanager
+def routed_tokens(block: nn.Module):
+    """While the block runs inside, count the tokens its router sends to each expert: a dict from experts
+    module name to a tensor of counts (every routed copy of a token counts, so they sum to tokens x top-k).
+    An expert that receives none gets no gradient when its block is tuned."""
+    counts: dict[str, torch.Tensor] = {}
+
+    def counter(name: str, experts: int):
+        def hook(module, args, kwargs):
+            index = next((a for a in (*args[1:], *kwargs.values()) if isinstance(a, torch.Tensor) and not a.is_floating_point()), None)
+            if index is not None:
+                index = index.reshape(-1).cpu()
+                index = index[(index >= 0) & (index < experts)]  # implementations may pad with -1 or `experts`
+                counts[name] = counts.get(name, 0) + torch.bincount(index, minlength=experts)
+        return hook
+
+    handles = [m.register_forward_pre_hook(counter(n, m.down_proj.shape[0]), with_kwargs=True) for n, m in find_expert_modules(block).items()]
+    try:
+        yield counts
+    finally:
+        for h in handles:
+            h.remove()
 
 
 class Layout(NamedTuple):

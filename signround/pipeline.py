@@ -84,6 +84,7 @@ class QuantizeReport:
     tuning_seconds: float = 0.0       # capture, tuning and packing, block by block
     tuning_steps: int = 0             # optimiser steps over the blocks tuned by this call
     peak_memory_bytes: int = 0
+    expert_tokens: dict[str, list[int]] = field(default_factory=dict)  # experts module -> calibration tokens routed to each expert
     bits_per_weight: float = 0.0
     # parameters by where they ended: "quantized", "kept 16-bit" (weight tensors inside the blocks left
     # unquantized, by name in `kept_16bit`), "outside the blocks" (embeddings, lm_head, norms), "block norms and biases"
@@ -114,6 +115,10 @@ class QuantizeReport:
         if self.calibration_shape:
             n, length = self.calibration_shape
             lines.insert(0, f"calibration: {n} samples x {length} tokens ({self.calibration_seconds:.1f} s to prepare)")
+        if self.expert_tokens:
+            counts = sorted(c for per_module in self.expert_tokens.values() for c in per_module)
+            lines.append(f"calibration tokens per expert: min {counts[0]}, median {counts[len(counts) // 2]}, max {counts[-1]} "
+                         f"({len(counts)} experts in {len(self.expert_tokens)} blocks)")
         if self.perplexity:
             lines.append(f"perplexity: {self.perplexity[0]:.3f} before, {self.perplexity[1]:.3f} after")
         return "\n".join(lines + self.notes)
@@ -443,13 +448,14 @@ def quantize(model, config: QuantConfig | None = None, run: RunConfig | None = N
             block_start = time.perf_counter()
             _load_block(blocks_name, blocks, i, plan[i], weights)
             try:
-                fp_in, q_in, losses, notes, steps = _quantize_one(model, blocks_name, blocks, i, plan[i], algorithm, config, fp_in, q_in, calls,
+                fp_in, q_in, losses, notes, steps, routed = _quantize_one(model, blocks_name, blocks, i, plan[i], algorithm, config, fp_in, q_in, calls,
                                                                   device, amp_dtype, caches, compiled)
             except (torch.OutOfMemoryError, MemoryError):
                 raise _out_of_memory(i, device, config, state) from None
             report.block_losses.append(losses)
             report.notes.extend(notes)
             report.tuning_steps += steps
+            report.expert_tokens.update(routed)
             if state:
                 state.save_block(i, _block_tensors(blocks[i]), fp_in, q_in, losses, notes, time.perf_counter() - block_start)
             if streaming:
@@ -548,18 +554,27 @@ def _loss(output, target, batch_size: int, rows: int | None, tame_outliers: bool
 
 def _quantize_one(model, blocks_name, blocks, i, tasks, algorithm, config, fp_in, q_in, calls, device, amp_dtype, caches: CacheFactory,
                   compiled: bool = False):
-    """Tune and pack block i; returns the next block's (original, quantized) inputs, (loss before, after) and notes."""
+    """Tune and pack block i; returns the next block's (original, quantized) inputs, (loss before, after), notes, steps
+    and the calibration tokens routed to each expert of its experts modules."""
     original_dtype = next(blocks[i].parameters()).dtype
     blocks[i].to(device=device, dtype=torch.float32)  # tuning masters stay fp32; autocast does the fast math
     fp_out = data = None
+    tokens: dict = {}
     if algorithm.needs_calibration:
         call = calls[i].to(device)
-        fp_out = run_block(blocks[i], fp_in, call, config.batch_size, device, amp_dtype, caches.empty(fp_in.shape))
+        with experts.routed_tokens(blocks[i]) as tokens:
+            fp_out = run_block(blocks[i], fp_in, call, config.batch_size, device, amp_dtype, caches.empty(fp_in.shape))
         if config.quantized_inputs and fp_in is not q_in:  # the original stream's inputs are done with: one cache less
             fp_in.discard()
         data = BlockData(q_in if config.quantized_inputs else fp_in, fp_out, call, device, amp_dtype, i, len(blocks), compiled)
     # a block whose every layer is kept 16-bit by overrides has nothing to tune: it is only run
     result = algorithm.quantize_block(blocks[i], tasks, data, config) if tasks else BlockResult({})
+    routed = {f"{blocks_name}.{i}.{name}": counts.tolist() for name, counts in tokens.items()}
+    idle = [f"{name}.{e}" for name, counts in routed.items() for e, c in enumerate(counts) if c == 0]
+    if idle and result.steps:
+        result.notes.append(f"block {i}: {len(idle)} experts received no calibration tokens and keep round-to-nearest, "
+                            f"their tuning start: {', '.join(idle[:8])}{', ...' if len(idle) > 8 else ''}")
+        warnings.warn(result.notes[-1])
     packed = {t.name: QuantLinear.from_quantized(result.weights[t.name], t.scheme, None if t.expert else getattr(t.module, "bias", None))
               for t in tasks}
     _install(model, f"{blocks_name}.{i}.", tasks, packed)
@@ -575,4 +590,4 @@ def _quantize_one(model, blocks_name, blocks, i, tasks, algorithm, config, fp_in
     _restore_dtype(blocks[i], original_dtype)
     blocks[i].to("cpu")
     before = result.loss_before if result.loss_before is not None else loss_after
-    return fp_in, q_in, (before, loss_after), result.notes, result.steps
+    return fp_in, q_in, (before, loss_after), result.notes, result.steps, routed

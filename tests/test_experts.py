@@ -184,3 +184,20 @@ def test_an_interrupted_moe_run_resumes_to_identical_packed_experts(monkeypatch,
     a, b = resumed.state_dict(), reference.state_dict()
     assert a.keys() == b.keys() and any(".experts.3.down_proj.qweight" in k for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_tokens_per_expert_are_reported_and_an_expert_without_any_is_named():
+    import signround
+
+    model = make_moe("gpt_oss")
+    with torch.no_grad():
+        for block in find_blocks(model)[1]:
+            block.mlp.router.bias[3] = -1e4  # the router never picks expert 3
+    calibration = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match=r"1 experts received no calibration tokens .*model\.layers\.0\.mlp\.experts\.3"):
+        report = signround.quantize(model, signround.QuantConfig(scheme="W4A16G32", iters=2, nsamples=8, seqlen=16, batch_size=4),
+                                    calibration=calibration)
+    assert list(report.expert_tokens) == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    for counts in report.expert_tokens.values():
+        assert counts[3] == 0 and min(counts[:3]) > 0 and sum(counts) == 8 * 16 * model.config.num_experts_per_tok
+    assert "calibration tokens per expert: min 0" in report.summary()
