@@ -12,6 +12,7 @@ are (`mlp.experts.3.gate_proj`), and back. Algorithms and formats see only the m
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import NamedTuple
 
 import torch
@@ -152,28 +153,36 @@ def float_linear(matrix: torch.Tensor) -> nn.Linear:
     return layer
 
 
-class QuantExperts(nn.ModuleList):
-    """A stacked experts module after quantization. Entry e holds expert e's `gate_proj`, `up_proj` and
+class QuantExperts(nn.Module):
+    """A stacked experts module after quantization. Child `e` holds expert e's `gate_proj`, `up_proj` and
     `down_proj` as packed QuantLinear layers (or nn.Linear where a projection stayed 16-bit), so the
     state dict names them as per-expert linear layers are named (`experts.3.gate_proj.qweight`). The
     forward dequantizes them into the original stacked layout and runs the original module's own
     forward through `functional_call`, whichever experts implementation transformers dispatches to.
-    The original module is kept with its weights on the meta device, outside the module tree."""
+    The original module is kept with its weights on the meta device, outside the module tree; what else
+    it held (gpt-oss's stacked biases, Ergo's post_expert_norm) is copied here under its own name."""
 
     def __init__(self, original: nn.Module, layers: dict[tuple[int, str], nn.Module]):
-        experts = original.down_proj.shape[0]
-        entries = []
-        for e in range(experts):
+        super().__init__()
+        self.experts = original.down_proj.shape[0]
+        for e in range(self.experts):
             entry = nn.Module()
             for part in PARTS if original.has_gate else ("up", "down"):
                 entry.add_module(f"{part}_proj", layers[(e, part)])
-            entries.append(entry)
-        super().__init__(entries)
+            self.add_module(str(e), entry)
         self.layout, self.params = layout(original), stacked_params(original)
-        for name, bias in list(original.named_parameters(recurse=False)):
-            if name not in self.params:  # gpt-oss's per-expert biases stay 16-bit, under their own names
-                self.register_parameter(name, nn.Parameter(bias.detach().clone(), requires_grad=False))
+        for name, tensor in list(original.named_parameters(recurse=False)):
+            if name not in self.params:
+                self.register_parameter(name, nn.Parameter(tensor.detach().clone(), requires_grad=False))
+        for name, tensor in original.named_buffers(recurse=False):
+            self.register_buffer(name, tensor.clone())
+        self.held = [name for name, _ in original.named_children()]
+        for name in self.held:
+            self.add_module(name, copy.deepcopy(getattr(original, name)))
         self._original = [original.to("meta")]  # a list: not a submodule, so its meta weights are not saved
+
+    def expert(self, e: int) -> nn.Module:
+        return getattr(self, str(e))
 
     @classmethod
     def shell(cls, original: nn.Module, schemes, dtype: torch.dtype, device=None) -> QuantExperts:
@@ -192,11 +201,13 @@ class QuantExperts(nn.ModuleList):
     def weights(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """The stacked parameters the original module holds, dequantized."""
         matrices = {}
-        for e, entry in enumerate(self):
-            for name, layer in entry.named_children():
+        for e in range(self.experts):
+            for name, layer in self.expert(e).named_children():
                 matrices[(e, name.removesuffix("_proj"))] = layer.weight.to(dtype) if isinstance(layer, nn.Linear) else layer.dequantized_weight(dtype)
-        stacked = {param: stack(self.layout, param, len(self), matrices) for param in self.params}
-        return stacked | {name: p.to(dtype) for name, p in self.named_parameters(recurse=False)}
+        stacked = {param: stack(self.layout, param, self.experts, matrices) for param in self.params}
+        own = {name: t.to(dtype) if t.is_floating_point() else t for name, t in [*self.named_parameters(recurse=False), *self.named_buffers(recurse=False)]}
+        held = {f"{child}.{key}": t for child in self.held for key, t in getattr(self, child).state_dict(keep_vars=True).items()}
+        return stacked | own | held
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         from torch.func import functional_call

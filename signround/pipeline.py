@@ -570,10 +570,12 @@ def _quantize_one(model, blocks_name, blocks, i, tasks, algorithm, config, fp_in
     # a block whose every layer is kept 16-bit by overrides has nothing to tune: it is only run
     result = algorithm.quantize_block(blocks[i], tasks, data, config) if tasks else BlockResult({})
     routed = {f"{blocks_name}.{i}.{name}": counts.tolist() for name, counts in tokens.items()}
-    idle = [f"{name}.{e}" for name, counts in routed.items() for e, c in enumerate(counts) if c == 0]
-    if idle and result.steps:
-        result.notes.append(f"block {i}: {len(idle)} experts received no calibration tokens and keep round-to-nearest, "
-                            f"their tuning start: {', '.join(idle[:8])}{', ...' if len(idle) > 8 else ''}")
+    tuned = {t.expert.module for t in tasks if t.expert} if result.steps else set()
+    idle = [f"{blocks_name}.{i}.{name}.{e}" for name, counts in tokens.items() if name in tuned for e, c in enumerate(counts.tolist()) if c == 0]
+    if idle:  # routed by the original model; tuning routes the quantized stream, which may differ a little
+        result.notes.append(f"block {i}: {len(idle)} experts received no calibration tokens, so tuning left them at its starting point "
+                            f"(round-to-nearest{' at the searched clipping' if config.clip_search else ''}): "
+                            f"{', '.join(idle[:8])}{', ...' if len(idle) > 8 else ''}")
         warnings.warn(result.notes[-1])
     packed = {t.name: QuantLinear.from_quantized(result.weights[t.name], t.scheme, None if t.expert else getattr(t.module, "bias", None))
               for t in tasks}

@@ -102,15 +102,15 @@ def test_every_expert_is_quantized_and_runs_through_the_models_own_expert_code(a
     packed = {(i, n): m for i, b in enumerate(blocks) for n, m in b.named_modules() if isinstance(m, experts.QuantExperts)}
     assert packed
     for (i, name), module in packed.items():
-        for e, entry in enumerate(module):
-            for part_name, layer in entry.named_children():
+        for e in range(module.experts):
+            for part_name, layer in module.expert(e).named_children():
                 assert isinstance(layer, QuantLinear)
                 assert f"model.layers.{i}.{name}.{e}.{part_name}" in report.quantized
     assert not [n for n in report.kept_16bit if "experts" in n]  # only routers and embeddings stay 16-bit
     assert report.share("quantized") > 0.5
 
     def dequantized(block_index, entry):
-        return packed[(block_index, entry.module)][entry.expert].get_submodule(f"{entry.part}_proj").dequantized_weight()
+        return packed[(block_index, entry.module)].get_submodule(f"{entry.expert}.{entry.part}_proj").dequantized_weight()
 
     reference = _with_matrices(reference, dequantized)
     for name, layer in model.named_modules():  # the attention's packed layers
@@ -194,10 +194,29 @@ def test_tokens_per_expert_are_reported_and_an_expert_without_any_is_named():
         for block in find_blocks(model)[1]:
             block.mlp.router.bias[3] = -1e4  # the router never picks expert 3
     calibration = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(0))
-    with pytest.warns(UserWarning, match=r"1 experts received no calibration tokens .*model\.layers\.0\.mlp\.experts\.3"):
+    with pytest.warns(UserWarning, match=r"1 experts received no calibration tokens.*model\.layers\.0\.mlp\.experts\.3"):
         report = signround.quantize(model, signround.QuantConfig(scheme="W4A16G32", iters=2, nsamples=8, seqlen=16, batch_size=4),
                                     calibration=calibration)
     assert list(report.expert_tokens) == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
     for counts in report.expert_tokens.values():
         assert counts[3] == 0 and min(counts[:3]) > 0 and sum(counts) == 8 * 16 * model.config.num_experts_per_tok
     assert "calibration tokens per expert: min 0" in report.summary()
+
+
+def test_what_else_an_experts_module_holds_keeps_its_name_and_values():
+    """Ergo's experts hold a post_expert_norm module: QuantExperts keeps such children (and buffers) as they were."""
+    import signround
+
+    model = make_moe("qwen3_moe")
+    module = model.model.layers[0].mlp.experts
+    module.add_module("post_expert_norm", torch.nn.LayerNorm(64))
+    module.register_buffer("scale", torch.tensor([2.0]))
+    with torch.no_grad():
+        module.post_expert_norm.weight.normal_()
+    kept = module.post_expert_norm.weight.clone()
+    signround.quantize(model, signround.QuantConfig(scheme="W4A16G32", method="rtn"))
+    state = model.state_dict()
+    assert torch.equal(state["model.layers.0.mlp.experts.post_expert_norm.weight"], kept)
+    assert torch.equal(state["model.layers.0.mlp.experts.scale"], torch.tensor([2.0]))
+    packed = model.model.layers[0].mlp.experts
+    assert isinstance(packed, experts.QuantExperts) and {"post_expert_norm.weight", "scale"} <= set(packed.weights(torch.float32))

@@ -270,7 +270,9 @@ class SignRound:
 
     def _tune(self, block, layers, data: BlockData, config, compiled: bool) -> BlockResult:
         device = data.device
-        tunables = [_Tunables(t, device, data.amp_dtype or t.weight().dtype) for t in layers]
+        # experts' fake weights stay fp32: transformers' grouped and batched expert kernels do not autocast, so
+        # the targets were computed from fp32 experts (a linear's F.linear casts to the autocast dtype either way)
+        tunables = [_Tunables(t, device, t.weight().dtype if t.expert else data.amp_dtype or t.weight().dtype) for t in layers]
         specs = [t.spec for t in tunables]
         step_loss = _compiled_tuned_loss() if compiled else _tuned_loss
         n = data.inputs.shape[0]
