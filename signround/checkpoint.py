@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from . import experts
 from .blocks import set_submodule
 from .config import WeightScheme
 from .qlinear import QuantLinear
@@ -48,12 +49,10 @@ def expected_sizes(model, planned: dict, nsamples: int, seqlen: int) -> tuple[in
     """Bytes of (the output folder, the resumable work state), estimated before quantizing: the
     `planned` layers (`pipeline.planned_layers`) at their bits per weight, everything else in 16 bit,
     and two sets of fp32 hidden states of `seqlen` tokens per sample (0 for methods that calibrate on nothing)."""
-    from .blocks import linear_weight
-
     tasks = planned.values()
-    packed = sum(int(t.module.weight.numel() * t.scheme.bits_per_weight(linear_weight(t.module).shape[1]) / 8) for t in tasks)
-    quantized = {id(t.module.weight) for t in tasks}
-    plain = sum(p.numel() * 2 for p in {id(p): p for p in model.parameters()}.values() if id(p) not in quantized)
+    shapes = [t.weight().shape for t in tasks]
+    packed = sum(int(rows * cols * t.scheme.bits_per_weight(cols) / 8) for t, (rows, cols) in zip(tasks, shapes))
+    plain = sum(p.numel() * 2 for p in {id(p): p for p in model.parameters()}.values()) - sum(rows * cols * 2 for rows, cols in shapes)
     hidden = model.get_input_embeddings().weight.shape[1]
     inputs = 2 * 2 * nsamples * seqlen * hidden * 4  # original and quantized streams; old and new file briefly
     return packed + plain, packed + inputs
@@ -235,8 +234,13 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
         dtype = torch.float32 if torch.device(device).type == "cpu" else _stored_float_dtype(files)
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for name, module in [(n, m) for n, m in model.named_modules() if experts.is_experts(m)]:
+        if any(k.startswith(f"{name}.0.") for k in state):  # stored per expert: quantized (or kept 16-bit) by signround
+            set_submodule(model, name, experts.QuantExperts.shell(module, _stored_expert_schemes(qcfg, name, packed_layers), dtype))
     for name in sorted(packed_layers):
         linear = model.get_submodule(name)
+        if isinstance(linear, QuantLinear):  # an expert's projection, made above
+            continue
         weight = linear.weight
         in_features, out_features = (weight.shape[1], weight.shape[0]) if isinstance(linear, torch.nn.Linear) else weight.shape
         q = QuantLinear(in_features, out_features, stored_scheme(qcfg, name), getattr(linear, "bias", None) is not None, dtype=weight.dtype)
@@ -252,6 +256,15 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
                 if getattr(module, key, None) is not None:
                     setattr(module, key, getattr(module, key).to(torch.float16))
     return model.to(device).eval()
+
+
+def _stored_expert_schemes(qcfg: dict, module_name: str, packed_layers: set[str]):
+    """The scheme of each projection (`3.gate_proj`) of the experts module `module_name`, None where it was kept 16-bit."""
+    def scheme(suffix: str) -> WeightScheme | None:
+        name = f"{module_name}.{suffix}"
+        return stored_scheme(qcfg, name) if name in packed_layers else None
+
+    return scheme
 
 
 def _stored_float_dtype(files: list[Path]) -> torch.dtype:

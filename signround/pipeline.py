@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import __version__, experts
 from .algorithms import BlockData, BlockResult, LayerTask, block_loss, get_algorithm
 from .blocks import (
     UnsupportedModelError,
@@ -37,7 +37,7 @@ from .blocks import (
 )
 from .cache import CACHE_DTYPES, CACHE_FILES, CacheFactory
 from .calibration import DataError, calibration_ids
-from .config import ConfigError, QuantConfig, RunConfig, WeightScheme
+from .config import ROUTER, ConfigError, QuantConfig, RunConfig, WeightScheme
 from .hardware import cpu_has_fast_bf16, release_freed_memory
 from .qlinear import QuantLinear
 from .resume import WorkState, fingerprint
@@ -84,6 +84,7 @@ class QuantizeReport:
     tuning_seconds: float = 0.0       # capture, tuning and packing, block by block
     tuning_steps: int = 0             # optimiser steps over the blocks tuned by this call
     peak_memory_bytes: int = 0
+    expert_tokens: dict[str, list[int]] = field(default_factory=dict)  # experts module -> calibration tokens routed to each expert
     bits_per_weight: float = 0.0
     # parameters by where they ended: "quantized", "kept 16-bit" (weight tensors inside the blocks left
     # unquantized, by name in `kept_16bit`), "outside the blocks" (embeddings, lm_head, norms), "block norms and biases"
@@ -114,6 +115,10 @@ class QuantizeReport:
         if self.calibration_shape:
             n, length = self.calibration_shape
             lines.insert(0, f"calibration: {n} samples x {length} tokens ({self.calibration_seconds:.1f} s to prepare)")
+        if self.expert_tokens:
+            counts = sorted(c for per_module in self.expert_tokens.values() for c in per_module)
+            lines.append(f"calibration tokens per expert: min {counts[0]}, median {counts[len(counts) // 2]}, max {counts[-1]} "
+                         f"({len(counts)} experts in {len(self.expert_tokens)} blocks)")
         if self.perplexity:
             lines.append(f"perplexity: {self.perplexity[0]:.3f} before, {self.perplexity[1]:.3f} after")
         return "\n".join(lines + self.notes)
@@ -126,22 +131,47 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 def plan_layers(model, blocks_name: str, blocks, config: QuantConfig, report: QuantizeReport) -> list[list[LayerTask]]:
-    """Per block, the linear layers to quantize with their scheme; layers that cannot be are recorded as skipped."""
+    """Per block, the weight matrices to quantize with their scheme: linear layers' weights and each
+    expert's projections in stacked experts modules. Matrices that cannot be are recorded as skipped."""
     plan = []
     for i, block in enumerate(blocks):
         tasks = []
-        for name, module in find_linears(block).items():
-            full = f"{blocks_name}.{i}.{name}"
-            in_features = linear_weight(module).shape[1]
+
+        def planned(full: str, in_features: int) -> WeightScheme | None:
             scheme = _fitting(config.scheme_for(full, (i, len(blocks))), in_features, full, report)
-            _check_finite(full, module)
             if scheme is None:
                 report.skipped[full] = config.kept_reason(full)
             elif not scheme.fits(in_features, config.pad_groups):
                 report.skipped[full] = f"in_features={in_features} is not divisible by group_size={scheme.group_size} (pad_groups is off)"
             else:
-                tasks.append(LayerTask(name, module, scheme))
                 report.quantized[full] = scheme
+                return scheme
+            return None
+
+        for name, module in find_linears(block).items():
+            full = f"{blocks_name}.{i}.{name}"
+            _check_finite(f"{full}.weight", module.weight)
+            scheme = planned(full, linear_weight(module).shape[1])
+            if scheme is not None:
+                tasks.append(LayerTask(name, module, scheme))
+        for name, module in block.named_modules():  # a router that is its own module (Qwen3-MoE's TopKRouter) holds its weight itself
+            if ROUTER.search(name) and not is_linear(module) and isinstance(getattr(module, "weight", None), torch.Tensor):
+                report.skipped[f"{blocks_name}.{i}.{name}"] = "a router that is not a linear layer: kept 16-bit"
+        for name, module in experts.find_expert_modules(block).items():
+            stacks: dict[str, list[tuple[str, WeightScheme | None]]] = {}
+            for param in experts.stacked_params(module):
+                _check_finite(f"{blocks_name}.{i}.{name}.{param}", getattr(module, param))
+            for entry in experts.expert_matrices_of(module, name):
+                scheme = planned(f"{blocks_name}.{i}.{entry.name}", experts.read(module, entry).shape[1])
+                stacks.setdefault(entry.param, []).append((entry.name, scheme))
+                if scheme is not None:
+                    tasks.append(LayerTask(entry.name, module, scheme, entry))
+            for param, chosen in stacks.items():
+                kept = [n for n, scheme in chosen if scheme is None]
+                if 0 < len(kept) < len(chosen):
+                    raise ConfigError(f"{blocks_name}.{i}.{kept[0]} would stay 16-bit while other experts of {blocks_name}.{i}.{name}.{param} "
+                                      f"are quantized: a stacked expert tensor is quantized or kept whole; override all of it, e.g. "
+                                      f"--layer '{name.rpartition('.')[2]}\\.=fp16'")
         plan.append(tasks)
     _check_group_sizes([t for tasks in plan for t in tasks])
     if not report.quantized:
@@ -162,9 +192,9 @@ def _fitting(scheme: WeightScheme | None, in_features: int, name: str, report: Q
     return fallback
 
 
-def _check_finite(name: str, module) -> None:
-    if not module.weight.is_meta and not torch.isfinite(module.weight).all():
-        raise CorruptWeightsError(f"{name}.weight holds NaN or Inf values: the model's weights are corrupt; re-download or re-convert it")
+def _check_finite(name: str, weight: torch.Tensor) -> None:
+    if not weight.is_meta and not torch.isfinite(weight).all():
+        raise CorruptWeightsError(f"{name} holds NaN or Inf values: the model's weights are corrupt; re-download or re-convert it")
 
 
 def _load_block(blocks_name: str, blocks, i: int, tasks: list[LayerTask], weights) -> None:
@@ -173,7 +203,7 @@ def _load_block(blocks_name: str, blocks, i: int, tasks: list[LayerTask], weight
         return
     materialize(blocks[i], f"{blocks_name}.{i}.", weights)
     for task in tasks:
-        _check_finite(f"{blocks_name}.{i}.{task.name}", task.module)
+        _check_finite(f"{blocks_name}.{i}.{task.name}", task.weight())
 
 
 def planned_layers(model, config: QuantConfig) -> dict[str, LayerTask]:
@@ -190,7 +220,7 @@ def _check_group_sizes(tasks: list[LayerTask]) -> None:
     widths: dict[int, set[int]] = {}
     for t in tasks:
         if t.scheme.group_size != -1:
-            widths.setdefault(t.scheme.group_size, set()).add(linear_weight(t.module).shape[1])
+            widths.setdefault(t.scheme.group_size, set()).add(t.weight().shape[1])
     for group, sizes in widths.items():
         if all(w % group for w in sizes):
             raise ConfigError(f"group_size={group} divides none of the layers' input sizes ({', '.join(map(str, sorted(sizes)))}): "
@@ -200,6 +230,23 @@ def _check_group_sizes(tasks: list[LayerTask]) -> None:
 def _swap(model, prefix: str, task: LayerTask, qw) -> None:
     bias = getattr(task.module, "bias", None)
     set_submodule(model, f"{prefix}{task.name}", QuantLinear.from_quantized(qw, task.scheme, bias))
+
+
+def _install(model, prefix: str, tasks: list[LayerTask], layers: dict[str, torch.nn.Module]) -> None:
+    """Put the packed `layers` (by task name) in place of what they quantize: a linear layer's at its
+    name, the projections of an experts module all at once as one QuantExperts (projections without a
+    packed layer stay 16-bit inside it)."""
+    stacked: dict[str, tuple[torch.nn.Module, dict]] = {}
+    for task in tasks:
+        if task.expert is None:
+            set_submodule(model, f"{prefix}{task.name}", layers[task.name])
+        else:
+            stacked.setdefault(task.expert.module, (task.module, {}))[1][(task.expert.expert, task.expert.part)] = layers[task.name]
+    for name, (module, packed) in stacked.items():
+        for entry in experts.expert_matrices_of(module):
+            if (entry.expert, entry.part) not in packed:
+                packed[(entry.expert, entry.part)] = experts.float_linear(experts.read(module, entry))
+        set_submodule(model, f"{prefix}{name}", experts.QuantExperts(module, packed))
 
 
 def _restore_dtype(block, dtype: torch.dtype) -> None:
@@ -284,11 +331,13 @@ def _restore_block(model, prefix: str, tasks: list[LayerTask], tensors: dict[str
     its other tensors (norms). With `tensors` None (a lazily opened model) only the structure is rebuilt,
     on the meta device: the tensors stay on disk until the model is saved."""
     device = "meta" if tensors is None else None
+    layers = {}
     for task in tasks:
-        out_features, in_features = linear_weight(task.module).shape
-        bias = getattr(task.module, "bias", None)
-        layer = QuantLinear(in_features, out_features, task.scheme, bias is not None, dtype=bias.dtype if bias is not None else torch.float16, device=device)
-        set_submodule(model, f"{prefix}{task.name}", layer)
+        out_features, in_features = task.weight().shape
+        bias = None if task.expert else getattr(task.module, "bias", None)
+        layers[task.name] = QuantLinear(in_features, out_features, task.scheme, bias is not None,
+                                        dtype=bias.dtype if bias is not None else torch.float16, device=device)
+    _install(model, prefix, tasks, layers)
     if tensors is not None:
         model.get_submodule(prefix.rstrip(".")).load_state_dict(tensors, strict=False)
 
@@ -399,13 +448,14 @@ def quantize(model, config: QuantConfig | None = None, run: RunConfig | None = N
             block_start = time.perf_counter()
             _load_block(blocks_name, blocks, i, plan[i], weights)
             try:
-                fp_in, q_in, losses, notes, steps = _quantize_one(model, blocks_name, blocks, i, plan[i], algorithm, config, fp_in, q_in, calls,
+                fp_in, q_in, losses, notes, steps, routed = _quantize_one(model, blocks_name, blocks, i, plan[i], algorithm, config, fp_in, q_in, calls,
                                                                   device, amp_dtype, caches, compiled)
             except (torch.OutOfMemoryError, MemoryError):
                 raise _out_of_memory(i, device, config, state) from None
             report.block_losses.append(losses)
             report.notes.extend(notes)
             report.tuning_steps += steps
+            report.expert_tokens.update(routed)
             if state:
                 state.save_block(i, _block_tensors(blocks[i]), fp_in, q_in, losses, notes, time.perf_counter() - block_start)
             if streaming:
@@ -444,12 +494,20 @@ def quantize(model, config: QuantConfig | None = None, run: RunConfig | None = N
 
 
 def _weights_outside_linears(blocks_name: str, blocks) -> list[str]:
-    """Weight tensors (two or more dimensions) of the blocks that no linear layer holds, e.g. fused 3-D expert tensors."""
+    """Weight tensors (two or more dimensions) of the blocks that neither a linear layer nor a known
+    experts module holds, e.g. a 3-D tensor of an experts class transformers does not mark as one.
+    Stacked biases (gpt-oss's experts) are biases, not weights."""
     names = []
     for i, block in enumerate(blocks):
-        linear_weights = {id(m.weight) for m in find_linears(block).values()}  # gpt2's Conv1D holds its weight transposed
-        names += [f"{blocks_name}.{i}.{n}" for n, p in block.named_parameters() if p.dim() >= 2 and id(p) not in linear_weights]
+        seen = {id(m.weight) for m in find_linears(block).values()}  # gpt2's Conv1D holds its weight transposed
+        seen |= {id(getattr(m, p)) for m in experts.find_expert_modules(block).values() for p in experts.stacked_params(m)}
+        seen |= {id(m.weight) for n, m in block.named_modules() if ROUTER.search(n) and isinstance(getattr(m, "weight", None), torch.Tensor)}
+        names += [f"{blocks_name}.{i}.{n}" for n, p in block.named_parameters() if _is_weight(n, p) and id(p) not in seen]
     return names
+
+
+def _is_weight(name: str, param: torch.Tensor) -> bool:
+    return param.dim() >= 2 and not name.endswith("bias")
 
 
 def _count_parameters(model, blocks_name: str, blocks, report: QuantizeReport) -> None:
@@ -461,7 +519,7 @@ def _count_parameters(model, blocks_name: str, blocks, report: QuantizeReport) -
     for i, block in enumerate(blocks):
         for name, param in block.named_parameters():
             inside.add(id(param))
-            if param.dim() >= 2:
+            if _is_weight(name, param):
                 report.kept_16bit[f"{blocks_name}.{i}.{name}"] = param.numel()
                 counts["kept 16-bit"] += param.numel()
             else:
@@ -496,20 +554,33 @@ def _loss(output, target, batch_size: int, rows: int | None, tame_outliers: bool
 
 def _quantize_one(model, blocks_name, blocks, i, tasks, algorithm, config, fp_in, q_in, calls, device, amp_dtype, caches: CacheFactory,
                   compiled: bool = False):
-    """Tune and pack block i; returns the next block's (original, quantized) inputs, (loss before, after) and notes."""
+    """Tune and pack block i; returns the next block's (original, quantized) inputs, (loss before, after), notes, steps
+    and the calibration tokens routed to each expert of its experts modules."""
     original_dtype = next(blocks[i].parameters()).dtype
     blocks[i].to(device=device, dtype=torch.float32)  # tuning masters stay fp32; autocast does the fast math
     fp_out = data = None
+    tokens: dict = {}
     if algorithm.needs_calibration:
         call = calls[i].to(device)
-        fp_out = run_block(blocks[i], fp_in, call, config.batch_size, device, amp_dtype, caches.empty(fp_in.shape))
+        with experts.routed_tokens(blocks[i]) as tokens:
+            fp_out = run_block(blocks[i], fp_in, call, config.batch_size, device, amp_dtype, caches.empty(fp_in.shape))
         if config.quantized_inputs and fp_in is not q_in:  # the original stream's inputs are done with: one cache less
             fp_in.discard()
         data = BlockData(q_in if config.quantized_inputs else fp_in, fp_out, call, device, amp_dtype, i, len(blocks), compiled)
     # a block whose every layer is kept 16-bit by overrides has nothing to tune: it is only run
     result = algorithm.quantize_block(blocks[i], tasks, data, config) if tasks else BlockResult({})
+    routed = {f"{blocks_name}.{i}.{name}": counts.tolist() for name, counts in tokens.items()}
+    tuned = {t.expert.module for t in tasks if t.expert} if result.steps else set()
+    idle = [f"{blocks_name}.{i}.{name}.{e}" for name, counts in tokens.items() if name in tuned for e, c in enumerate(counts.tolist()) if c == 0]
+    if idle:  # routed by the original model; tuning routes the quantized stream, which may differ a little
+        result.notes.append(f"block {i}: {len(idle)} experts received no calibration tokens, so tuning left them at its starting point "
+                            f"(round-to-nearest{' at the searched clipping' if config.clip_search else ''}): "
+                            f"{', '.join(idle[:8])}{', ...' if len(idle) > 8 else ''}")
+        warnings.warn(result.notes[-1])
+    packed = {t.name: QuantLinear.from_quantized(result.weights[t.name], t.scheme, None if t.expert else getattr(t.module, "bias", None))
+              for t in tasks}
+    _install(model, f"{blocks_name}.{i}.", tasks, packed)
     for task in tasks:
-        _swap(model, f"{blocks_name}.{i}.", task, result.weights[task.name])
         task.module.to("meta")  # the replaced float layer: the plan still refers to it, its memory can go
     loss_after = None
     if algorithm.needs_calibration:
@@ -521,4 +592,4 @@ def _quantize_one(model, blocks_name, blocks, i, tasks, algorithm, config, fp_in
     _restore_dtype(blocks[i], original_dtype)
     blocks[i].to("cpu")
     before = result.loss_before if result.loss_before is not None else loss_after
-    return fp_in, q_in, (before, loss_after), result.notes, result.steps
+    return fp_in, q_in, (before, loss_after), result.notes, result.steps, routed

@@ -8,19 +8,26 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from ..blocks import BlockCall
+from ..blocks import BlockCall, linear_weight
 from ..cache import HiddenCache
 from ..config import ConfigError, QuantConfig, WeightScheme
+from ..experts import ExpertMatrix, read
 from ..quant.integer import QuantizedWeight
 
 
 @dataclass
 class LayerTask:
-    """One linear layer to quantize: its name inside the block, the module and its scheme."""
+    """One weight matrix to quantize: its name inside the block, the module holding it and its scheme.
+    A linear layer's weight, or with `expert` one expert's projection inside the stacked parameter of an
+    experts module (`mlp.experts.3.gate_proj`); `weight()` gives either as a plain (out, in) matrix."""
 
     name: str
     module: nn.Module
     scheme: WeightScheme
+    expert: ExpertMatrix | None = None
+
+    def weight(self) -> torch.Tensor:
+        return read(self.module, self.expert) if self.expert else linear_weight(self.module)
 
 
 @dataclass

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from ..blocks import linear_weight
 from .base import BlockResult, register
 
 
@@ -11,4 +10,4 @@ class RTN:
     needs_calibration = False
 
     def quantize_block(self, block, layers, data, config) -> BlockResult:
-        return BlockResult({task.name: task.scheme.quantize(linear_weight(task.module).detach()) for task in layers})
+        return BlockResult({task.name: task.scheme.quantize(task.weight().detach()) for task in layers})

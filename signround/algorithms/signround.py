@@ -22,8 +22,9 @@ import warnings
 import torch
 from torch.func import functional_call
 
+from .. import experts
 from ..attention import tuning_attention
-from ..blocks import autocast, block_output, iter_batches, linear_weight, stores_transposed
+from ..blocks import autocast, block_output, iter_batches, stores_transposed
 from ..quant.integer import from_groups, search_clipping, to_groups
 from .base import BlockData, BlockResult, LayerTask, block_loss, register
 
@@ -36,17 +37,22 @@ class _Tunables:
 
     def __init__(self, task: LayerTask, device, dtype: torch.dtype):
         self.task = task
-        w = linear_weight(task.module).detach()
+        w = task.weight().detach()
         self.weight = w.to(device=device, dtype=torch.float32)
         self.grouped = to_groups(self.weight, task.scheme.group_size)
         groups = task.scheme.groups(w.shape[1])
         self.offset = torch.zeros_like(self.grouped, requires_grad=True)
         self.min_scale = torch.ones(w.shape[0], groups, device=device, requires_grad=True)
         self.max_scale = torch.ones(w.shape[0], groups, device=device, requires_grad=True)
-        self.param_name = f"{task.name}.weight"
         # what the traced step treats as constants (identical across a model's blocks, so no recompiles);
-        # `dtype` is the fake weight's: the autocast dtype the layer would cast it to anyway
-        self.spec = (self.param_name, task.scheme, w.shape[1], dtype, stores_transposed(task.module))
+        # `dtype` is the fake weight's: the autocast dtype the layer would cast it to anyway. Where the
+        # matrix goes: a linear's weight (in its own layout) or one piece of an experts module's stack
+        if task.expert is None:
+            target = ("linear", f"{task.name}.weight", stores_transposed(task.module))
+        else:
+            e = task.expert
+            target = ("expert", f"{e.module}.{e.param}", e.expert, e.part, experts.layout(task.module), task.module.down_proj.shape[0])
+        self.spec = (target, task.scheme, w.shape[1], dtype)
 
     def params(self):
         return [self.offset, self.min_scale, self.max_scale]
@@ -92,12 +98,19 @@ class _Tunables:
 
 def _fake_weights(specs, tensors) -> dict[str, torch.Tensor]:
     """The layers' straight-through quantize-dequantized weights, by parameter name, in each module's layout."""
-    weights = {}
-    for (name, scheme, in_features, dtype, transposed), (grouped, offset, min_scale, max_scale) in zip(specs, tensors):
+    weights, stacks = {}, {}
+    for (target, scheme, in_features, dtype), (grouped, offset, min_scale, max_scale) in zip(specs, tensors):
         # cast before dropping a partial group's padding: the other order, fused by inductor with the
         # group reductions, gives wrong bf16 values (torch 2.13, CPU; 576 inputs in groups of 128)
         w = from_groups(scheme.fake_quant_groups(grouped, offset, min_scale, max_scale).to(dtype), in_features)
-        weights[name] = w.t() if transposed else w
+        if target[0] == "linear":
+            _, name, transposed = target
+            weights[name] = w.t() if transposed else w
+        else:  # every matrix of a stacked parameter is tuned together (pipeline.plan_layers): stacked again
+            _, name, expert, part, lay, count = target
+            stacks.setdefault((name, lay, count), {})[(expert, part)] = w
+    for (name, lay, count), matrices in stacks.items():
+        weights[name] = experts.stack(lay, name.rpartition(".")[2], count, matrices)
     return weights
 
 
@@ -188,14 +201,23 @@ def _gradient_agreement(grads_of_row, params, rows: torch.Tensor) -> float:
     return 0.5 * (1 + coherence)
 
 
-def _accumulate_importance(store: dict, tunable):
-    """A forward pre-hook summing the squared inputs of a layer per input channel (its 'imatrix')."""
+def _accumulate_importance(store: dict):
+    """A forward pre-hook summing the squared inputs of a module per input channel (its 'imatrix')."""
 
     def hook(module, args):
         x = args[0].detach().float()
-        store[id(tunable)] = store.get(id(tunable), 0) + x.reshape(-1, x.shape[-1]).pow(2).sum(0)
+        store[id(module)] = store.get(id(module), 0) + x.reshape(-1, x.shape[-1]).pow(2).sum(0)
 
     return hook
+
+
+def _importance_of(task, importance: dict) -> torch.Tensor | None:
+    """A layer's input statistics. An experts module's input is every token of the block, not only
+    those routed to one expert: its gate and up projections read it as theirs; down, whose input is an
+    expert's own intermediate activation, gets none (an unweighted clipping search)."""
+    if task.expert is not None and task.expert.part == "down":
+        return None
+    return importance.get(id(task.module))
 
 
 @contextlib.contextmanager
@@ -248,7 +270,9 @@ class SignRound:
 
     def _tune(self, block, layers, data: BlockData, config, compiled: bool) -> BlockResult:
         device = data.device
-        tunables = [_Tunables(t, device, data.amp_dtype or t.module.weight.dtype) for t in layers]
+        # experts' fake weights stay fp32: transformers' grouped and batched expert kernels do not autocast, so
+        # the targets were computed from fp32 experts (a linear's F.linear casts to the autocast dtype either way)
+        tunables = [_Tunables(t, device, t.weight().dtype if t.expert else data.amp_dtype or t.weight().dtype) for t in layers]
         specs = [t.spec for t in tunables]
         step_loss = _compiled_tuned_loss() if compiled else _tuned_loss
         n = data.inputs.shape[0]
@@ -264,7 +288,8 @@ class SignRound:
                       data.amp_dtype, config.tame_outliers)
 
         importance = {}
-        hooks = [t.task.module.register_forward_pre_hook(_accumulate_importance(importance, t)) for t in tunables] if config.clip_search else []
+        modules = {id(t.task.module): t.task.module for t in tunables} if config.clip_search else {}
+        hooks = [m.register_forward_pre_hook(_accumulate_importance(importance)) for m in modules.values()]
         try:
             with torch.no_grad():
                 probe = min(n, PROBE_ROWS)
@@ -275,7 +300,7 @@ class SignRound:
                 h.remove()
         for t in tunables:
             if config.clip_search:
-                t.search_clipping(importance.get(id(t)))
+                t.search_clipping(_importance_of(t.task, importance))
         start_state = [s for t in tunables for s in t.initial_state()]
         params = [p for t in tunables for p in t.params()]
         notes: list[str] = []

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..blocks import find_blocks, find_linears, linear_weight
+from ..blocks import find_blocks, find_linears
 from ..config import ConfigError, QuantConfig, WeightScheme
 from ..qlinear import QuantLinear
 
@@ -25,6 +25,7 @@ class Format:
     name: str
     fits: str
     holds_kquants = False  # llama.cpp's K-quant scales (quantized per 256 weights) have a place only in GGUF
+    holds_experts = False  # stacked mixture-of-experts tensors: written only where the consumer's loading of them is tested
 
     def refusal(self, scheme: WeightScheme, in_features: int) -> str | None:
         """Why a layer with this scheme and input width cannot be written, or None."""
@@ -68,6 +69,13 @@ def _load_builtin() -> None:
     from . import auto_round, awq, compressed_tensors, gguf, gptq  # noqa: F401  (each registers itself)
 
 
+def has_experts(model) -> bool:
+    """Whether the model holds stacked experts, quantized or not."""
+    from ..experts import QuantExperts, is_experts
+
+    return any(is_experts(m) or isinstance(m, QuantExperts) for m in model.modules())
+
+
 def quantized_layers(model) -> dict[str, QuantLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
 
@@ -75,6 +83,9 @@ def quantized_layers(model) -> dict[str, QuantLinear]:
 def _refuse(fmt: Format, model, layers: dict[str, tuple[WeightScheme, int]]) -> None:
     """Raise FormatError for the model or the first layer (name -> (scheme, in_features)) `fmt` cannot hold."""
     reason = fmt.model_refusal(model)
+    if not fmt.holds_experts and has_experts(model):
+        reason = ("its writer does not lay out mixture-of-experts tensors for its consumers yet; save signround's own folder "
+                  "(format signround), which signround.load runs")
     if reason:
         raise FormatError(f"format {fmt.name} cannot hold this model: {reason}")
     for layer_name, (scheme, in_features) in layers.items():
@@ -95,7 +106,7 @@ def check_formats(names: list[str], model, config: QuantConfig, planned: dict | 
     from ..pipeline import planned_layers
 
     planned = planned if planned is not None else planned_layers(model, config)
-    layers = {name: (task.scheme, linear_weight(task.module).shape[1]) for name, task in planned.items()}
+    layers = {name: (task.scheme, task.weight().shape[1]) for name, task in planned.items()}
     for name in names:
         if name != NATIVE:
             _refuse(get_format(name), model, layers)
