@@ -203,7 +203,7 @@ def _load_block(blocks_name: str, blocks, i: int, tasks: list[LayerTask], weight
         return
     materialize(blocks[i], f"{blocks_name}.{i}.", weights)
     for task in tasks:
-        _check_finite(f"{blocks_name}.{i}.{task.name}", task.weight())
+        _check_finite(f"{blocks_name}.{i}.{task.name}" + ("" if task.expert else ".weight"), task.weight())
 
 
 def planned_layers(model, config: QuantConfig) -> dict[str, LayerTask]:

@@ -245,6 +245,10 @@ class _CompiledStepFailed(RuntimeError):
     """torch.compile failed on a block's tuning step; the message is the note the run keeps."""
 
 
+def _compiled_failure(index: int, e: Exception) -> _CompiledStepFailed:
+    return _CompiledStepFailed(f"block {index}: the compiled step failed ({type(e).__name__}: {_reason(e)}); tuned eagerly (--compile off avoids compiling)")
+
+
 @register("signround")
 class SignRound:
     needs_calibration = True
@@ -325,7 +329,14 @@ class SignRound:
 
         if config.adapt_batch and batch > 1 and iters > 0:
             rows = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed + data.index))[:AGREEMENT_ROWS]
-            agreement = _gradient_agreement(lambda row: loss_on(row, fn=_tuned_loss).backward(), params, rows)
+            try:  # eager, but inside the compiled path's attention (attention.py) where that is on
+                agreement = _gradient_agreement(lambda row: loss_on(row, fn=_tuned_loss).backward(), params, rows)
+            except (torch.OutOfMemoryError, MemoryError):
+                raise
+            except Exception as e:
+                if not compiled:
+                    raise
+                raise _compiled_failure(data.index, e) from e
             if agreement >= AGREEMENT_MIN:
                 iters, batch = iters * batch, 1
             log.info("block %d: row gradients agree %.3f: %d steps of %d rows", data.index, agreement, iters, batch)
@@ -344,8 +355,7 @@ class SignRound:
             except Exception as e:  # torch.compile fails in many types (inductor, dynamo, generated code)
                 if step_loss is _tuned_loss:
                     raise
-                raise _CompiledStepFailed(f"block {data.index}: the compiled step failed ({type(e).__name__}: {_reason(e)}); "
-                                          f"tuned eagerly (--compile off avoids compiling)") from e
+                raise _compiled_failure(data.index, e) from e
             if not math.isfinite(total):
                 kept = "the best finite state (the start if none)" if config.keep == "best" else "the starting point"
                 notes.append(f"block {data.index}: loss became {total} at step {step}; kept {kept}")

@@ -77,8 +77,8 @@ def test_block_errors_are_zero_for_the_same_model_and_grow_with_quantization(vs_
 def test_variant_settings_key_their_rows_and_reach_the_child(vs_autoround):
     import argparse
 
-    args = argparse.Namespace(project_clipping=None, clip_search=False, tame_outliers=True, cache_dtype="float32", seed=43)
-    assert vs_autoround.signround_key("default", "W4A16", args) == "signround|default|W4A16|RTN start|tamed outliers|float32 caches|seed 43"
-    assert vs_autoround.variant_argv(args) == ["--no-clip-search", "--tame-outliers", "--cache-dtype", "float32", "--seed", "43"]
+    args = argparse.Namespace(project_clipping=None, clip_search=False, tame_outliers=True, adapt_batch=False, cache_dtype="float32", seed=43)
+    assert vs_autoround.signround_key("default", "W4A16", args) == "signround|default|W4A16|RTN start|tamed outliers|fixed batch|float32 caches|seed 43"
+    assert vs_autoround.variant_argv(args) == ["--no-clip-search", "--tame-outliers", "--no-adapt-batch", "--cache-dtype", "float32", "--seed", "43"]
     plain = argparse.Namespace(**dict.fromkeys(vars(args)))
     assert vs_autoround.signround_key("default", "W4A16", plain) == "signround|default|W4A16" and not vs_autoround.variant_argv(plain)
