@@ -154,9 +154,8 @@ def plan_layers(model, blocks_name: str, blocks, config: QuantConfig, report: Qu
             scheme = planned(full, linear_weight(module).shape[1])
             if scheme is not None:
                 tasks.append(LayerTask(name, module, scheme))
-        for name, module in block.named_modules():  # a router that is its own module (Qwen3-MoE's TopKRouter) holds its weight itself
-            if ROUTER.search(name) and not is_linear(module) and isinstance(getattr(module, "weight", None), torch.Tensor):
-                report.skipped[f"{blocks_name}.{i}.{name}"] = "a router that is not a linear layer: kept 16-bit"
+        for name in _routers_outside_linears(block):
+            report.skipped[f"{blocks_name}.{i}.{name}"] = "a router that is not a linear layer: kept 16-bit"
         for name, module in experts.find_expert_modules(block).items():
             stacks: dict[str, list[tuple[str, WeightScheme | None]]] = {}
             for param in experts.stacked_params(module):
@@ -501,9 +500,16 @@ def _weights_outside_linears(blocks_name: str, blocks) -> list[str]:
     for i, block in enumerate(blocks):
         seen = {id(m.weight) for m in find_linears(block).values()}  # gpt2's Conv1D holds its weight transposed
         seen |= {id(getattr(m, p)) for m in experts.find_expert_modules(block).values() for p in experts.stacked_params(m)}
-        seen |= {id(m.weight) for n, m in block.named_modules() if ROUTER.search(n) and isinstance(getattr(m, "weight", None), torch.Tensor)}
+        seen |= {id(m.weight) for m in _routers_outside_linears(block).values()}
         names += [f"{blocks_name}.{i}.{n}" for n, p in block.named_parameters() if _is_weight(n, p) and id(p) not in seen]
     return names
+
+
+def _routers_outside_linears(block) -> dict:
+    """Routers that are modules of their own holding a weight (Qwen3-MoE's TopKRouter, gpt-oss's router), by name:
+    kept 16-bit whatever `quantize_routers` says, since no packed layer can stand in for them."""
+    return {name: m for name, m in block.named_modules()
+            if ROUTER.search(name) and not is_linear(m) and isinstance(getattr(m, "weight", None), torch.Tensor)}
 
 
 def _is_weight(name: str, param: torch.Tensor) -> bool:
