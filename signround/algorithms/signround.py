@@ -245,8 +245,20 @@ class _CompiledStepFailed(RuntimeError):
     """torch.compile failed on a block's tuning step; the message is the note the run keeps."""
 
 
-def _compiled_failure(index: int, e: Exception) -> _CompiledStepFailed:
-    return _CompiledStepFailed(f"block {index}: the compiled step failed ({type(e).__name__}: {_reason(e)}); tuned eagerly (--compile off avoids compiling)")
+@contextlib.contextmanager
+def _falls_back_to_eager(index: int, eager):
+    """torch.compile fails in many exception types (inductor, dynamo, generated code): while a block's step
+    is compiled (`eager()` false when it fails), any failure but running out of memory becomes
+    _CompiledStepFailed, on which the block is tuned again eagerly."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, MemoryError):
+        raise
+    except Exception as e:
+        if eager():
+            raise
+        raise _CompiledStepFailed(f"block {index}: the compiled step failed ({type(e).__name__}: {_reason(e)}); "
+                                  f"tuned eagerly (--compile off avoids compiling)") from e
 
 
 @register("signround")
@@ -329,14 +341,8 @@ class SignRound:
 
         if config.adapt_batch and batch > 1 and iters > 0:
             rows = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed + data.index))[:AGREEMENT_ROWS]
-            try:  # eager, but inside the compiled path's attention (attention.py) where that is on
+            with _falls_back_to_eager(data.index, eager=lambda: step_loss is _tuned_loss):  # eager, in the compiled path's attention
                 agreement = _gradient_agreement(lambda row: loss_on(row, fn=_tuned_loss).backward(), params, rows)
-            except (torch.OutOfMemoryError, MemoryError):
-                raise
-            except Exception as e:
-                if not compiled:
-                    raise
-                raise _compiled_failure(data.index, e) from e
             if agreement >= AGREEMENT_MIN:
                 iters, batch = iters * batch, 1
             log.info("block %d: row gradients agree %.3f: %d steps of %d rows", data.index, agreement, iters, batch)
@@ -348,14 +354,8 @@ class SignRound:
         for step in range(iters):
             steps += 1
             rows = torch.randperm(n, generator=gen)[: batch * config.grad_accum]  # independent draws: epochs cost perplexity (21.27 against 21.14)
-            try:
+            with _falls_back_to_eager(data.index, eager=lambda: step_loss is _tuned_loss):
                 total = grads(rows, check=step == 0)
-            except (torch.OutOfMemoryError, MemoryError):
-                raise
-            except Exception as e:  # torch.compile fails in many types (inductor, dynamo, generated code)
-                if step_loss is _tuned_loss:
-                    raise
-                raise _compiled_failure(data.index, e) from e
             if not math.isfinite(total):
                 kept = "the best finite state (the start if none)" if config.keep == "best" else "the starting point"
                 notes.append(f"block {data.index}: loss became {total} at step {step}; kept {kept}")
