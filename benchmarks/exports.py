@@ -51,13 +51,13 @@ RUNS = [  # (scheme, format, theoretical bits per weight of a layer in that form
 ]
 
 
-def consumer(folder: Path, fmt: str):
+def consumer(folder: Path, fmt: str, device: str = "cpu"):
     import transformers as tf
 
     if fmt == "gguf":
-        return tf.AutoModelForCausalLM.from_pretrained(folder, gguf_file="model.gguf").eval()
+        return tf.AutoModelForCausalLM.from_pretrained(folder, gguf_file="model.gguf", device_map=device).eval()
     kwargs = {"quantization_config": tf.AutoRoundConfig()} if fmt in ("gptq", "awq") else {}
-    return tf.AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
+    return tf.AutoModelForCausalLM.from_pretrained(folder, device_map=device, **kwargs).eval()
 
 
 def stored_bits(folder: Path, fmt: str, layers: dict) -> float:
@@ -84,6 +84,8 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--tokens", type=int, default=8192, help="wt2 tokens to score")
     p.add_argument("--json", help="also write the rows here")
+    p.add_argument("--device", default="cpu", help="where to quantize, run the consumers and score (cuda: their GPU kernels)")
+    p.add_argument("--name", default="exports", help="results file stem")
     args = p.parse_args()
 
     base, tokenizer = signround.load_model(args.model)
@@ -92,21 +94,28 @@ def main() -> None:
     for scheme, fmt, theory in RUNS:
         if scheme not in quantized:
             model = signround.load_model(args.model)[0]
-            signround.quantize(model, signround.QuantConfig(scheme=scheme, method="rtn"))
-            quantized[scheme] = (model, perplexity(model, ids))
+            signround.quantize(model, signround.QuantConfig(scheme=scheme, method="rtn"), signround.RunConfig(device=args.device, progress=False))
+            quantized[scheme] = (model, perplexity(model.to(args.device), ids))
+            model.to("cpu")  # exported from the CPU, as a saved folder is
         model, ours = quantized[scheme]
         layers = quantized_layers(model)
         with tempfile.TemporaryDirectory() as tmp:
             folder = export(model, tokenizer, Path(tmp) / fmt, fmt)
-            theirs = perplexity(consumer(folder, fmt), ids)
             bits = stored_bits(folder, fmt, layers)
+            try:
+                theirs = perplexity(consumer(folder, fmt, args.device), ids, device=args.device)
+            except Exception as e:  # a runtime that cannot load or run this format here is a failed row, the others still run
+                theirs, failure = float("nan"), f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            else:
+                failure = None
         numel = sum(m.in_features * m.out_features for m in layers.values())
         expected = sum(theory(m) * m.in_features * m.out_features for m in layers.values()) / numel
         rows.append({"scheme": scheme, "format": fmt, "ppl_ours": ours, "ppl_consumer": theirs, "ppl_diff": theirs / ours - 1,
-                     "bits_per_weight": bits, "theoretical_bits": expected, "size_diff": bits / expected - 1})
+                     "bits_per_weight": bits, "theoretical_bits": expected, "size_diff": bits / expected - 1, "failure": failure})
         print(json.dumps(rows[-1]), flush=True)
 
-    lines = [f"# Exports of {args.model}, each loaded by its consumer (RTN codes; wt2, first {args.tokens} tokens)", "",
+    where = "" if args.device == "cpu" else f", on {torch.cuda.get_device_name(args.device)}"
+    lines = [f"# Exports of {args.model}, each loaded by its consumer (RTN codes; wt2, first {args.tokens} tokens{where})", "",
              "| scheme | format | consumer | ppl ours | ppl consumer | diff | bits/weight on disk | theoretical | diff |",
              "|---|---|---|---|---|---|---|---|---|"]
     who = {"gptq": "transformers + auto-round (GPTQ loader)", "auto_round": "transformers + auto-round",
@@ -114,11 +123,12 @@ def main() -> None:
            "compressed-tensors": "transformers + compressed-tensors", "gguf": "transformers GGUF loader"}
     for r in rows:
         lines.append(f"| {r['scheme']} | {r['format']} | {who[r['format']]} | {r['ppl_ours']:.3f} | {r['ppl_consumer']:.3f} | {r['ppl_diff'] * 100:+.2f}% | "
-                     f"{r['bits_per_weight']:.3f} | {r['theoretical_bits']:.3f} | {r['size_diff'] * 100:+.2f}% |")
-    protocol.write_result("exports.md", lines)
+                     f"{r['bits_per_weight']:.3f} | {r['theoretical_bits']:.3f} | {r['size_diff'] * 100:+.2f}% |"
+                     + (f" consumer failed: {r['failure']} |" if r["failure"] else ""))
+    protocol.write_result(f"{args.name}.md", lines)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
-    bad = [r for r in rows if abs(r["ppl_diff"]) > 0.005 or abs(r["size_diff"]) > 0.03]
+    bad = [r for r in rows if r["failure"] or abs(r["ppl_diff"]) > 0.005 or abs(r["size_diff"]) > 0.03]
     if bad:
         sys.exit(f"out of bounds: {bad}")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import random
 import tempfile
@@ -10,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# ../shared/data beside the checkout; SIGNROUND_BENCH_DATA names another copy (a device machine gets one carried)
+DATA = Path(os.environ.get("SIGNROUND_BENCH_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

@@ -1,4 +1,5 @@
-"""QuantLinear's fast 4-bit CPU path (torch's packed int4 matmul) agrees with its dequantize path."""
+"""QuantLinear's fast 4-bit CPU path (torch's packed int4 matmul) and its GPU path (a slice of output features
+dequantized at a time) agree with its whole dequantize path."""
 
 import pytest
 import torch
@@ -6,6 +7,7 @@ import torch
 from signround.config import WeightScheme
 from signround.qlinear import QuantLinear
 from signround.quant.integer import quantize_weight
+from signround.quant.kquant import quantize_k
 
 
 def layer(out_features, in_features, group, sym, bits=4):
@@ -37,3 +39,28 @@ def test_long_inputs_other_widths_and_fp32_take_the_dequantize_path():
     q3 = layer(64, 64, 32, True, bits=3)
     q3(torch.randn(1, 3, 64, dtype=torch.bfloat16))
     assert q3.__dict__.get("_int4_cache") is None
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_a_slice_of_output_features_unpacks_as_the_same_slice_of_the_whole(bits):
+    q = layer(160, 96, 32, False, bits=bits)
+    whole = q.dequantized_weight()
+    for rows in (slice(0, 32), slice(32, 96), slice(128, 160), slice(96, 1000)):
+        torch.testing.assert_close(q.dequantized_weight(rows=rows), whole[rows], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        q.quantized_weight(slice(16, 48))
+
+
+def test_k_quant_slices_unpack_as_the_whole():
+    scheme = WeightScheme.preset("Q4_K")
+    w = torch.randn(96, 256, generator=torch.Generator().manual_seed(1))
+    q = QuantLinear.from_quantized(quantize_k(w, scheme.ktype), scheme, None)
+    torch.testing.assert_close(q.dequantized_weight(rows=slice(40, 72)), q.dequantized_weight()[40:72], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_the_sliced_forward_matches_the_whole_matmul(bits):
+    q = layer(200, 96, 32, True, bits=bits)
+    q.SLICE_WEIGHTS = 64 * 96  # 64 output features a slice: four slices, the last partial
+    x = torch.randn(2, 7, 96)
+    torch.testing.assert_close(q._sliced_forward(x, q.bias), torch.nn.functional.linear(x, q.dequantized_weight(), q.bias))
