@@ -43,8 +43,8 @@ def quant_config(args) -> signround.QuantConfig:
 
 
 def calibration(args, tokenizer) -> torch.Tensor:
-    config = quant_config(args).resolved()
-    return protocol.gutenberg_calibration(tokenizer, config.nsamples, config.seqlen)
+    """The protocol's gutenberg-128x512 (quick: fewer, shorter rows)."""
+    return protocol.gutenberg_calibration(tokenizer, QUICK["nsamples"], QUICK["seqlen"]) if args.quick else protocol.gutenberg_calibration(tokenizer)
 
 
 def quantize_to(args, out: Path, kill_after: int | None = None) -> signround.QuantizeReport:
@@ -175,6 +175,9 @@ STAGES = {"quantize": stage_quantize, "reload": stage_reload, "generate": stage_
           "vs_autoround": stage_vs_autoround, "resume": stage_resume}
 
 
+IN_CHILDREN = {"exports", "vs_autoround", "resume"}  # stages run in processes of their own
+
+
 def remaining(args) -> float:
     return max(1.0, args.budget_s - (time.perf_counter() - args.started))
 
@@ -189,10 +192,16 @@ def environment(args) -> list[str]:
             f"calibration gutenberg (protocol), wt2 first {args.tokens} tokens"]
 
 
+def one_line(text: str) -> str:
+    """A table cell: a failure's last lines (where the error is) joined, pipes escaped."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return " / ".join(lines[-3:] if len(lines) > 3 else lines).replace("|", "/")
+
+
 def write_table(args, header: list[str], rows: list[tuple]) -> None:
     lines = ["# The product on a GPU: benchmarks/cuda_check.py", "", *header, "",
              "| stage | ok | s | peak GPU MiB | result |", "|---|---|---|---|---|"]
-    lines += [f"| {name} | {'yes' if ok else 'NO'} | {seconds:.0f} | {peak} | {result} |" for name, ok, seconds, peak, result in rows]
+    lines += [f"| {name} | {'yes' if ok else 'NO'} | {seconds:.0f} | {peak} | {one_line(result)} |" for name, ok, seconds, peak, result in rows]
     path = protocol.write_result(args.table, lines, echo=False)
     if args.out:
         (args.out / args.table).write_text(path.read_text())
@@ -218,9 +227,9 @@ def main_check(args) -> None:
             with log.open("a") as f:
                 f.write(f"== {name}\n{traceback.format_exc()}\n")
             result, ok = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}", False
-        peak = protocol.peak_device_mib(args.device)
+        peak = None if name in IN_CHILDREN else protocol.peak_device_mib(args.device)  # children report their own
         rows.append((name, ok, time.perf_counter() - start, "" if peak is None else f"{peak:.0f}", result))
-        print(f"{name}: {'ok' if ok else 'FAILED'} in {rows[-1][2]:.0f} s: {result}", flush=True)
+        print(f"{name}: {'ok' if ok else 'FAILED'} in {rows[-1][2]:.0f} s: {one_line(result)}", flush=True)
         write_table(args, header, rows)
     for extra in ("vs_autoround-cuda-8.md", "vs_autoround-cuda.json", "exports-cuda.md"):
         if args.out and (protocol.RESULTS / extra).exists():

@@ -22,6 +22,7 @@ rotary embeddings (llama.cpp itself applies both).
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 from pathlib import Path
@@ -239,6 +240,21 @@ def _tensors(model, layers):
         yield name, tensor
 
 
+def _plain_byte_level_decoder(path: Path) -> None:
+    """transformers 5.17 saves a GGUF-converted GPT-2 style tokenizer with byte fallback on and a Sequence
+    decoder ending in ByteLevel; gguf's reader accepts only plain byte-level BPE. With a ByteLevel
+    pre-tokenizer every byte already has its token, so byte fallback never fires: the vocabulary and merges
+    are the same, and the saved copy is rewritten plain."""
+    if not path.is_file():
+        return
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    decoder, model = saved.get("decoder") or {}, saved.get("model") or {}
+    parts = decoder.get("decoders") or [] if decoder.get("type") == "Sequence" else []
+    if (saved.get("pre_tokenizer") or {}).get("type") == "ByteLevel" and model.get("type") == "BPE" and parts and parts[-1].get("type") == "ByteLevel":
+        saved["decoder"], model["byte_fallback"] = parts[-1], False
+        path.write_text(json.dumps(saved), encoding="utf-8")
+
+
 def _add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
     """Vocabulary, merges, special token ids and chat template, read back from the saved tokenizer by
     the gguf package's own readers (GPT-2 style BPE tokenizers, as llama.cpp's converter handles them)."""
@@ -246,6 +262,7 @@ def _add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
+        _plain_byte_level_decoder(Path(tmp) / "tokenizer.json")
         try:
             vocab = gguf.BpeVocab(Path(tmp))
         except FileNotFoundError:

@@ -227,3 +227,20 @@ def test_unrepresentable_rope_scaling_is_refused_before_tuning(tmp_path, tokeniz
         runner.run(model, tmp_path / "out", signround.QuantConfig(scheme="W4A16G32", method="rtn"), formats=["gguf"], tokenizer=tokenizer)
     assert not (tmp_path / "out").exists()
     check_formats(["gptq"], model, signround.QuantConfig(scheme="W4A16G32"))  # formats whose config.json keeps it take the model
+
+
+def test_a_byte_level_bpe_saved_with_byte_fallback_and_a_decoder_sequence_exports(tmp_path, tokenizer):
+    """transformers 5.17 saves a GGUF-converted GPT-2 tokenizer so (byte fallback on, the ByteLevel decoder last
+    in a Sequence): the same vocabulary and merges, which the export writes as for the plain form."""
+    import json
+
+    tokenizer.save_pretrained(tmp_path / "plain")
+    saved = json.loads((tmp_path / "plain" / "tokenizer.json").read_text())
+    saved["model"]["byte_fallback"] = True
+    saved["decoder"] = {"type": "Sequence", "decoders": [{"type": "ByteFallback"}, {"type": "Fuse"}, saved["decoder"]]}
+    (tmp_path / "plain" / "tokenizer.json").write_text(json.dumps(saved))
+    spelled_so = tf.AutoTokenizer.from_pretrained(tmp_path / "plain")
+    model = quantized(tokenizer, "bits=4,group_size=32,sym=true")
+    export(model, spelled_so, tmp_path / "out", "gguf")
+    text = "The capital of France is Paris, said the <|im_start|> assistant."
+    assert tf.AutoTokenizer.from_pretrained(tmp_path / "out", gguf_file=FILE_NAME)(text).input_ids == tokenizer(text).input_ids
