@@ -217,6 +217,7 @@ class _usage(ValueError):
 
 
 def cmd_quantize(args) -> None:
+    from . import distributed
     from .runner import run
 
     calibration = None
@@ -226,6 +227,8 @@ def cmd_quantize(args) -> None:
                  formats=args.format, eval_text=args.eval_text, eval_tokens=args.eval_tokens, eval_seqlen=args.eval_seqlen,
                  overwrite=args.overwrite, save_dtype=args.save_dtype, stream=not args.no_stream,
                  trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+    if not distributed.is_writer():  # under torchrun rank 0 speaks for the run
+        return
     print(report.summary(), flush=True)
     for out in report.outputs:
         print(f"saved {out}")

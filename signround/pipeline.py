@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__, experts
+from . import __version__, distributed, experts
 from .algorithms import BlockData, BlockResult, LayerTask, block_loss, get_algorithm
 from .blocks import (
     UnsupportedModelError,
@@ -29,7 +29,6 @@ from .blocks import (
     find_blocks,
     find_linears,
     is_linear,
-    iter_batches,
     linear_weight,
     move_except_blocks,
     run_block,
@@ -38,6 +37,7 @@ from .blocks import (
 from .cache import CACHE_DTYPES, CACHE_FILES, CacheFactory
 from .calibration import DataError, calibration_ids
 from .config import ROUTER, ConfigError, QuantConfig, RunConfig, WeightScheme
+from .distributed import Shard
 from .hardware import cpu_has_fast_bf16, release_freed_memory
 from .qlinear import QuantLinear
 from .resume import WorkState, fingerprint
@@ -373,7 +373,7 @@ def quantize(model, config: QuantConfig | None = None, run: RunConfig | None = N
     run = run or RunConfig()
     work_dir = run.work_dir
     algorithm = get_algorithm(config.method)
-    device = resolve_device(run.device)
+    device = distributed.init(resolve_device(run.device))  # under torchrun: joins the process group (this rank's GPU)
     amp_dtype = resolve_amp(run.amp, device)
     blocks_name, blocks = find_blocks(model)
     report = QuantizeReport()
@@ -401,7 +401,9 @@ def quantize(model, config: QuantConfig | None = None, run: RunConfig | None = N
     state = None
     if work_dir is not None:
         source_digest = weights.digest() if weights is not None else None
-        state = WorkState.open(work_dir, fingerprint(model, config, run, tokenizer, calibration, f"{device}/{amp_dtype}", source_digest), run.resume)
+        processes = f"/{distributed.world()} processes" if distributed.active() else ""  # each keeps its own share of the caches
+        state = WorkState.open(work_dir, fingerprint(model, config, run, tokenizer, calibration, f"{device.type}/{amp_dtype}{processes}", source_digest),
+                               run.resume)
     streaming = weights is not None and state is not None  # finished blocks leave memory; they are on disk
     done = state.finished if state else 0
     for i in range(done):
@@ -421,34 +423,37 @@ def quantize(model, config: QuantConfig | None = None, run: RunConfig | None = N
         for stale in offload_dir.glob(CACHE_FILES):  # left by an interrupted run; the work state keeps its own copies
             stale.unlink()
     caches = CacheFactory(CACHE_DTYPES[run.cache_dtype], device if device.type == "cuda" else torch.device("cpu"), offload_dir)
+    shard = None
     if algorithm.needs_calibration:
         ids = state.calibration() if state else None
         if ids is None:
-            ids = _calibration_token_ids(model, config, tokenizer, calibration, report)
+            ids = distributed.broadcast(_calibration_token_ids(model, config, tokenizer, calibration, report), device)  # rank 0's rows for all
             if state:
                 state.save_calibration(ids)
         report.calibration_shape = tuple(ids.shape)
+        shard = distributed.shard(ids.shape[0]) if distributed.active() else None
         if done < len(blocks):
             move_except_blocks(model, blocks, device)
             if done:  # the hidden states are in the work state; one row gives every block's call
                 calls = capture_block_inputs(model, blocks, ids[:1], device)[1]
                 fp_in, q_in = state.inputs(caches)
             else:
-                fp_in, calls = _capture(model, blocks, ids, device, caches)
+                fp_in, calls = _capture(model, blocks, shard.local_ids(ids) if shard else ids, device, caches)
                 q_in = fp_in
     unloaded = unload_input_embeddings(model) if streaming else []  # inputs captured: not needed again until the end
     release_freed_memory()
     try:
         earlier_seconds = state.tuning_seconds if state else 0.0  # blocks finished by an interrupted run
         start = time.perf_counter()
-        bar = tqdm(total=len(blocks), initial=done, desc=f"{config.method} {config.scheme.name()}", disable=not run.progress, unit="block")
+        bar = tqdm(total=len(blocks), initial=done, desc=f"{config.method} {config.scheme.name()}", disable=not run.progress or not distributed.is_writer(),
+                   unit="block")
         compiled = algorithm.needs_calibration and run.compiles(config, device, len(blocks))
         for i in range(done, len(blocks)):
             block_start = time.perf_counter()
             _load_block(blocks_name, blocks, i, plan[i], weights)
             try:
                 fp_in, q_in, losses, notes, steps, routed = _quantize_one(model, blocks_name, blocks, i, plan[i], algorithm, config, fp_in, q_in, calls,
-                                                                  device, amp_dtype, caches, compiled)
+                                                                          device, amp_dtype, caches, compiled, shard)
             except (torch.OutOfMemoryError, MemoryError):
                 raise _out_of_memory(i, device, config, state) from None
             report.block_losses.append(losses)
@@ -550,16 +555,17 @@ def _capture(model, blocks, ids, device, caches: CacheFactory):
     return cache, calls
 
 
-def _loss(output, target, batch_size: int, rows: int | None, tame_outliers: bool) -> float:
-    """The block loss (`block_loss`, as tuned) of an output cache against a target cache over their
-    first `rows` rows (all when None), batch by batch."""
-    rows = output.shape[0] if rows is None else min(rows, output.shape[0])
-    return sum(block_loss(output.rows(sl), target.rows(sl), tame_outliers).item() * (sl.stop - sl.start)
-               for sl in iter_batches(rows, batch_size)) / rows
+def _loss(output, target, batch_size: int, rows: int | None, tame_outliers: bool, shard: Shard, device) -> float:
+    """The block loss (`block_loss`, as tuned) of an output cache against a target cache over the first `rows`
+    calibration rows (all when None), batch by batch; summed over the processes, each holding some of them."""
+    rows = shard.total if rows is None else min(rows, shard.total)
+    summed = sum(block_loss(output.rows(chunk), target.rows(chunk), tame_outliers).item() * len(chunk)
+                 for chunk in shard.held(torch.arange(rows)).split(batch_size))
+    return distributed.sum_float(summed, device) / rows
 
 
 def _quantize_one(model, blocks_name, blocks, i, tasks, algorithm, config, fp_in, q_in, calls, device, amp_dtype, caches: CacheFactory,
-                  compiled: bool = False):
+                  compiled: bool = False, shard: Shard | None = None):
     """Tune and pack block i; returns the next block's (original, quantized) inputs, (loss before, after), notes, steps
     and the calibration tokens routed to each expert of its experts modules."""
     original_dtype = next(blocks[i].parameters()).dtype
@@ -572,7 +578,9 @@ def _quantize_one(model, blocks_name, blocks, i, tasks, algorithm, config, fp_in
             fp_out = run_block(blocks[i], fp_in, call, config.batch_size, device, amp_dtype, caches.empty(fp_in.shape))
         if config.quantized_inputs and fp_in is not q_in:  # the original stream's inputs are done with: one cache less
             fp_in.discard()
-        data = BlockData(q_in if config.quantized_inputs else fp_in, fp_out, call, device, amp_dtype, i, len(blocks), compiled)
+        data = BlockData(q_in if config.quantized_inputs else fp_in, fp_out, call, device, amp_dtype, i, len(blocks), compiled, shard)
+        for counts in tokens.values():  # every process routed its own rows
+            distributed.sum_([counts])
     # a block whose every layer is kept 16-bit by overrides has nothing to tune: it is only run
     result = algorithm.quantize_block(blocks[i], tasks, data, config) if tasks else BlockResult({})
     routed = {f"{blocks_name}.{i}.{name}": counts.tolist() for name, counts in tokens.items()}
@@ -591,7 +599,8 @@ def _quantize_one(model, blocks_name, blocks, i, tasks, algorithm, config, fp_in
     loss_after = None
     if algorithm.needs_calibration:
         q_out = run_block(blocks[i], q_in, data.call, config.batch_size, device, amp_dtype, caches.empty(q_in.shape))
-        loss_after = _loss(q_out, fp_out, config.batch_size, result.loss_rows, config.tame_outliers)  # the rows loss_before was measured on
+        # on the rows loss_before was measured on
+        loss_after = _loss(q_out, fp_out, config.batch_size, result.loss_rows, config.tame_outliers, data.rows(), device)
         for old in {id(fp_in): fp_in, id(q_in): q_in}.values():
             old.discard()
         fp_in, q_in = fp_out, q_out

@@ -10,7 +10,9 @@ A work folder (the CLI puts it beside the output) holds:
 Every file is written under a temporary name and renamed into place, and state.json is replaced last,
 so whenever the process dies the folder describes a consistent set of finished blocks. Blocks are
 tuned with a generator seeded by (seed, block index), so a resumed run writes the same bytes as an
-uninterrupted one.
+uninterrupted one. Under torchrun (distributed.py) rank 0 writes the state and the blocks, and each rank
+its own share of the inputs (`inputs-00008-fp-rank1.safetensors`); the state counts a block only once
+every share of the next inputs is on disk.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import __version__
+from . import __version__, distributed
 from .checkpoint import disk_full_error
 from .config import RESUME_MODES
 from .weights import files_digest
@@ -137,11 +139,23 @@ class WorkState:
         self.block_losses: list = block_losses or []
         self.notes: list[str] = notes or []
         self.tuning_seconds = tuning_seconds
+        self.writer, self.rank, self.world = distributed.is_writer(), distributed.rank(), distributed.world()
 
     @classmethod
     def open(cls, folder: str | os.PathLike, fingerprint: dict, resume: str = "auto") -> WorkState:
         """Continue the state in `folder` when it was made by the same run (`resume="auto"`), or
-        whatever made it (`"force"`); otherwise start over in an emptied folder."""
+        whatever made it (`"force"`); otherwise start over in an emptied folder. Under torchrun rank 0
+        decides and the other ranks then take the state it left."""
+        if not distributed.is_writer():
+            distributed.barrier()
+            saved = json.loads((Path(folder) / STATE_FILE).read_text())
+            return cls(Path(folder), fingerprint, saved["finished"], saved["block_losses"], saved["notes"], saved["tuning_seconds"])
+        state = cls._open(folder, fingerprint, resume)
+        distributed.barrier()
+        return state
+
+    @classmethod
+    def _open(cls, folder: str | os.PathLike, fingerprint: dict, resume: str) -> WorkState:
         if resume not in RESUME_MODES:
             raise ValueError(f"resume={resume!r} is not one of {', '.join(RESUME_MODES)}")
         folder = Path(folder)
@@ -172,11 +186,15 @@ class WorkState:
         return state
 
     def _write_state(self) -> None:
+        if not self.writer:
+            return
         record = {"fingerprint": self.fingerprint, "finished": self.finished, "block_losses": self.block_losses,
                   "notes": self.notes, "tuning_seconds": self.tuning_seconds}
         _atomic_write(self.folder / STATE_FILE, lambda p: p.write_text(json.dumps(record, indent=1)))
 
     def _save(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        if not self.writer:
+            return
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         _atomic_write(self.folder / name, lambda p: save_file(tensors, p))
 
@@ -192,14 +210,19 @@ class WorkState:
         self._save(f"block-{index:05d}.safetensors", tensors)
         if fp_next is not None:
             for stream, cache in (("fp", fp_next), ("q", q_next)):
-                _atomic_write(self.folder / f"inputs-{index + 1:05d}-{stream}.safetensors", cache.save)
+                _atomic_write(self.folder / self._inputs_name(index + 1, stream), cache.save)
+        distributed.barrier()  # every rank's share of the next inputs is on disk before the state counts the block
         self.finished = index + 1
         self.block_losses.append(list(losses))
         self.notes.extend(notes)
         self.tuning_seconds += seconds
         self._write_state()
-        for name in ("", "-fp", "-q"):  # "": one file of both streams, as earlier versions wrote
-            (self.folder / f"inputs-{index:05d}{name}.safetensors").unlink(missing_ok=True)
+        distributed.barrier()  # ... and the state counts it before any rank lets its share of this block's inputs go
+        for name in [self._inputs_name(index, stream) for stream in ("fp", "q")] + [f"inputs-{index:05d}.safetensors"]:
+            (self.folder / name).unlink(missing_ok=True)  # the last: one file of both streams, as earlier versions wrote
+
+    def _inputs_name(self, index: int, stream: str) -> str:
+        return f"inputs-{index:05d}-{stream}{f'-rank{self.rank}' if self.world > 1 else ''}.safetensors"
 
     def block_tensors(self, index: int) -> dict[str, torch.Tensor]:
         return load_file(self.folder / f"block-{index:05d}.safetensors")
@@ -210,7 +233,7 @@ class WorkState:
         if both.is_file():
             saved = load_file(both)
             return caches.from_tensor(saved["fp"]), caches.from_tensor(saved["q"])
-        return tuple(caches.load(self.folder / f"inputs-{self.finished:05d}-{stream}.safetensors") for stream in ("fp", "q"))
+        return tuple(caches.load(self.folder / self._inputs_name(self.finished, stream)) for stream in ("fp", "q"))
 
 
 def finished_blocks(folder: str | os.PathLike, model):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .algorithms import get_algorithm
 from .calibration import DataError, check_hub_dataset, check_source, documents_from, is_hub_name
 from .config import ConfigError, QuantConfig, RunConfig
@@ -74,11 +74,13 @@ def run(model, output: str | os.PathLike, config: QuantConfig | None = None, run
         raise Interrupted(f"interrupted: {describe(work)}; run the same command again to resume") from None
     if scored is not None:
         report.perplexity = (before, perplexity(model, scored, seqlen=eval_seqlen, bos_token_id=bos))
-    finished = finished_blocks(work, model) if weights is not None else None  # a streamed run's finished blocks are on disk
-    if finished is not None and formats != [NATIVE]:  # exporters work on the packed model in memory
-        materialize_blocks(model, finished)
-    report.outputs = [str(p) for p in _write(model, tokenizer, output, formats, overwrite, save_dtype, finished, work)]
-    shutil.rmtree(work)
+    if distributed.is_writer():  # under torchrun rank 0 writes; the others wait until it has
+        finished = finished_blocks(work, model) if weights is not None else None  # a streamed run's finished blocks are on disk
+        if finished is not None and formats != [NATIVE]:  # exporters work on the packed model in memory
+            materialize_blocks(model, finished)
+        report.outputs = [str(p) for p in _write(model, tokenizer, output, formats, overwrite, save_dtype, finished, work)]
+        shutil.rmtree(work)
+    distributed.barrier()
     return report
 
 

@@ -11,6 +11,7 @@ from torch import nn
 from ..blocks import BlockCall, linear_weight
 from ..cache import HiddenCache
 from ..config import ConfigError, QuantConfig, WeightScheme
+from ..distributed import Shard
 from ..experts import ExpertMatrix, read
 from ..quant.integer import QuantizedWeight
 
@@ -34,7 +35,9 @@ class LayerTask:
 class BlockData:
     """Calibration data for one block: `inputs` to tune on, `targets` the original block produced (caches
     of (samples, seqlen, hidden) read with `.rows(index)` in fp32, see cache.py), and how the block is
-    called; `device` is where to compute; `blocks` how many blocks the model has (the run's length)."""
+    called; `device` is where to compute; `blocks` how many blocks the model has (the run's length).
+    `shard`: under torchrun, which of the calibration rows this process holds (distributed.py); the caches
+    hold those alone."""
 
     inputs: HiddenCache
     targets: HiddenCache
@@ -44,6 +47,11 @@ class BlockData:
     index: int
     blocks: int = 1
     compiled: bool = False  # run the tuning step through torch.compile (RunConfig.compiles decides)
+    shard: Shard | None = None
+
+    def rows(self) -> Shard:
+        """This process's share of the calibration rows: all of them outside torchrun."""
+        return self.shard or Shard(0, 1, self.inputs.shape[0])
 
 
 @dataclass

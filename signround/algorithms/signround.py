@@ -22,9 +22,9 @@ import warnings
 import torch
 from torch.func import functional_call
 
-from .. import experts
+from .. import distributed, experts
 from ..attention import tuning_attention
-from ..blocks import autocast, block_output, iter_batches, stores_transposed
+from ..blocks import autocast, block_output, stores_transposed
 from ..quant.integer import from_groups, search_clipping, to_groups
 from .base import BlockData, BlockResult, LayerTask, block_loss, register
 
@@ -187,7 +187,8 @@ def _gradient_agreement(grads_of_row, params, rows: torch.Tensor) -> float:
     sum sum_r |g|) / 2, from 1/2 (noise) to 1 (every row agrees). A signed step only sees signs: where rows
     agree, one row's step is as good as a batch's and the row budget is better spent on more steps (Gemma-3:
     29% lower block-0 error at W2A16G64 from 336 x 1 against 112 x 3); where they disagree the batch
-    averages the noise away (SmolLM2 block 4: 336 x 1 is 10% worse). Two running sums, no per-row copies."""
+    averages the noise away (SmolLM2 block 4: 336 x 1 is 10% worse). Two running sums, no per-row copies,
+    summed over the processes of a data-parallel run (each took the rows it holds)."""
     total = [torch.zeros_like(p) for p in params]
     magnitude = [torch.zeros_like(p) for p in params]
     for r in rows:
@@ -197,6 +198,7 @@ def _gradient_agreement(grads_of_row, params, rows: torch.Tensor) -> float:
                 t.add_(p.grad)
                 m.add_(p.grad.abs())
                 p.grad = None
+    distributed.sum_([*total, *magnitude])
     coherence = sum(t.abs().sum().item() for t in total) / max(sum(m.sum().item() for m in magnitude), 1e-30)
     return 0.5 * (1 + coherence)
 
@@ -291,7 +293,8 @@ class SignRound:
         tunables = [_Tunables(t, device, t.weight().dtype if t.expert else data.amp_dtype or t.weight().dtype) for t in layers]
         specs = [t.spec for t in tunables]
         step_loss = _compiled_tuned_loss() if compiled else _tuned_loss
-        n = data.inputs.shape[0]
+        shard = data.rows()  # batches are drawn from every calibration row; a process computes on those it holds
+        n = shard.total
         batch = min(config.batch_size, n)
         iters = config.iters
         gen = torch.Generator().manual_seed(config.seed * 100003 + data.index)
@@ -309,11 +312,12 @@ class SignRound:
         try:
             with torch.no_grad():
                 probe = min(n, PROBE_ROWS)
-                loss_before = sum(loss_on(torch.arange(sl.start, sl.stop), initial=True).item() * (sl.stop - sl.start)
-                                  for sl in iter_batches(probe, batch)) / probe
+                summed = sum(loss_on(chunk, initial=True).item() * len(chunk) for chunk in shard.held(torch.arange(probe)).split(batch))
+                loss_before = distributed.sum_float(summed, device) / probe
         finally:
             for h in hooks:
                 h.remove()
+        distributed.sum_([importance[id(m)] for m in modules.values()])  # every process holds some of the probe rows
         for t in tunables:
             if config.clip_search:
                 t.search_clipping(_importance_of(t.task, importance))
@@ -326,7 +330,10 @@ class SignRound:
             batch loss. With `check` a compiled step's first loss is compared with the eager one's first."""
             nonlocal step_loss
             total = 0.0
-            for chunk in rows.split(batch):
+            for whole in rows.split(batch):
+                chunk = shard.held(whole)
+                if not len(chunk):
+                    continue
                 loss = loss_on(chunk)
                 if check and step_loss is not _tuned_loss and not _agrees_with_eager(loss.item(), loss_on, chunk):
                     notes.append(f"block {data.index}: the compiled step's loss disagrees with the eager one's; tuned eagerly "
@@ -337,12 +344,18 @@ class SignRound:
                 loss = loss * (len(chunk) / len(rows))
                 loss.backward()
                 total += loss.item()
+            if shard.world > 1:  # the batch's gradient and loss: summed over the processes' rows
+                for p in params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                distributed.sum_([p.grad for p in params])
+                total = distributed.sum_float(total, device)
             return total
 
         if config.adapt_batch and batch > 1 and iters > 0:
             rows = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed + data.index))[:AGREEMENT_ROWS]
             with _falls_back_to_eager(data.index, eager=lambda: step_loss is _tuned_loss):  # eager, in the compiled path's attention
-                agreement = _gradient_agreement(lambda row: loss_on(row, fn=_tuned_loss).backward(), params, rows)
+                agreement = _gradient_agreement(lambda row: loss_on(row, fn=_tuned_loss).backward(), params, shard.held(rows))
             if agreement >= AGREEMENT_MIN:
                 iters, batch = iters * batch, 1
             log.info("block %d: row gradients agree %.3f: %d steps of %d rows", data.index, agreement, iters, batch)
