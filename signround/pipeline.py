@@ -419,6 +419,8 @@ def quantize(model, config: QuantConfig | None = None, run: RunConfig | None = N
         if work_dir is None:
             temporary = tempfile.TemporaryDirectory(prefix="signround-caches-")
         offload_dir = Path(work_dir) / "caches" if work_dir is not None else Path(temporary.name)
+        if distributed.active():  # each rank's own files
+            offload_dir = offload_dir / f"rank{distributed.rank()}"
         offload_dir.mkdir(parents=True, exist_ok=True)
         for stale in offload_dir.glob(CACHE_FILES):  # left by an interrupted run; the work state keeps its own copies
             stale.unlink()

@@ -20,7 +20,7 @@ def main() -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
     config = signround.QuantConfig(scheme="W4A16G32", iters=6, nsamples=8, seqlen=32, batch_size=4)
-    run = signround.RunConfig(progress=False, compile=False, amp=os.environ.get("AMP", "off"))
+    run = signround.RunConfig(progress=False, compile=False, amp=os.environ.get("AMP", "off"), offload=os.environ.get("OFFLOAD") == "1")
     report = signround.run(folder, out, config, run, calibration=calib_ids(8, 32), on_block_done=crash)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"losses": report.block_losses, "steps": report.tuning_steps}))

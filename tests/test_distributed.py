@@ -53,8 +53,9 @@ def single(tmp_path_factory, tiny_model_dir):
     return out, json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_two_processes_give_the_one_process_codes_and_losses(tmp_path, tiny_model_dir, single):
-    done = _run(tiny_model_dir, tmp_path / "out", 2)
+@pytest.mark.parametrize("offload", ["0", "1"])
+def test_two_processes_give_the_one_process_codes_and_losses(tmp_path, tiny_model_dir, single, offload):
+    done = _run(tiny_model_dir, tmp_path / "out", 2, OFFLOAD=offload)  # caches in memory, or in files of each rank's own
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     ours, theirs = _codes(tmp_path / "out"), _codes(single[0])
