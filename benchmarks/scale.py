@@ -133,6 +133,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="llama-70b", choices=list(SHAPES))
     p.add_argument("--depths", default="2,3", type=lambda s: [int(x) for x in s.split(",")], help="blocks of the synthetic models")
+    p.add_argument("--project", choices=list(SHAPES), help="project this shape's full model from the measured rate (default: --shape)")
     p.add_argument("--methods", default="rtn,signround", type=lambda s: s.split(","), help="rtn and/or signround runs")
     p.add_argument("--gpu-tflops", type=float, default=660.0, help="a GPU's bf16 matmul peak for the projection")
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()), help="where the synthetic models and work folders go")
@@ -143,7 +144,7 @@ def main() -> None:
         return child(args)
 
     shape = SHAPES[args.shape]
-    hidden, inter, heads, kv, vocab, full_depth = shape
+    hidden, inter, heads, kv, vocab, _ = shape
     params = block_params(shape)
     peak = matmul_peak(torch.bfloat16, "cpu") * 1e9
     rows = []
@@ -167,8 +168,10 @@ def main() -> None:
     step_flops = 3 * 2 * ROWS * SEQLEN * params * STEPS + 2 * 2 * ROWS * SEQLEN * params  # steps' forward+backward; both streams' forwards
     rate = step_flops / max(min(per_block), 1e-9)
     efficiency = rate / peak
-    recipe_flops = 3 * 2 * RECIPE["batch"] * RECIPE["seqlen"] * params * RECIPE["iters"] + 2 * 2 * RECIPE["nsamples"] * RECIPE["seqlen"] * params
-    rtn_block = min(r["seconds"] / r["blocks"] for r in rtn.values())
+    target = SHAPES[args.project or args.shape]  # the full model projected: the measured shape's, or a larger one at the same rate
+    target_params, target_hidden, full_depth = block_params(target), target[0], target[5]
+    recipe_flops = (3 * 2 * RECIPE["batch"] * RECIPE["seqlen"] * RECIPE["iters"] + 2 * 2 * RECIPE["nsamples"] * RECIPE["seqlen"]) * target_params
+    rtn_block = min(r["seconds"] / r["blocks"] for r in rtn.values()) * target_params / params  # RTN's time grows with the weights
     lines = [f"# Scale: a synthetic {args.shape} (hidden {hidden}, intermediate {inter}, {heads} heads, {kv} KV heads, "
              f"vocabulary {vocab}), {params / 1e9:.2f}B parameters a block", "",
              f"machine: {protocol.cpu_name()}, {os.cpu_count()} cores, bf16 matmul peak measured here {peak / 1e9:.0f} GFLOP/s; "
@@ -186,16 +189,19 @@ def main() -> None:
               f"measured peak RSS {max(r['peak_rss_mib'] for r in tuned):.0f} MiB ({max(r['peak_rss_mib'] for r in tuned) / total:.2f}x the bound); "
               f"from {args.depths[0]} to {args.depths[-1]} blocks it moved {growth:+.0f} MiB, while the model grew by "
               f"{(args.depths[-1] - args.depths[0]) * params * 2 / 2**20:.0f} MiB", "",
-              "## Projection to the full model (the default recipe: 112 steps x 3 rows x 512 tokens, 128 x 512 calibration tokens)", "",
+              f"## Projection to the full {args.project or args.shape} (the default recipe: 112 steps x 3 rows x 512 tokens, 128 x 512 calibration tokens)",
+              "",
               f"SignRound's steps ran at {rate / 1e9:.0f} GFLOP/s here, {efficiency:.0%} of this CPU's bf16 peak; "
               "the projection assumes that share of a GPU's peak.",
               "", "| where | s per block | full depth | memory per device |", "|---|---|---|---|"]
     cpu_block = recipe_flops / rate
-    caches_full = 4 * RECIPE["nsamples"] * RECIPE["seqlen"] * hidden * 2 / 2**30
-    state = (bound["block (bf16 read, fp32 while tuned)"] + bound["tuning state (weight, offset, its gradient; fp32)"]) / 1024
+    target_bound = bound_mib(target, RECIPE["batch"], RECIPE["seqlen"])
+    caches_full = 4 * RECIPE["nsamples"] * RECIPE["seqlen"] * target_hidden * 2 / 2**30
+    state = (target_bound["block (bf16 read, fp32 while tuned)"] + target_bound["tuning state (weight, offset, its gradient; fp32)"]
+             + target_bound["step activations (fp32 masters, bf16 autocast)"]) / 1024
     for where, seconds, devices in (("this CPU", cpu_block, 1), ("1 GPU", recipe_flops / (args.gpu_tflops * 1e12 * efficiency), 1),
                                     ("8 GPUs, data parallel", recipe_flops / (args.gpu_tflops * 1e12 * efficiency) / 8, 8)):
-        memory = state + caches_full / devices + bound["embeddings and head (bf16)"] / 1024
+        memory = state + caches_full / devices + target_bound["embeddings and head (bf16)"] / 1024
         lines.append(f"| {where} | {seconds:.0f} | {hours(seconds * full_depth)} ({full_depth} blocks; RTN {hours(rtn_block * full_depth)} here) | "
                      f"{memory:.0f} GiB ({caches_full / devices:.1f} of it caches) |")
     lines += ["", "A GPU's share of its peak at these shapes is likely higher than a 2-core CPU's, and the per-step elementwise work",
