@@ -83,3 +83,14 @@ def test_a_killed_rank_ends_the_run_and_the_same_command_resumes_after_the_last_
 def test_more_processes_than_calibration_rows_is_a_one_line_error():
     with pytest.raises(ConfigError, match="every process needs one"):
         Shard(rank=0, world=3, total=2)
+
+
+def test_the_cli_under_torchrun_writes_one_output_and_speaks_once(tmp_path, tiny_model_dir):
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "signround", "quantize",
+                           str(tiny_model_dir), "-o", str(out), "--scheme", "W4A16G32", "--iters", "2", "--nsamples", "4", "--seqlen", "32",
+                           "--compile", "off"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("saved ") == 1  # rank 0 alone reports
+    model = signround.load(out)
+    assert any(isinstance(m, QuantLinear) for m in model.modules())
