@@ -50,7 +50,7 @@ def calibration(args, tokenizer) -> torch.Tensor:
 def quantize_to(args, out: Path, kill_after: int | None = None) -> signround.QuantizeReport:
     """signround.run as a user calls it, streaming the model from its file; `kill_after`: SIGKILL this
     process once that block is finished (a crash no handler sees)."""
-    tokenizer = signround.load_model(args.model)[1]
+    tokenizer = protocol.tokenizer_of(args.model)
 
     def crash(index, report):
         if index == kill_after:
@@ -71,9 +71,9 @@ def stage_quantize(args, state):
 
 
 def stage_reload(args, state):
-    tokenizer = signround.load_model(args.model)[1]
+    original, tokenizer = signround.load_model(args.model)
     ids = protocol.wikitext_ids(tokenizer, args.tokens)
-    original = signround.load_model(args.model)[0].to(args.device)
+    original.to(args.device)
     fp = protocol.scored_perplexity(original, tokenizer, ids, args.device)
     del original
     model = signround.load(args.work / "out", device=args.device)
@@ -86,7 +86,7 @@ def stage_reload(args, state):
 def stage_generate(args, state):
     from signround.qlinear import QuantLinear
 
-    tokenizer = signround.load_model(args.model)[1]
+    tokenizer = protocol.tokenizer_of(args.model)
     model = signround.load(args.work / "out", device=args.device, dtype=torch.bfloat16)
     device = torch.device(args.device)
     layers = [m for m in model.modules() if isinstance(m, QuantLinear) and m.scheme.bits == 4]
@@ -226,7 +226,7 @@ def main_check(args) -> None:
         except Exception as e:  # the check's job is to report every stage: the traceback goes to the log, the table says how it failed
             with log.open("a") as f:
                 f.write(f"== {name}\n{traceback.format_exc()}\n")
-            result, ok = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}", False
+            result, ok = protocol.failure_line(e), False
         peak = None if name in IN_CHILDREN else protocol.peak_device_mib(args.device)  # children report their own
         rows.append((name, ok, time.perf_counter() - start, "" if peak is None else f"{peak:.0f}", result))
         print(f"{name}: {'ok' if ok else 'FAILED'} in {rows[-1][2]:.0f} s: {one_line(result)}", flush=True)

@@ -33,12 +33,9 @@ def child(args) -> None:
     """One run (alone, or one rank of several): signround.run as a user calls it."""
     from signround import distributed
 
-    tokenizer = signround.load_model(args.model)[1] if args.layers else None
-    model = args.model
+    model, tokenizer = args.model, protocol.tokenizer_of(args.model)
     if args.layers:  # a truncated copy, loaded whole: the streamed path reads the file's full depth
-        model, tokenizer = signround.load_model(args.model)
-        protocol.truncate(model, args.layers)
-    tokenizer = tokenizer or signround.load_model(args.model)[1]
+        model = protocol.truncate(signround.load_model(args.model)[0], args.layers)
     report = signround.run(model, args.child, signround.QuantConfig(scheme=args.scheme), signround.RunConfig(progress=False, device=args.device, amp=args.amp),
                            calibration=protocol.gutenberg_calibration(tokenizer), tokenizer=tokenizer)
     if distributed.is_writer():
@@ -74,7 +71,7 @@ def main() -> None:
     if args.child:
         return child(args)
 
-    tokenizer = signround.load_model(args.model)[1]
+    tokenizer = protocol.tokenizer_of(args.model)
     ids = protocol.wikitext_ids(tokenizer)
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:

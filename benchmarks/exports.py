@@ -105,7 +105,7 @@ def main() -> None:
             try:
                 theirs = perplexity(consumer(folder, fmt, args.device), ids, device=args.device)
             except Exception as e:  # a runtime that cannot load or run this format here is a failed row, the others still run
-                theirs, failure = float("nan"), f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                theirs, failure = float("nan"), protocol.failure_line(e, 200)
             else:
                 failure = None
         numel = sum(m.in_features * m.out_features for m in layers.values())

@@ -24,6 +24,19 @@ def _decode(raw: bytes) -> str:
         return raw.decode("latin-1")
 
 
+def tokenizer_of(spec: str):
+    """A model's tokenizer without loading its weights (a GGUF's is read from its metadata once, then cached)."""
+    from signround.models import load_metadata, resolve
+
+    return load_metadata(resolve(spec))[1]
+
+
+def failure_line(error: Exception, width: int = 300) -> str:
+    """An exception as one table cell: its type and the first line of its message."""
+    text = str(error)
+    return f"{type(error).__name__}: {text.splitlines()[0][:width] if text else ''}"
+
+
 def needs_bos(tokenizer) -> bool:
     """Models whose tokenizer prepends BOS itself (Gemma) were trained always to see it: their calibration
     rows and perplexity windows start with it, as their users' inputs do (SmolLM2's tokenizer adds none)."""

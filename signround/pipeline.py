@@ -433,14 +433,14 @@ def quantize(model, config: QuantConfig | None = None, run: RunConfig | None = N
             if state:
                 state.save_calibration(ids)
         report.calibration_shape = tuple(ids.shape)
-        shard = distributed.shard(ids.shape[0]) if distributed.active() else None
+        shard = distributed.shard(ids.shape[0])  # all the rows in one process
         if done < len(blocks):
             move_except_blocks(model, blocks, device)
             if done:  # the hidden states are in the work state; one row gives every block's call
                 calls = capture_block_inputs(model, blocks, ids[:1], device)[1]
                 fp_in, q_in = state.inputs(caches)
             else:
-                fp_in, calls = _capture(model, blocks, shard.local_ids(ids) if shard else ids, device, caches)
+                fp_in, calls = _capture(model, blocks, shard.local_ids(ids), device, caches)
                 q_in = fp_in
     unloaded = unload_input_embeddings(model) if streaming else []  # inputs captured: not needed again until the end
     release_freed_memory()
@@ -581,8 +581,7 @@ def _quantize_one(model, blocks_name, blocks, i, tasks, algorithm, config, fp_in
         if config.quantized_inputs and fp_in is not q_in:  # the original stream's inputs are done with: one cache less
             fp_in.discard()
         data = BlockData(q_in if config.quantized_inputs else fp_in, fp_out, call, device, amp_dtype, i, len(blocks), compiled, shard)
-        for counts in tokens.values():  # every process routed its own rows
-            distributed.sum_([counts])
+        distributed.sum_(tokens.values())  # every process routed its own rows
     # a block whose every layer is kept 16-bit by overrides has nothing to tune: it is only run
     result = algorithm.quantize_block(blocks[i], tasks, data, config) if tasks else BlockResult({})
     routed = {f"{blocks_name}.{i}.{name}": counts.tolist() for name, counts in tokens.items()}
