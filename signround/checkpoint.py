@@ -89,13 +89,13 @@ def _save_dtype(model, save_dtype: str | torch.dtype) -> torch.dtype:
     return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[save_dtype]
 
 
-SCALE_BUFFERS = ("scales", "super_scales", "super_mins")  # packed layers' fp16 scales: stored and kept as they are
+SCALE_BUFFERS = ("scales", "super_scales", "super_mins", "global_scale")  # packed layers' scales (QuantLinear.exact_dtypes)
 
 
 def state_for_saving(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The state dict with tied duplicates dropped and unquantized float tensors in `dtype`
-    (the packed layers' fp16 scales stay fp16)."""
-    scales = {f"{n}.{k}" for n, m in model.named_modules() if isinstance(m, QuantLinear) for k in SCALE_BUFFERS}
+    (the packed layers' scales keep their own dtypes)."""
+    scales = {f"{n}.{k}" for n, m in model.named_modules() if isinstance(m, QuantLinear) for k in m.exact_dtypes()}
     state, seen = {}, set()
     for name, tensor in model.state_dict().items():
         key = (tensor.data_ptr(), tensor.shape, tensor.dtype)
@@ -167,10 +167,13 @@ def atomic_folder(path: str | os.PathLike, overwrite: bool = False):
 
 
 def write_hf_folder(folder: Path, model, tokenizer, state: dict[str, torch.Tensor], quantization_config: dict | None,
-                    max_shard_bytes: int = MAX_SHARD_BYTES, weights=None) -> None:
-    """config.json (with `quantization_config`), generation config, tokenizer and safetensors shards."""
+                    max_shard_bytes: int = MAX_SHARD_BYTES, weights=None, dtype: torch.dtype | None = None) -> None:
+    """config.json (with `quantization_config`, and `dtype` as the folder's dtype when given), generation config,
+    tokenizer and safetensors shards."""
     config = copy.deepcopy(model.config)
     config.quantization_config = quantization_config
+    if dtype is not None:
+        config.dtype = dtype
     config.save_pretrained(folder)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(folder)
@@ -207,7 +210,7 @@ def stored_scheme(qcfg: dict, layer: str | None = None) -> WeightScheme:
     spec = qcfg.get("extra_config", {}).get(layer) if layer else None
     if spec:
         return WeightScheme(**spec)
-    return WeightScheme(qcfg["bits"], qcfg["group_size"], qcfg["sym"], qcfg.get("kquant", False))
+    return WeightScheme(qcfg["bits"], qcfg["group_size"], qcfg["sym"], qcfg.get("kquant", False), qcfg.get("fp"))
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
@@ -252,9 +255,8 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
         raise ValueError(f"{folder} does not match its config: missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}")
     for module in model.modules():  # keep scales exact whatever dtype the model runs in
         if isinstance(module, QuantLinear):
-            for key in SCALE_BUFFERS:
-                if getattr(module, key, None) is not None:
-                    setattr(module, key, getattr(module, key).to(torch.float16))
+            for key, stored in module.exact_dtypes().items():
+                setattr(module, key, getattr(module, key).to(stored))
     return model.to(device).eval()
 
 

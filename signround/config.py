@@ -13,7 +13,9 @@ from typing import Any
 
 from . import mixtures
 from .hardware import can_compile
-from .quant import integer, kquant
+import torch
+
+from .quant import formats, fp, kquant
 from .quant.integer import num_groups
 
 
@@ -30,15 +32,18 @@ _K_FALLBACK = {"Q2_K": (4, 32, True), "Q3_K": (4, 32, True), "Q4_K": (5, 32, Tru
 
 @dataclass(frozen=True)
 class WeightScheme:
-    """Integer weight-only quantization of one layer: `bits` wide codes, one scale and zero point per
-    `group_size` consecutive input channels (-1: one group per output channel). With `kquant` the
-    groups' scales (and minimums) are themselves quantized per 256 weights, as llama.cpp's K-quants
-    store them (`quant.kquant`); only llama.cpp's five combinations exist."""
+    """Weight-only quantization of one layer: `bits` wide codes with one scale (and zero point) per
+    `group_size` consecutive input channels (-1: one group per output channel). The number format is
+    integer unless `kquant` (llama.cpp's K-quants: the groups' scales, and minimums, quantized per 256
+    weights; only llama.cpp's five combinations exist) or `fp` (a floating-point format of `fp.FP_TYPES`:
+    FP8, MXFP8, MXFP4, NVFP4, whose bits and groups are the format's). `format` is its handler
+    (`quant.formats`), through which everything else quantizes."""
 
     bits: int = 4
     group_size: int = 128
     sym: bool = True
     kquant: bool = False
+    fp: str | None = None
 
     def __post_init__(self):
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
@@ -47,6 +52,23 @@ class WeightScheme:
             raise ConfigError(f"group_size={self.group_size!r} is not valid: use -1 (per channel) or a positive divisor of in_features")
         if self.kquant and self.ktype is None:
             raise ConfigError(f"no K-quant has {self.bits} bits, groups of {self.group_size}, {'sym' if self.sym else 'asym'}: use {_K_LIST}")
+        if self.fp is not None:
+            t = fp.FP_TYPES.get(str(self.fp).upper())
+            if t is None or self.kquant:
+                raise ConfigError(f"fp={self.fp!r} is not a floating-point format: use one of {', '.join(fp.FP_TYPES)} (without kquant)")
+            object.__setattr__(self, "fp", t.name)
+            if (self.bits, self.group_size, self.sym) != (t.element.bits, t.group_size, True):
+                raise ConfigError(f"{t.name} has {t.element.bits}-bit symmetric elements in groups of {t.group_size}, not bits={self.bits}, "
+                                  f"group_size={self.group_size}, sym={self.sym}: use the preset {t.name}A16")
+
+    @property
+    def kind(self) -> str:
+        """The number format's name in `quant.formats.FORMATS`."""
+        return "kquant" if self.kquant else "fp" if self.fp else "int"
+
+    @property
+    def format(self) -> formats.Format:
+        return formats.FORMATS[self.kind]
 
     @property
     def ktype(self) -> kquant.KType | None:
@@ -55,11 +77,16 @@ class WeightScheme:
             return None
         return next((t for t in kquant.K_TYPES.values() if (t.bits, t.group_size, t.sym) == (self.bits, self.group_size, self.sym)), None)
 
+    @property
+    def fptype(self) -> fp.FPType | None:
+        return fp.FP_TYPES[self.fp] if self.fp else None
+
     def to_dict(self) -> dict[str, Any]:
-        """Fields for config files; `kquant` only when set, so integer schemes serialise as before."""
+        """Fields for config files; `kquant` and `fp` only when set, so integer schemes serialise as before."""
         d = dataclasses.asdict(self)
-        if not self.kquant:
-            del d["kquant"]
+        for name in ("kquant", "fp"):
+            if not d[name]:
+                del d[name]
         return d
 
     def fallback(self) -> WeightScheme | None:
@@ -67,27 +94,36 @@ class WeightScheme:
         return WeightScheme(*_K_FALLBACK[self.ktype.name]) if self.kquant else None
 
     def quantize(self, w, offset=None, min_scale=None, max_scale=None):
-        """Final codes and scales of an (out, in) weight: `integer.QuantizedWeight` or `kquant.KQuantized`."""
-        if self.kquant:
-            return kquant.quantize_k(w, self.ktype, offset, min_scale, max_scale)
-        return integer.quantize_weight(w, self.bits, self.group_size, self.sym, offset, min_scale, max_scale)
+        """Final codes and scales of an (out, in) weight, in the format's stored form."""
+        return self.format.quantize(self, w, offset, min_scale, max_scale)
+
+    def dequantize(self, stored, dtype=torch.float32):
+        return self.format.dequantize(stored, dtype)
 
     def fake_quant_groups(self, wg, offset=None, min_scale=None, max_scale=None):
         """Straight-through quantize-dequantize of grouped weights (out, groups, g): what tuning trains through."""
-        if self.kquant:
-            return kquant.fake_quant_k_groups(wg, self.ktype, offset, min_scale, max_scale)
-        return integer.fake_quant_groups(wg, self.bits, self.sym, offset, min_scale, max_scale)
+        return self.format.fake_quant_groups(self, wg, offset, min_scale, max_scale)
+
+    def search_clipping(self, w, importance=None):
+        """Per group, the clipping that round-to-nearest does best with (SignRound's starting point)."""
+        return self.format.search_clipping(self, w, importance)
 
     @classmethod
     def preset(cls, name: str) -> WeightScheme:
-        """`W4A16` (4 bit, group 128, symmetric) and friends; `W2A16G64` picks the group size.
-        Presets follow auto-round's defaults: symmetric, except 2-bit which is asymmetric."""
-        ktype = kquant.K_TYPES.get(name.strip().upper())
+        """`W4A16` (4 bit, group 128, symmetric) and friends; `W2A16G64` picks the group size; the floating-point
+        weight-only formats as compressed-tensors names them (`MXFP4A16`, `NVFP4A16`, `MXFP8A16`, `FP8A16`).
+        Integer presets follow auto-round's defaults: symmetric, except 2-bit which is asymmetric."""
+        text = name.strip().upper()
+        ktype = kquant.K_TYPES.get(text)
         if ktype:
             return cls(ktype.bits, ktype.group_size, ktype.sym, kquant=True)
+        fptype = fp.FP_TYPES.get(text.removesuffix("A16")) if text.endswith("A16") else None
+        if fptype:
+            return cls(fptype.element.bits, fptype.group_size, True, fp=fptype.name)
         m = _PRESET.match(name.strip())
         if not m:
             raise ConfigError(f"unknown scheme {name!r}: use W2A16, W3A16, W4A16, W8A16, optionally with G<group> (e.g. W2A16G64), "
+                              f"{', '.join(f'{t}A16' for t in fp.FP_TYPES)}, "
                               f"or a llama.cpp K-quant: {', '.join(kquant.K_TYPES)} (mixtures: {', '.join(mixtures.MIXTURES)})")
         bits = int(m.group(1))
         group = int(m.group(2)) if m.group(2) else 128
@@ -95,24 +131,25 @@ class WeightScheme:
 
     def fits(self, in_features: int, pad_groups: bool = True) -> bool:
         """Whether a layer can take this scheme: always when a partial last group is allowed (never a
-        partial K-quant super-block)."""
+        partial K-quant super-block, nor an odd number of 4-bit float codes, which pack two a byte)."""
         if self.kquant:
             return in_features % kquant.SUPER_BLOCK == 0
+        if self.fp and self.bits == 4 and in_features % 2:
+            return False
         return self.group_size == -1 or pad_groups or in_features % self.group_size == 0
 
     def groups(self, in_features: int) -> int:
         return num_groups(in_features, self.group_size)
 
     def bits_per_weight(self, in_features: int) -> float:
-        """Storage cost per weight: the code plus its group's fp16 scale and packed zero point (K-quants:
-        llama.cpp's block size)."""
-        if self.kquant:
-            return self.ktype.bits_per_weight
-        return self.bits + (16 + self.bits) * self.groups(in_features) / in_features
+        """Storage cost per weight, codes and scales (and zero points) as stored."""
+        return self.format.bits_per_weight(self, in_features)
 
     def name(self) -> str:
         if self.kquant:
             return self.ktype.name
+        if self.fp:
+            return f"{self.fp}A16"
         g = "" if self.group_size == 128 else f"G{self.group_size}"
         return f"W{self.bits}A16{g}{'' if self.sym == (self.bits != 2) else ('-sym' if self.sym else '-asym')}"
 
@@ -131,9 +168,12 @@ def parse_scheme(spec: str | WeightScheme | dict | None) -> WeightScheme | None:
         for part in filter(None, text.split(",")):
             key, _, value = part.partition("=")
             key = key.strip().replace("-", "_")
-            if key not in ("bits", "group_size", "sym", "kquant"):
-                raise ConfigError(f"unknown layer setting {key!r} in {text!r}: use bits=, group_size=, sym=, kquant=")
-            fields[key] = value.strip().lower() in ("1", "true", "yes") if key in ("sym", "kquant") else int(value)
+            if key not in ("bits", "group_size", "sym", "kquant", "fp"):
+                raise ConfigError(f"unknown layer setting {key!r} in {text!r}: use bits=, group_size=, sym=, kquant=, fp=")
+            fields[key] = (value.strip() if key == "fp" else value.strip().lower() in ("1", "true", "yes") if key in ("sym", "kquant")
+                           else int(value))
+        if "fp" in fields:  # a float format's bits and groups are its own: only what is given differs from them
+            return dataclasses.replace(WeightScheme.preset(f"{fields.pop('fp')}A16"), **fields)
         return WeightScheme(**fields)
     return WeightScheme.preset(text)
 

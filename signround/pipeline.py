@@ -291,9 +291,11 @@ def quantization_config_dict(config: QuantConfig, report: QuantizeReport, comput
         "group_size": default.group_size,
         "sym": default.sym,
         **({"kquant": True} if default.kquant else {}),
+        **({"fp": default.fp} if default.fp else {}),
         **({"mixture": config.mixture} if config.mixture else {}),  # llama.cpp's name for the per-layer K types in extra_config
         "packing": "gptq-int32",          # qweight (in*bits/32, out), qzeros (groups, out*bits/32), scales (groups, out)
                                           # K-quant layers: qweight, super_scales/super_mins (in/256, out), scale_codes/min_codes (groups, out)
+                                          # float layers: qweight (out, in*bits/8) uint8, scales (out, groups), NVFP4's global_scale
         "zero_point": "stored",           # qzeros hold the zero point itself (no GPTQ v1 minus-one)
         "layer_overrides": settings["layer_overrides"],
         "extra_config": extra,

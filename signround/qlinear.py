@@ -1,4 +1,4 @@
-"""The runtime layer of the tool's own format: packed integer weights, dequantized on the fly."""
+"""The runtime layer of the tool's own format: packed weights, dequantized on the fly."""
 
 from __future__ import annotations
 
@@ -8,9 +8,14 @@ from torch import nn
 
 from .config import WeightScheme
 from .hardware import cpu_has_fast_bf16
-from .quant.integer import QuantizedWeight, dequantize_weight, group_size_for
-from .quant.kquant import SUPER_BLOCK, KQuantized, dequantize_k
+from .quant import fp
+from .quant.fp import FPQuantized
+from .quant.integer import QuantizedWeight, group_size_for
+from .quant.kquant import SUPER_BLOCK, KQuantized
 from .quant.packing import pack_qweight, pack_qzeros, packed_rows, unpack_qweight, unpack_qzeros
+
+
+_FP_SCALE_DTYPES = {"fp32": torch.float32, "e8m0": torch.uint8, "e4m3": torch.float8_e4m3fn}
 
 
 class QuantLinear(nn.Module):
@@ -21,13 +26,22 @@ class QuantLinear(nn.Module):
     GPU a slice at a time; 4-bit layers decode through torch's int4 kernels instead). A K-quant scheme
     stores its scales as llama.cpp does instead of `qzeros` and `scales`: `super_scales` (in/256, out)
     fp16 and `scale_codes` (groups, out) int8, and for the asymmetric types `super_mins` fp16 and
-    `min_codes` uint8 alike.
+    `min_codes` uint8 alike. A floating-point scheme stores rows as compressed-tensors does: `qweight`
+    (out, in) uint8 codes (4-bit ones two a byte, the even one low), `scales` (out, groups) as the format
+    stores them (fp32, E8M0 exponent bytes, float8_e4m3fn) and NVFP4's fp32 `global_scale`.
     """
 
     def __init__(self, in_features: int, out_features: int, scheme: WeightScheme, bias: bool, dtype=torch.float16, device=None):
         super().__init__()
         self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
         groups = scheme.groups(in_features)
+        if scheme.fp:
+            t = scheme.fptype
+            self.register_buffer("qweight", torch.zeros(out_features, in_features * t.element.bits // 8, dtype=torch.uint8, device=device))
+            self.register_buffer("scales", torch.zeros(out_features, groups, dtype=_FP_SCALE_DTYPES[t.scale], device=device))
+            if t.scale == "e4m3":
+                self.register_buffer("global_scale", torch.ones((), dtype=torch.float32, device=device))
+            return self._bias(bias, out_features, dtype, device)
         self.register_buffer("qweight", torch.zeros(packed_rows(in_features, scheme.bits), out_features, dtype=torch.int32, device=device))
         if scheme.kquant:
             supers = in_features // SUPER_BLOCK
@@ -39,31 +53,44 @@ class QuantLinear(nn.Module):
         else:
             self.register_buffer("qzeros", torch.zeros(groups, packed_rows(out_features, scheme.bits), dtype=torch.int32, device=device))
             self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16, device=device))
+        self._bias(bias, out_features, dtype, device)
+
+    def _bias(self, bias: bool, out_features: int, dtype, device) -> None:
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight | KQuantized, scheme: WeightScheme, bias: torch.Tensor | None) -> QuantLinear:
         out_features, in_features = qw.codes.shape
         layer = cls(in_features, out_features, scheme, bias is not None, device=qw.codes.device)
-        layer.qweight.copy_(pack_qweight(qw.codes, scheme.bits))
-        if scheme.kquant:
+        if scheme.fp:
+            layer.qweight.copy_(fp.pack_fp4(qw.codes) if scheme.bits == 4 else qw.codes)
+            layer.scales.copy_(qw.scale)
+            if qw.global_scale is not None:
+                layer.global_scale.copy_(qw.global_scale)
+        elif scheme.kquant:
+            layer.qweight.copy_(pack_qweight(qw.codes, scheme.bits))
             layer.super_scales.copy_(qw.d.t())
             layer.scale_codes.copy_(qw.sc.t())
             if not scheme.sym:
                 layer.super_mins.copy_(qw.dmin.t())
                 layer.min_codes.copy_(qw.m.t())
         else:
+            layer.qweight.copy_(pack_qweight(qw.codes, scheme.bits))
             layer.qzeros.copy_(pack_qzeros(qw.zero, scheme.bits))
             layer.scales.copy_(qw.scale.t())
         if bias is not None:
             layer.bias = bias.detach().clone()
         return layer
 
-    def quantized_weight(self, rows: slice = slice(None)) -> QuantizedWeight | KQuantized:
-        """The codes and scales, unpacked: a `KQuantized` for K-quant schemes. `rows`: output features
-        from a multiple of 32 on (where the packed zero points start a word), e.g. for one slice at a time."""
+    def quantized_weight(self, rows: slice = slice(None)) -> QuantizedWeight | KQuantized | FPQuantized:
+        """The codes and scales, unpacked, in the format's stored form (`scheme.format`). `rows`: output
+        features from a multiple of 32 on (where the packed zero points start a word), e.g. for one slice at a time."""
         start, stop, _ = rows.indices(self.out_features)
         bits, cols = self.scheme.bits, slice(start, stop)
+        if self.scheme.fp:
+            codes = self.qweight[cols]
+            return FPQuantized(fp.unpack_fp4(codes) if bits == 4 else codes, self.scales[cols],
+                               getattr(self, "global_scale", None), self.scheme.fptype)
         codes = unpack_qweight(self.qweight[:, cols], bits, self.in_features)
         if self.scheme.kquant:
             asym = not self.scheme.sym
@@ -82,9 +109,12 @@ class QuantLinear(nn.Module):
         )
 
     def dequantized_weight(self, dtype=torch.float32, rows: slice = slice(None)) -> torch.Tensor:
-        if self.scheme.kquant:
-            return dequantize_k(self.quantized_weight(rows)).to(dtype)
-        return dequantize_weight(self.quantized_weight(rows), dtype)
+        return self.scheme.dequantize(self.quantized_weight(rows), dtype)
+
+    def exact_dtypes(self) -> dict[str, torch.dtype]:
+        """Buffers that keep their stored dtype whatever dtype the model runs or is saved in (the scales)."""
+        names = ("scales", "global_scale") if self.scheme.fp else ("super_scales", "super_mins") if self.scheme.kquant else ("scales",)
+        return {n: getattr(self, n).dtype for n in names if getattr(self, n, None) is not None}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -114,7 +144,7 @@ class QuantLinear(nn.Module):
     INT4_MAX_ROWS = 32
 
     def _int4_fits(self, x: torch.Tensor) -> bool:
-        if not (self.scheme.bits == 4 and not self.scheme.kquant and x.dtype == torch.bfloat16 and x.numel() // self.in_features <= self.INT4_MAX_ROWS
+        if not (self.scheme.kind == "int" and self.scheme.bits == 4 and x.dtype == torch.bfloat16 and x.numel() // self.in_features <= self.INT4_MAX_ROWS
                 and group_size_for(self.in_features, self.scheme.group_size) in (32, 64, 128, 256)):
             return False
         if x.device.type == "cuda":
@@ -153,5 +183,5 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         s = self.scheme
-        kind = s.name() if s.kquant else f"bits={s.bits}, group_size={s.group_size}, sym={s.sym}"
+        kind = f"bits={s.bits}, group_size={s.group_size}, sym={s.sym}" if s.kind == "int" else s.name()
         return f"in_features={self.in_features}, out_features={self.out_features}, {kind}"

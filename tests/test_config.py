@@ -104,3 +104,24 @@ def test_k_quant_presets_are_llama_cpp_types():
     assert WeightScheme.preset("W4A16").fallback() is None and "kquant" not in WeightScheme().to_dict()
     config = QuantConfig(scheme="Q3_K", layer_overrides={"down": "Q6_K"})
     assert QuantConfig.from_dict(config.to_dict()) == config and parse_scheme("bits=6,group_size=16,kquant=true").name() == "Q6_K"
+
+
+@pytest.mark.parametrize("name, fields", [
+    ("MXFP4A16", (4, 32, "MXFP4")), ("nvfp4a16", (4, 16, "NVFP4")), ("MXFP8A16", (8, 32, "MXFP8")), ("FP8A16", (8, -1, "FP8")),
+])
+def test_float_presets_name_formats_users_know(name, fields):
+    s = WeightScheme.preset(name)
+    assert (s.bits, s.group_size, s.fp) == fields and s.sym and s.kind == "fp"
+    assert WeightScheme.preset(s.name()) == s and parse_scheme(s.to_dict()) == s
+    assert parse_scheme(f"fp={fields[2].lower()}") == s
+    assert QuantConfig.from_dict(QuantConfig(scheme=name).to_dict()).scheme == s
+
+
+def test_a_float_format_keeps_its_own_bits_and_groups():
+    with pytest.raises(ConfigError, match="MXFP4 has 4-bit symmetric elements in groups of 32, not bits=4, group_size=128.*MXFP4A16"):
+        WeightScheme(bits=4, group_size=128, fp="MXFP4")
+    with pytest.raises(ConfigError, match="fp='FP6' is not a floating-point format: use one of FP8, MXFP8, MXFP4, NVFP4"):
+        WeightScheme(fp="FP6")
+    with pytest.raises(ConfigError, match="unknown scheme 'MXFP5A16'.*MXFP4A16, NVFP4A16"):
+        WeightScheme.preset("MXFP5A16")
+    assert not WeightScheme.preset("MXFP4A16").fits(575) and WeightScheme.preset("MXFP8A16").fits(575)

@@ -153,3 +153,23 @@ def test_k_quant_save_load_round_trip(scheme, tmp_path):
     assert torch.equal(reloaded.model.layers[0].mlp.up_proj.dequantized_weight(), layer.dequantized_weight())
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, fake, atol=2e-3 * fake.abs().max().item(), rtol=1e-2)  # fp16-stored norms/embeddings
+
+
+@pytest.mark.parametrize("scheme, scale_dtype", [("NVFP4A16", torch.float8_e4m3fn), ("MXFP4A16", torch.uint8), ("FP8A16", torch.float32)])
+def test_float_format_save_load_round_trip(scheme, scale_dtype, tmp_path):
+    """Float layers store codes and scales as compressed-tensors lays them out (two E2M1 codes a byte, E4M3 or
+    E8M0 or fp32 scales, NVFP4's global scale), keep those dtypes through saving in fp16, and reload exactly."""
+    model = make("llama")
+    signround.quantize(model, QuantConfig(scheme=scheme, iters=4, nsamples=8, seqlen=16, batch_size=4), calibration=calib_ids(8, 16))
+    layer = model.model.layers[0].mlp.up_proj
+    assert layer.scales.dtype == scale_dtype and layer.qweight.dtype == torch.uint8
+    assert layer.qweight.shape == (layer.out_features, layer.in_features * layer.scheme.bits // 8)
+    config = json.loads((signround.save(model, tmp_path / "out") / "config.json").read_text())
+    assert config["quantization_config"]["fp"] == scheme.removesuffix("A16")
+    reloaded = signround.load(tmp_path / "out", dtype=torch.bfloat16)
+    got = reloaded.model.layers[0].mlp.up_proj
+    assert got.scales.dtype == scale_dtype and torch.equal(got.dequantized_weight(), layer.dequantized_weight())
+    ids = calib_ids(4, 16)
+    with torch.no_grad():
+        want = model(ids).logits
+        torch.testing.assert_close(reloaded(ids).logits.float(), want, atol=2e-2 * want.abs().max().item(), rtol=2e-2)  # bf16

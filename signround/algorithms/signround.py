@@ -25,7 +25,7 @@ from torch.func import functional_call
 from .. import distributed, experts
 from ..attention import tuning_attention
 from ..blocks import autocast, block_output, stores_transposed
-from ..quant.integer import from_groups, search_clipping, to_groups
+from ..quant.integer import from_groups, to_groups
 from .base import BlockData, BlockResult, LayerTask, block_loss, register
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,8 @@ class _Tunables:
         self.grouped = to_groups(self.weight, task.scheme.group_size)
         groups = task.scheme.groups(w.shape[1])
         self.offset = torch.zeros_like(self.grouped, requires_grad=True)
-        self.min_scale = torch.ones(w.shape[0], groups, device=device, requires_grad=True)
+        # a symmetric float grid has no group minimum to clip: no min scale (None) where the format tunes none
+        self.min_scale = torch.ones(w.shape[0], groups, device=device, requires_grad=True) if task.scheme.format.tunes_min else None
         self.max_scale = torch.ones(w.shape[0], groups, device=device, requires_grad=True)
         # what the traced step treats as constants (identical across a model's blocks, so no recompiles);
         # `dtype` is the fake weight's: the autocast dtype the layer would cast it to anyway. Where the
@@ -54,8 +55,12 @@ class _Tunables:
             target = ("expert", f"{e.module}.{e.param}", e.expert, e.part, experts.layout(task.module), task.module.down_proj.shape[0])
         self.spec = (target, task.scheme, w.shape[1], dtype)
 
+    def scales(self):
+        """The clipping scales the format tunes."""
+        return [s for s in (self.min_scale, self.max_scale) if s is not None]
+
     def params(self):
-        return [self.offset, self.min_scale, self.max_scale]
+        return [self.offset, *self.scales()]
 
     @torch.no_grad()
     def step(self, lr: float, minmax_lr: float, project: bool = False) -> None:
@@ -66,34 +71,31 @@ class _Tunables:
         W4A16, from the fast recipe's searched start, freezing is the better regulariser (30.26 against
         31.30, 21.06 against 21.51)."""
         self.offset.add_(self.offset.grad.sign_(), alpha=-lr)  # the gradients are dropped below: signed in place
-        self.min_scale.add_(self.min_scale.grad.sign_(), alpha=-minmax_lr)
-        self.max_scale.add_(self.max_scale.grad.sign_(), alpha=-minmax_lr)
-        if project:
-            self.min_scale.clamp_(0, 1)
-            self.max_scale.clamp_(0, 1)
+        for scale in self.scales():
+            scale.add_(scale.grad.sign_(), alpha=-minmax_lr)
+            if project:
+                scale.clamp_(0, 1)
         for p in self.params():
             p.grad = None
 
     def search_clipping(self, importance: torch.Tensor | None) -> None:
         """Start the clipping scales at the importance-weighted best round-to-nearest clipping."""
-        s = self.task.scheme
-        best = search_clipping(self.weight, s.bits, s.group_size, s.sym, importance)
+        best = self.task.scheme.search_clipping(self.weight, importance)
         with torch.no_grad():
-            self.min_scale.copy_(best)
-            self.max_scale.copy_(best)
+            for scale in self.scales():
+                scale.copy_(best)
 
     def initial_state(self):
         """The starting point: no offset (None: zeros, not kept as a weight-sized tensor), the initial clipping."""
-        return [None, self.min_scale.detach().clone(), self.max_scale.detach().clone()]
+        return [None, *(s.detach().clone() for s in self.scales())]
 
     def tensors(self, initial: bool = False):
         """What the fake weight is computed from: the weight alone at the starting point."""
         return (self.grouped, None, None, None) if initial else (self.grouped, self.offset, self.min_scale, self.max_scale)
 
     def final(self):
-        s = self.task.scheme
         offset = from_groups(self.offset.detach(), self.weight.shape[1])
-        return s.quantize(self.weight, offset, self.min_scale.detach(), self.max_scale.detach())
+        return self.task.scheme.quantize(self.weight, offset, None if self.min_scale is None else self.min_scale.detach(), self.max_scale.detach())
 
 
 def _fake_weights(specs, tensors) -> dict[str, torch.Tensor]:

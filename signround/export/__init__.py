@@ -24,7 +24,7 @@ class Format:
 
     name: str
     fits: str
-    holds_kquants = False  # llama.cpp's K-quant scales (quantized per 256 weights) have a place only in GGUF
+    kinds = ("int",)  # the number formats (WeightScheme.kind) it stores: K-quant scales have a place only in GGUF
     holds_experts = False  # stacked mixture-of-experts tensors: written only where the consumer's loading of them is tested
 
     def refusal(self, scheme: WeightScheme, in_features: int) -> str | None:
@@ -89,9 +89,14 @@ def _refuse(fmt: Format, model, layers: dict[str, tuple[WeightScheme, int]]) -> 
     if reason:
         raise FormatError(f"format {fmt.name} cannot hold this model: {reason}")
     for layer_name, (scheme, in_features) in layers.items():
-        if scheme.kquant and not fmt.holds_kquants:
-            raise FormatError(f"format {fmt.name} cannot hold {layer_name} as {scheme.name()}: K-quant scales are quantized per 256 weights, "
-                              f"which only GGUF stores; export it as gguf, or quantize for {fmt.name} with an integer scheme ({fmt.fits})")
+        if scheme.kind not in fmt.kinds:
+            if scheme.kquant:
+                why = "K-quant scales are quantized per 256 weights, which only GGUF stores; export it as gguf"
+            else:
+                holders = " or ".join(f.name for f in _REGISTRY.values() if scheme.kind in f.kinds)
+                why = f"its writer has no place for floating-point weights; export them as {holders} (or signround's own folder)"
+            raise FormatError(f"format {fmt.name} cannot hold {layer_name} as {scheme.name()}: {why}, "
+                              f"or quantize for {fmt.name} with a scheme it takes ({fmt.fits})")
         reason = fmt.refusal(scheme, in_features)
         if reason:
             raise FormatError(f"format {fmt.name} cannot hold {layer_name} as {scheme.name()}: {reason}; {fmt.name} takes {fmt.fits}")
@@ -130,17 +135,18 @@ def export(model, tokenizer, path: str | os.PathLike, name: str, overwrite: bool
 
 def write_packed_folder(model, tokenizer, folder: Path, layer_tensors, quantization_config: dict, dtype=None) -> None:
     """An HF folder whose quantized layers hold the tensors `layer_tensors(name, layer)` returns in
-    place of signround's own qweight/qzeros/scales; everything else in `dtype` (fp16 by default)."""
+    place of signround's own buffers; everything else in `dtype` (fp16 by default), which config.json names when given."""
     import torch
 
     from ..checkpoint import state_for_saving, write_hf_folder
 
     state = state_for_saving(model, dtype or torch.float16)
     for name, layer in quantized_layers(model).items():
-        for key in ("qweight", "qzeros", "scales"):
-            del state[f"{name}.{key}"]
+        for key, _ in layer.named_buffers():
+            if key != "bias":
+                del state[f"{name}.{key}"]
         state.update({f"{name}.{k}": v.contiguous() for k, v in layer_tensors(name, layer).items()})
-    write_hf_folder(folder, model, tokenizer, state, quantization_config)
+    write_hf_folder(folder, model, tokenizer, state, quantization_config, dtype=dtype)
 
 
 def unquantized_block_linears(model) -> list[str]:

@@ -6,6 +6,11 @@ along the input dimension; `weight_scale` (out, groups); `weight_shape`; and for
 `weight_zero_point` packed the same way along the output dimension. Its codes are signed (code minus
 2**(bits-1)) but packed with that offset added back, so the stored bits are signround's unsigned
 codes and zero points unchanged. Its group strategy needs the group size to divide the layer's width.
+
+Floating-point layers take compressed-tensors' own formats, whose layouts are signround's: `nvfp4-pack-quantized`
+(`weight_packed` two E2M1 codes a byte, `weight_scale` float8_e4m3fn per 16, `weight_global_scale`, the same
+divisor), `mxfp4-pack-quantized` (E8M0 exponent bytes per 32), `mxfp8-quantized` (`weight` as float8_e4m3fn,
+E8M0 bytes per 32) and `float-quantized` (FP8: float8_e4m3fn `weight`, one fp32 scale per output channel).
 """
 
 from __future__ import annotations
@@ -24,16 +29,39 @@ def _dense(values: torch.Tensor, bits: int) -> torch.Tensor:
     return pack_rows(values.t(), bits).t()[:, : math.ceil(values.shape[1] * bits / 32)]
 
 
-def _weights_args(bits: int, sym: bool, group_size: int | None) -> dict:
+def _weights_args(bits: int, sym: bool, group_size: int | None, fp: str | None = None) -> dict:
     """`group_size` None: one group per output channel (also where the group is as wide as the layer)."""
-    return {"num_bits": bits, "type": "int", "symmetric": sym, "strategy": "channel" if group_size is None else "group",
+    args = {"num_bits": bits, "type": "float" if fp else "int", "symmetric": sym, "strategy": "channel" if group_size is None else "group",
             "group_size": group_size, "dynamic": False, "actorder": None, "observer": "minmax"}
+    if fp == "NVFP4":
+        args.update(strategy="tensor_group", scale_dtype="torch.float8_e4m3fn")
+    elif fp in ("MXFP4", "MXFP8"):
+        args.update(scale_dtype="torch.uint8")
+    return args
+
+
+# compressed-tensors' format of each floating-point type (integer layers: pack-quantized)
+_FP_FORMATS = {"NVFP4": "nvfp4-pack-quantized", "MXFP4": "mxfp4-pack-quantized", "MXFP8": "mxfp8-quantized", "FP8": "float-quantized"}
+
+
+def _fp_tensors(layer) -> dict[str, torch.Tensor]:
+    """A float layer's tensors under compressed-tensors' names: signround stores them in its layout already."""
+    t = layer.scheme.fptype
+    out = {"weight_scale": layer.scales if t.scale != "fp32" else layer.scales.float()}
+    if t.element.bits == 4:
+        out["weight_packed"] = layer.qweight
+    else:
+        out["weight"] = layer.qweight.view(torch.float8_e4m3fn)
+    if t.scale == "e4m3":
+        out["weight_global_scale"] = layer.global_scale.float().reshape(1)
+    return out
 
 
 @register_format
 class CompressedTensorsFormat(Format):
     name = "compressed-tensors"
-    fits = "integer schemes of 2-8 bits whose group size divides every layer's width (or -1)"
+    fits = "integer schemes of 2-8 bits and FP8A16, MXFP8A16, MXFP4A16, NVFP4A16, whose group size divides every layer's width (or -1)"
+    kinds = ("int", "fp")
 
     def refusal(self, scheme, in_features):
         return partial_group(scheme, in_features, wider_ok=True)
@@ -42,6 +70,8 @@ class CompressedTensorsFormat(Format):
         layers = quantized_layers(model)
 
         def tensors(name, layer):
+            if layer.scheme.fp:
+                return _fp_tensors(layer)
             qw = layer.quantized_weight()
             out = {"weight_packed": _dense(qw.codes, layer.scheme.bits), "weight_scale": qw.scale.to(torch.float16),
                    "weight_shape": torch.tensor([layer.out_features, layer.in_features], dtype=torch.int64)}
@@ -53,16 +83,19 @@ class CompressedTensorsFormat(Format):
         for name, layer in layers.items():
             s = layer.scheme
             group = None if s.group_size == -1 or s.group_size >= layer.in_features else s.group_size
-            groups.setdefault((s.bits, s.sym, group), []).append(f"re:^{re.escape(name)}$")
+            groups.setdefault((s.bits, s.sym, group, s.fp), []).append(f"re:^{re.escape(name)}$")
+        formats = {key: _FP_FORMATS[key[3]] if key[3] else "pack-quantized" for key in groups}
         config = {
             "quant_method": "compressed-tensors",
-            "format": "pack-quantized",
+            "format": next(iter(set(formats.values()))) if len(set(formats.values())) == 1 else "mixed-precision",
             "quantization_status": "compressed",
             "config_groups": {f"group_{i}": {"targets": targets, "weights": _weights_args(*key), "input_activations": None,
-                                             "output_activations": None, "format": "pack-quantized"}
+                                             "output_activations": None, "format": formats[key]}
                               for i, (key, targets) in enumerate(groups.items())},
             "ignore": sorted({"lm_head", *unquantized_block_linears(model)} - set(layers)),
             "kv_cache_scheme": None,
             "provider": "signround",
         }
-        write_packed_folder(model, tokenizer, folder, tensors, config)
+        # compressed-tensors decompresses float layers to bf16 weights: the folder runs in bf16 so that they meet bf16 inputs
+        floats = any(layer.scheme.fp for layer in layers.values())
+        write_packed_folder(model, tokenizer, folder, tensors, config, dtype=torch.bfloat16 if floats else None)

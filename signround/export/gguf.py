@@ -145,7 +145,7 @@ class GGUFFormat(Format):
     name = "gguf"
     fits = ("group-32 schemes of 4 bit (Q4_0 sym, Q4_1 asym), 5 bit (Q5_0, Q5_1) or 8 bit sym (Q8_0), and the K-quant schemes "
             "Q2_K .. Q6_K, on LLaMA-architecture models")
-    holds_kquants = True
+    kinds = ("int", "kquant")
 
     def refusal(self, scheme, in_features):
         if scheme.kquant:

@@ -150,6 +150,28 @@ def fake_quant_groups(wg: torch.Tensor, fptype: FPType, offset=None, max_scale=N
     return round_element(wg / scale, fptype.element, offset) * scale
 
 
+@torch.no_grad()
+def search_clipping(w: torch.Tensor, fptype: FPType, importance: torch.Tensor | None = None, ratios: torch.Tensor | None = None) -> torch.Tensor:
+    """Per group (out, groups), the shrink ratio of the group maximum whose round-to-nearest weights are closest
+    to `w` in the `importance`-weighted squared error (one value per input channel), as `integer.search_clipping`
+    for integers. Power-of-two (MX) scales change only where the shrunk maximum crosses a power of two."""
+    ratios = torch.linspace(1.0, 0.7, 31) if ratios is None else ratios
+    wg = to_groups(w.float(), fptype.group_size)
+    imp = None if importance is None else to_groups(importance.float().to(w.device).expand_as(w), fptype.group_size)
+    glob = global_scale(w, fptype)
+    best_err = best = None
+    for r in ratios.tolist():
+        ratio = torch.full(wg.shape[:2], min(max(r, 0.0), 1.0), device=w.device)
+        err = (fake_quant_groups(wg, fptype, None, ratio, glob) - wg).square_()
+        err = (err if imp is None else err.mul_(imp)).sum(-1)
+        if best is None:
+            best_err, best = err, ratio
+        else:
+            better = err < best_err
+            best_err, best = torch.where(better, err, best_err), torch.where(better, ratio, best)
+    return best
+
+
 def fake_quant(w: torch.Tensor, fptype: FPType, offset=None, max_scale=None) -> torch.Tensor:
     """`fake_quant_groups` on an (out, in) weight; `offset` has the weight's shape."""
     off = None if offset is None else to_groups(offset, fptype.group_size)

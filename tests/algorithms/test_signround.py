@@ -97,6 +97,16 @@ def test_signround_lowers_block_losses_with_k_quant_scales(scheme):
     assert not report.fallbacks and all(tuned < rtn for rtn, tuned in report.block_losses), report.block_losses
 
 
+@pytest.mark.parametrize("scheme", ["MXFP4A16", "NVFP4A16", "MXFP8A16", "FP8A16"])
+def test_signround_lowers_block_losses_on_floating_point_grids(scheme):
+    """Offsets counted in grid steps and the group maximum's clipping tune E2M1 and E4M3 grids too, with
+    their power-of-two (MX), E4M3 (NVFP4) or fp32 (FP8) scales; no minimum is tuned on a symmetric grid."""
+    model = make("llama")
+    config = QuantConfig(scheme=scheme, iters=40, nsamples=16, seqlen=32, batch_size=4)
+    report = signround.quantize(model, config, calibration=calib_ids(16, 32))
+    assert all(tuned < rtn for rtn, tuned in report.block_losses), report.block_losses
+
+
 def test_a_clipping_scale_pushed_past_one_leaves_its_group_unclipped_for_good():
     """Unprojected signed descent (projection cost perplexity): a scale stepped above 1 quantizes like
     1, no clipping, and the forward's clamp passes it no gradient, so it stays."""

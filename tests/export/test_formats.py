@@ -135,3 +135,32 @@ def test_cli_refuses_a_format_before_loading_work(tmp_path, capsys, tiny_model_d
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and "format gptq cannot hold" in err and "not 5" in err
     assert not (tmp_path / "o.signround-work").exists()
+
+
+@pytest.mark.parametrize("scheme, stored", [("NVFP4A16", "nvfp4-pack-quantized"), ("MXFP4A16", "mxfp4-pack-quantized"),
+                                            ("MXFP8A16", "mxfp8-quantized"), ("FP8A16", "float-quantized")])
+def test_compressed_tensors_decompresses_float_formats_to_our_weights(tmp_path, scheme, stored):
+    """compressed-tensors' own float formats take signround's codes and scales as they are: its decompressed
+    bf16 weights are ours in bf16 (FP8's fp32 channel scale is loaded into a bf16 parameter first: within two
+    bf16 roundings), and the model's logits ours within bf16 tolerance."""
+    model = quantized(scheme, method="signround")
+    export(model, None, tmp_path / "out", "compressed-tensors")
+    qcfg = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert qcfg["format"] == stored
+    theirs = consumer_load(tmp_path / "out", "compressed-tensors")
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = model(ids).logits, theirs(ids).logits.float()
+    torch.testing.assert_close(got, want, atol=2e-2 * want.abs().max().item(), rtol=2e-2)
+    for name, layer in signround.export.quantized_layers(model).items():  # decompressed by the forward above
+        rtol = 2**-7 if scheme == "FP8A16" else 2**-8
+        torch.testing.assert_close(theirs.get_submodule(name).weight, layer.dequantized_weight(torch.bfloat16), rtol=rtol, atol=0)
+
+
+def test_float_formats_are_refused_before_tuning_where_no_consumer_stores_them(tmp_path):
+    model = make("llama", vocab_size=256)
+    for fmt in ("gptq", "auto_round", "awq", "gguf"):
+        with pytest.raises(FormatError, match=f"format {fmt} cannot hold .* as MXFP4A16: its writer has no place for floating-point weights; "
+                                              "export them as compressed-tensors"):
+            check_formats([fmt], model, signround.QuantConfig(scheme="MXFP4A16"))
+    check_formats(["compressed-tensors", "signround"], model, signround.QuantConfig(scheme="NVFP4A16"))

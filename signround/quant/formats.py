@@ -1,0 +1,98 @@
+"""One interface over the number formats, so that tuning, saving and exporting never branch on a format.
+
+A `WeightScheme` names its format (`scheme.kind`); the format's handler here turns the scheme's fields into
+calls of its pure module (`integer`, `kquant`, `fp`). Adding a format is its module, a handler registered
+below, and the exporters that can store it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+from . import fp, integer, kquant
+
+Stored = Any  # a format's final codes and scales: integer.QuantizedWeight, kquant.KQuantized or fp.FPQuantized
+
+
+class Format(Protocol):
+    """What every number format gives. `tunes_min`: whether it has a group minimum to clip (asymmetric
+    grids), i.e. whether SignRound tunes a min-clipping scale beside the max one."""
+
+    tunes_min: bool
+
+    def fake_quant_groups(self, scheme, wg: torch.Tensor, offset, min_scale, max_scale) -> torch.Tensor:
+        """Straight-through quantize-dequantize of grouped weights (out, groups, g)."""
+
+    def quantize(self, scheme, w: torch.Tensor, offset=None, min_scale=None, max_scale=None) -> Stored:
+        """Final codes and scales of an (out, in) weight; `dequantize` gives what `fake_quant_groups` evaluated."""
+
+    def dequantize(self, stored: Stored, dtype=torch.float32) -> torch.Tensor: ...
+
+    def search_clipping(self, scheme, w: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
+        """Per group (out, groups), the range-shrink ratio with the lowest importance-weighted round-to-nearest error."""
+
+    def bits_per_weight(self, scheme, in_features: int) -> float: ...
+
+
+class Integer:
+    tunes_min = True
+
+    def fake_quant_groups(self, scheme, wg, offset, min_scale, max_scale):
+        return integer.fake_quant_groups(wg, scheme.bits, scheme.sym, offset, min_scale, max_scale)
+
+    def quantize(self, scheme, w, offset=None, min_scale=None, max_scale=None):
+        return integer.quantize_weight(w, scheme.bits, scheme.group_size, scheme.sym, offset, min_scale, max_scale)
+
+    def dequantize(self, stored, dtype=torch.float32):
+        return integer.dequantize_weight(stored, dtype)
+
+    def search_clipping(self, scheme, w, importance):
+        return integer.search_clipping(w, scheme.bits, scheme.group_size, scheme.sym, importance)
+
+    def bits_per_weight(self, scheme, in_features):
+        """The code plus its group's fp16 scale and packed zero point."""
+        return scheme.bits + (16 + scheme.bits) * integer.num_groups(in_features, scheme.group_size) / in_features
+
+
+class KQuant(Integer):
+    """llama.cpp's K-quants: integer groups whose scales (and minimums) are quantized per 256 weights."""
+
+    def fake_quant_groups(self, scheme, wg, offset, min_scale, max_scale):
+        return kquant.fake_quant_k_groups(wg, scheme.ktype, offset, min_scale, max_scale)
+
+    def quantize(self, scheme, w, offset=None, min_scale=None, max_scale=None):
+        return kquant.quantize_k(w, scheme.ktype, offset, min_scale, max_scale)
+
+    def dequantize(self, stored, dtype=torch.float32):
+        return kquant.dequantize_k(stored).to(dtype)
+
+    def bits_per_weight(self, scheme, in_features):
+        return scheme.ktype.bits_per_weight
+
+
+class Float:
+    """FP8, MXFP8, MXFP4, NVFP4 (`fp.FP_TYPES`): symmetric grids, so only the group maximum is clipped."""
+
+    tunes_min = False
+
+    def fake_quant_groups(self, scheme, wg, offset, min_scale, max_scale):
+        t = scheme.fptype
+        glob = fp.global_scale(wg, t)  # NVFP4's, from the untuned weight (zero padding never sets a maximum)
+        return fp.fake_quant_groups(wg, t, offset, max_scale, glob)
+
+    def quantize(self, scheme, w, offset=None, min_scale=None, max_scale=None):
+        return fp.quantize(w, scheme.fptype, offset, max_scale)
+
+    def dequantize(self, stored, dtype=torch.float32):
+        return fp.dequantize(stored, dtype)
+
+    def search_clipping(self, scheme, w, importance):
+        return fp.search_clipping(w, scheme.fptype, importance)
+
+    def bits_per_weight(self, scheme, in_features):
+        return scheme.fptype.bits_per_weight(in_features)
+
+
+FORMATS: dict[str, Format] = {"int": Integer(), "kquant": KQuant(), "fp": Float()}
