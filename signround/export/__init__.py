@@ -93,7 +93,7 @@ def _refuse(fmt: Format, model, layers: dict[str, tuple[WeightScheme, int]]) -> 
             if scheme.kquant:
                 why = "K-quant scales are quantized per 256 weights, which only GGUF stores; export it as gguf"
             else:
-                holders = " or ".join(f.name for f in _REGISTRY.values() if scheme.kind in f.kinds)
+                holders = " or ".join(sorted(f.name for f in _REGISTRY.values() if scheme.kind in f.kinds))
                 why = f"its writer has no place for floating-point weights; export them as {holders} (or signround's own folder)"
             raise FormatError(f"format {fmt.name} cannot hold {layer_name} as {scheme.name()}: {why}, "
                               f"or quantize for {fmt.name} with a scheme it takes ({fmt.fits})")

@@ -32,7 +32,7 @@ import torch
 
 from ..blocks import find_blocks
 from . import Format, quantized_layers, register_format
-from .gguf_blocks import encode_k_blocks
+from .gguf_blocks import encode_k_blocks, encode_mxfp4_blocks
 
 FILE_NAME = "model.gguf"
 _ARCHITECTURES = ("llama", "mistral")
@@ -48,6 +48,8 @@ def ggml_type(scheme):
     """The GGML tensor type that holds a layer of this scheme."""
     from gguf import GGMLQuantizationType
 
+    if scheme.fp:
+        return GGMLQuantizationType[scheme.fp]
     return GGMLQuantizationType[scheme.ktype.name] if scheme.kquant else _types()[(scheme.bits, scheme.sym)]
 
 
@@ -57,7 +59,7 @@ def _file_type(kind):
 
     f, t = gguf.LlamaFileType, gguf.GGMLQuantizationType
     return {t.Q4_0: f.MOSTLY_Q4_0, t.Q4_1: f.MOSTLY_Q4_1, t.Q5_0: f.MOSTLY_Q5_0, t.Q5_1: f.MOSTLY_Q5_1, t.Q8_0: f.MOSTLY_Q8_0,
-            t.Q2_K: f.MOSTLY_Q2_K, t.Q3_K: f.MOSTLY_Q3_K_S, t.Q4_K: f.MOSTLY_Q4_K_S, t.Q5_K: f.MOSTLY_Q5_K_S, t.Q6_K: f.MOSTLY_Q6_K}[kind]
+            t.MXFP4: f.MOSTLY_MXFP4_MOE, t.Q2_K: f.MOSTLY_Q2_K, t.Q3_K: f.MOSTLY_Q3_K_S, t.Q4_K: f.MOSTLY_Q4_K_S, t.Q5_K: f.MOSTLY_Q5_K_S, t.Q6_K: f.MOSTLY_Q6_K}[kind]
 
 
 def _f16_bytes(x: torch.Tensor) -> np.ndarray:
@@ -144,10 +146,14 @@ def llama3_rope_factors(params: dict, dim: int) -> np.ndarray:
 class GGUFFormat(Format):
     name = "gguf"
     fits = ("group-32 schemes of 4 bit (Q4_0 sym, Q4_1 asym), 5 bit (Q5_0, Q5_1) or 8 bit sym (Q8_0), and the K-quant schemes "
-            "Q2_K .. Q6_K, on LLaMA-architecture models")
-    kinds = ("int", "kquant")
+            "Q2_K .. Q6_K, and MXFP4A16, on LLaMA-architecture models")
+    kinds = ("int", "kquant", "fp")
 
     def refusal(self, scheme, in_features):
+        if scheme.fp:
+            if scheme.fp != "MXFP4":
+                return "llama.cpp's float block type that signround writes is MXFP4 (E2M1 codes, one E8M0 scale per 32)"
+            return None if in_features % 32 == 0 else f"the layer's width {in_features} is not a multiple of 32"
         if scheme.kquant:
             return None if scheme.fits(in_features) else f"the layer's width {in_features} is no whole number of 256-weight super-blocks"
         if scheme.group_size != 32:
@@ -209,7 +215,9 @@ class GGUFFormat(Format):
                 if heads_here:  # rows carry their groups and super-blocks along
                     order = llama_row_order(layer.out_features, heads_here)
                     qw = qw._replace(**{k: v[order] for k, v in qw._asdict().items() if isinstance(v, torch.Tensor)})
-                if layer.scheme.kquant:
+                if layer.scheme.fp:
+                    data = encode_mxfp4_blocks(qw.codes, qw.scale)
+                elif layer.scheme.kquant:
                     data = encode_k_blocks(qw)
                 else:
                     data = encode_blocks(qw.codes, qw.scale, qw.zero, layer.scheme.bits, layer.scheme.sym)

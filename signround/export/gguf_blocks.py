@@ -8,6 +8,10 @@ bytes) uint8, one 256-weight super-block after another along each row, the field
     block_q4_K  d, dmin, scales[12] (6-bit sc and m), qs[128]
     block_q5_K  d, dmin, scales[12], qh[32], qs[128]
     block_q6_K  ql[128], qh[64], scales[16] (int8), d
+
+and ggml's one float block that signround writes, 32 weights each:
+
+    block_mxfp4  e (E8M0 exponent byte), qs[16] (element j low, element j + 16 high; E2M1 codes as signround's)
 """
 
 from __future__ import annotations
@@ -85,3 +89,12 @@ def _q6_low(halves: torch.Tensor) -> torch.Tensor:
     first = low[..., :32] | (low[..., 64:96] << 4)
     second = low[..., 32:64] | (low[..., 96:] << 4)
     return torch.cat([first, second], -1).reshape(*halves.shape[:-2], -1).to(torch.uint8)
+
+
+def encode_mxfp4_blocks(codes: torch.Tensor, exponents: torch.Tensor) -> np.ndarray:
+    """(out, in) E2M1 codes (sign << 3 | magnitude index: ggml's kvalues index, whose values are doubled and
+    whose E8M0 decoding halves) and (out, in/32) E8M0 bytes -> (out, in/32 * 17) uint8."""
+    out, n = codes.shape
+    halves = codes.reshape(out, n // 32, 2, 16)
+    qs = halves[:, :, 0] | halves[:, :, 1] << 4
+    return _bytes(torch.cat([exponents.reshape(out, -1, 1), qs], dim=-1).to(torch.uint8)).reshape(out, -1)

@@ -22,6 +22,7 @@ SCHEMES = {  # scheme -> the ggml block type it must be written as
     "bits=5,group_size=32,sym=true": "Q5_0",
     "bits=5,group_size=32,sym=false": "Q5_1",
     "bits=8,group_size=32,sym=true": "Q8_0",
+    "MXFP4A16": "MXFP4",
 }
 
 
@@ -69,7 +70,7 @@ def test_gguf_package_dequantizes_to_our_weights(tmp_path, tokenizer, scheme):
     tensors = {t.name: t for t in GGUFReader(tmp_path / "out" / FILE_NAME).tensors}
     for kind, got, want in _written_and_ours(model, tensors):
         assert kind == SCHEMES[scheme]
-        exact = "sym=true" in scheme  # asym blocks store the offset -zero*scale rounded to fp16
+        exact = "sym=false" not in scheme  # asym blocks store the offset -zero*scale rounded to fp16
         torch.testing.assert_close(got, want, atol=0 if exact else 2e-3 * want.abs().max().item(), rtol=0 if exact else 1e-3)
     assert tensors["token_embd.weight"].tensor_type.name == "F16" and tensors["blk.0.attn_norm.weight"].tensor_type.name == "F32"
 
@@ -78,6 +79,7 @@ def test_gguf_package_dequantizes_to_our_weights(tmp_path, tokenizer, scheme):
     ("W4A16", "hold 32 weights each, not groups of 128"),
     ("W3A16G32", "no GGUF block type holds 3-bit symmetric codes"),
     ("bits=8,group_size=32,sym=false", "no GGUF block type holds 8-bit asymmetric codes"),
+    ("NVFP4A16", "float block type that signround writes is MXFP4"),
 ])
 def test_unrepresentable_scheme_is_refused(scheme, reason):
     with pytest.raises(FormatError, match=reason):
