@@ -49,13 +49,18 @@ def run_ours(base, tokenizer, method, scheme, calib, eval_ids, args) -> dict:
     return row
 
 
+# auto-round's names of the float element formats (weight-only with act_bits=16)
+AUTOROUND_DATA_TYPES = {"MXFP4": "mx_fp", "MXFP8": "mx_fp", "NVFP4": "nv_fp", "FP8": "fp"}
+
+
 def run_autoround(base, tokenizer, method, scheme, calib, eval_ids, args) -> dict:
     from auto_round import AutoRound
 
     s = signround.WeightScheme.preset(scheme)
     model = copy.deepcopy(base)
     iters = 0 if method == "rtn" else args.iters
-    ar = AutoRound(model, tokenizer, bits=s.bits, group_size=s.group_size, sym=s.sym, iters=iters, nsamples=args.nsamples,
+    ar = AutoRound(model, tokenizer, bits=s.bits, group_size=s.group_size, sym=s.sym, data_type=AUTOROUND_DATA_TYPES.get(s.fp, "int"), act_bits=16,
+                   iters=iters, nsamples=args.nsamples,
                    seqlen=args.seqlen, batch_size=args.batch_size, seed=args.seed,
                    dataset=[{"input_ids": row.unsqueeze(0)} for row in calib])
     start = time.perf_counter()

@@ -210,7 +210,7 @@ def stored_scheme(qcfg: dict, layer: str | None = None) -> WeightScheme:
     spec = qcfg.get("extra_config", {}).get(layer) if layer else None
     if spec:
         return WeightScheme(**spec)
-    return WeightScheme(qcfg["bits"], qcfg["group_size"], qcfg["sym"], qcfg.get("kquant", False), qcfg.get("fp"))
+    return WeightScheme(qcfg["bits"], qcfg["group_size"], qcfg["sym"], qcfg.get("kquant", False), qcfg.get("fp"), qcfg.get("act"))
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):

@@ -23,7 +23,10 @@ class ConfigError(ValueError):
     """A setting that cannot work; the message names the setting and the fix."""
 
 
-_PRESET = re.compile(r"^W([2-8])A16(?:G(-1|\d+))?$", re.IGNORECASE)
+_PRESET = re.compile(r"^W([2-8])A(16|8)(?:G(-1|\d+))?$", re.IGNORECASE)
+# weight-and-activation presets of the float formats (compressed-tensors' and vLLM's names): (weights, activations)
+_FP_ACT_PRESETS = {"FP8": ("FP8", "FP8"), "FP8_DYNAMIC": ("FP8", "FP8"), "W8A8-FP8": ("FP8", "FP8"), "MXFP8": ("MXFP8", "MXFP8"),
+                   "MXFP4": ("MXFP4", "MXFP4")}
 _K_LIST = ", ".join(f"{t.name} ({t.bits} bit, groups of {t.group_size}, {'sym' if t.sym else 'asym'})" for t in kquant.K_TYPES.values())
 # llama.cpp's stand-ins for a K-quant on a row that is no whole number of 256-weight super-blocks
 # (llama-quant.cpp; IQ4_NL, its choice for Q2_K/Q3_K, holds no tuned integer codes, so Q4_0 here)
@@ -37,13 +40,15 @@ class WeightScheme:
     integer unless `kquant` (llama.cpp's K-quants: the groups' scales, and minimums, quantized per 256
     weights; only llama.cpp's five combinations exist) or `fp` (a floating-point format of `fp.FP_TYPES`:
     FP8, MXFP8, MXFP4, NVFP4, whose bits and groups are the format's). `format` is its handler
-    (`quant.formats`), through which everything else quantizes."""
+    (`quant.formats`), through which everything else quantizes. `act` names the format the layer's input
+    is quantized to at run time (`formats.ACTIVATIONS`: INT8, FP8, MXFP8, MXFP4), None for 16-bit inputs."""
 
     bits: int = 4
     group_size: int = 128
     sym: bool = True
     kquant: bool = False
     fp: str | None = None
+    act: str | None = None
 
     def __post_init__(self):
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
@@ -60,6 +65,14 @@ class WeightScheme:
             if (self.bits, self.group_size, self.sym) != (t.element.bits, t.group_size, True):
                 raise ConfigError(f"{t.name} has {t.element.bits}-bit symmetric elements in groups of {t.group_size}, not bits={self.bits}, "
                                   f"group_size={self.group_size}, sym={self.sym}: use the preset {t.name}A16")
+        if self.act is not None:
+            act = str(self.act).upper()
+            if act not in formats.ACTIVATIONS:
+                nvfp4 = " (NVFP4 activations need a calibrated global scale, not built yet: NVFP4A16 quantizes the weights alone)" if act == "NVFP4" else ""
+                raise ConfigError(f"act={self.act!r} is not an activation format: use one of {', '.join(formats.ACTIVATIONS)}{nvfp4}")
+            if self.kquant:
+                raise ConfigError(f"{self.name()} is a llama.cpp type, which quantizes its inputs itself: drop act={self.act!r}")
+            object.__setattr__(self, "act", act)
 
     @property
     def kind(self) -> str:
@@ -84,7 +97,7 @@ class WeightScheme:
     def to_dict(self) -> dict[str, Any]:
         """Fields for config files; `kquant` and `fp` only when set, so integer schemes serialise as before."""
         d = dataclasses.asdict(self)
-        for name in ("kquant", "fp"):
+        for name in ("kquant", "fp", "act"):
             if not d[name]:
                 del d[name]
         return d
@@ -118,16 +131,20 @@ class WeightScheme:
         if ktype:
             return cls(ktype.bits, ktype.group_size, ktype.sym, kquant=True)
         fptype = fp.FP_TYPES.get(text.removesuffix("A16")) if text.endswith("A16") else None
-        if fptype:
-            return cls(fptype.element.bits, fptype.group_size, True, fp=fptype.name)
+        weights, act = _FP_ACT_PRESETS.get(text, (fptype and fptype.name, None))
+        if weights:
+            t = fp.FP_TYPES[weights]
+            return cls(t.element.bits, t.group_size, True, fp=t.name, act=act)
+        if text == "NVFP4":
+            raise ConfigError("NVFP4 activations need a calibrated global scale, which is not built yet: NVFP4A16 quantizes the weights alone")
         m = _PRESET.match(name.strip())
         if not m:
             raise ConfigError(f"unknown scheme {name!r}: use W2A16, W3A16, W4A16, W8A16, optionally with G<group> (e.g. W2A16G64), "
-                              f"{', '.join(f'{t}A16' for t in fp.FP_TYPES)}, "
+                              f"W8A8 or W4A8 (int8 inputs), {', '.join(f'{t}A16' for t in fp.FP_TYPES)}, FP8, MXFP8, MXFP4, "
                               f"or a llama.cpp K-quant: {', '.join(kquant.K_TYPES)} (mixtures: {', '.join(mixtures.MIXTURES)})")
-        bits = int(m.group(1))
-        group = int(m.group(2)) if m.group(2) else 128
-        return cls(bits=bits, group_size=group, sym=bits != 2)
+        bits, act = int(m.group(1)), "INT8" if m.group(2) == "8" else None
+        group = int(m.group(3)) if m.group(3) else _default_group(bits, act)
+        return cls(bits=bits, group_size=group, sym=bits != 2, act=act)
 
     def fits(self, in_features: int, pad_groups: bool = True) -> bool:
         """Whether a layer can take this scheme: always when a partial last group is allowed (never a
@@ -149,9 +166,16 @@ class WeightScheme:
         if self.kquant:
             return self.ktype.name
         if self.fp:
-            return f"{self.fp}A16"
-        g = "" if self.group_size == 128 else f"G{self.group_size}"
-        return f"W{self.bits}A16{g}{'' if self.sym == (self.bits != 2) else ('-sym' if self.sym else '-asym')}"
+            return self.fp if self.act == self.fp else f"{self.fp}A16{f'-{self.act}' if self.act else ''}"
+        inputs = "A8" if self.act == "INT8" else "A16"
+        g = "" if self.group_size == _default_group(self.bits, self.act) else f"G{self.group_size}"
+        extra = f"-{self.act}" if self.act not in (None, "INT8") else ""
+        return f"W{self.bits}{inputs}{g}{'' if self.sym == (self.bits != 2) else ('-sym' if self.sym else '-asym')}{extra}"
+
+
+def _default_group(bits: int, act: str | None) -> int:
+    """Presets' group size: 128, except per output channel for W8A8 (int8 kernels scale whole rows, as vLLM's)."""
+    return -1 if act and bits == 8 else 128
 
 
 def parse_scheme(spec: str | WeightScheme | dict | None) -> WeightScheme | None:
@@ -168,9 +192,9 @@ def parse_scheme(spec: str | WeightScheme | dict | None) -> WeightScheme | None:
         for part in filter(None, text.split(",")):
             key, _, value = part.partition("=")
             key = key.strip().replace("-", "_")
-            if key not in ("bits", "group_size", "sym", "kquant", "fp"):
-                raise ConfigError(f"unknown layer setting {key!r} in {text!r}: use bits=, group_size=, sym=, kquant=, fp=")
-            fields[key] = (value.strip() if key == "fp" else value.strip().lower() in ("1", "true", "yes") if key in ("sym", "kquant")
+            if key not in ("bits", "group_size", "sym", "kquant", "fp", "act"):
+                raise ConfigError(f"unknown layer setting {key!r} in {text!r}: use bits=, group_size=, sym=, kquant=, fp=, act=")
+            fields[key] = (value.strip() if key in ("fp", "act") else value.strip().lower() in ("1", "true", "yes") if key in ("sym", "kquant")
                            else int(value))
         if "fp" in fields:  # a float format's bits and groups are its own: only what is given differs from them
             return dataclasses.replace(WeightScheme.preset(f"{fields.pop('fp')}A16"), **fields)

@@ -162,6 +162,9 @@ def plan_layers(model, blocks_name: str, blocks, config: QuantConfig, report: Qu
                 _check_finite(f"{blocks_name}.{i}.{name}.{param}", getattr(module, param))
             for entry in experts.expert_matrices_of(module, name):
                 scheme = planned(f"{blocks_name}.{i}.{entry.name}", experts.read(module, entry).shape[1])
+                if scheme is not None and scheme.act:
+                    raise ConfigError(f"{blocks_name}.{i}.{entry.name}: {scheme.name()} quantizes a layer's inputs, which the experts' stacked "
+                                      f"forward does not do yet: keep the experts weight-only, e.g. --layer 'experts\\.=W4A16'")
                 stacks.setdefault(entry.param, []).append((entry.name, scheme))
                 if scheme is not None:
                     tasks.append(LayerTask(entry.name, module, scheme, entry))
@@ -292,6 +295,7 @@ def quantization_config_dict(config: QuantConfig, report: QuantizeReport, comput
         "sym": default.sym,
         **({"kquant": True} if default.kquant else {}),
         **({"fp": default.fp} if default.fp else {}),
+        **({"act": default.act} if default.act else {}),
         **({"mixture": config.mixture} if config.mixture else {}),  # llama.cpp's name for the per-layer K types in extra_config
         "packing": "gptq-int32",          # qweight (in*bits/32, out), qzeros (groups, out*bits/32), scales (groups, out)
                                           # K-quant layers: qweight, super_scales/super_mins (in/256, out), scale_codes/min_codes (groups, out)

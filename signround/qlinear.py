@@ -9,6 +9,7 @@ from torch import nn
 from .config import WeightScheme
 from .hardware import cpu_has_fast_bf16
 from .quant import fp
+from .quant.formats import quantize_activations
 from .quant.fp import FPQuantized
 from .quant.integer import QuantizedWeight, group_size_for
 from .quant.kquant import SUPER_BLOCK, KQuantized
@@ -118,6 +119,8 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.scheme.act:  # the input quantized as the serving runtime does (simulated: the matmul stays in x's dtype)
+            x = quantize_activations(x, self.scheme.act)
         if self._int4_fits(x):
             return self._int4_forward(x, bias)
         if x.device.type == "cuda":
@@ -183,5 +186,5 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         s = self.scheme
-        kind = f"bits={s.bits}, group_size={s.group_size}, sym={s.sym}" if s.kind == "int" else s.name()
+        kind = f"bits={s.bits}, group_size={s.group_size}, sym={s.sym}" + (f", act={s.act}" if s.act else "") if s.kind == "int" else s.name()
         return f"in_features={self.in_features}, out_features={self.out_features}, {kind}"

@@ -125,3 +125,23 @@ def test_a_float_format_keeps_its_own_bits_and_groups():
     with pytest.raises(ConfigError, match="unknown scheme 'MXFP5A16'.*MXFP4A16, NVFP4A16"):
         WeightScheme.preset("MXFP5A16")
     assert not WeightScheme.preset("MXFP4A16").fits(575) and WeightScheme.preset("MXFP8A16").fits(575)
+
+
+@pytest.mark.parametrize("name, fields", [
+    ("W8A8", (8, -1, None, "INT8")), ("W4A8", (4, 128, None, "INT8")), ("W4A8G32", (4, 32, None, "INT8")), ("FP8", (8, -1, "FP8", "FP8")),
+    ("W8A8-FP8", (8, -1, "FP8", "FP8")), ("MXFP4", (4, 32, "MXFP4", "MXFP4")), ("MXFP8", (8, 32, "MXFP8", "MXFP8")),
+])
+def test_presets_with_quantized_inputs(name, fields):
+    s = WeightScheme.preset(name)
+    assert (s.bits, s.group_size, s.fp, s.act) == fields
+    assert WeightScheme.preset(s.name()) == s and parse_scheme(s.to_dict()) == s
+    assert QuantConfig.from_dict(QuantConfig(scheme=name).to_dict()).scheme == s
+
+
+def test_unbuilt_or_impossible_input_formats_say_so():
+    with pytest.raises(ConfigError, match="NVFP4 activations need a calibrated global scale.*NVFP4A16 quantizes the weights alone"):
+        WeightScheme.preset("NVFP4")
+    with pytest.raises(ConfigError, match="act='int4' is not an activation format: use one of INT8, FP8, MXFP8, MXFP4"):
+        parse_scheme("bits=4,group_size=32,act=int4")
+    with pytest.raises(ConfigError, match="Q4_K is a llama.cpp type, which quantizes its inputs itself"):
+        WeightScheme(4, 32, False, kquant=True, act="INT8")

@@ -64,3 +64,15 @@ def test_the_sliced_forward_matches_the_whole_matmul(bits):
     q.SLICE_WEIGHTS = 64 * 96  # 64 output features a slice: four slices, the last partial
     x = torch.randn(2, 7, 96)
     torch.testing.assert_close(q._sliced_forward(x, q.bias), torch.nn.functional.linear(x, q.dequantized_weight(), q.bias))
+
+
+@pytest.mark.parametrize("scheme", ["W8A8", "FP8", "MXFP4"])
+def test_a_layer_with_quantized_inputs_quantizes_them_before_its_matmul(scheme):
+    from signround.quant.formats import quantize_activations
+
+    s = WeightScheme.preset(scheme)
+    w = torch.randn(64, 96, generator=torch.Generator().manual_seed(0)) * 0.05
+    q = QuantLinear.from_quantized(s.quantize(w), s, None)
+    x = torch.randn(3, 5, 96, generator=torch.Generator().manual_seed(1))
+    want = torch.nn.functional.linear(quantize_activations(x, s.act), q.dequantized_weight())
+    assert torch.equal(q(x), want) and not torch.equal(q(x), torch.nn.functional.linear(x, q.dequantized_weight()))

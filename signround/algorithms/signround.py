@@ -25,6 +25,7 @@ from torch.func import functional_call
 from .. import distributed, experts
 from ..attention import tuning_attention
 from ..blocks import autocast, block_output, stores_transposed
+from ..quant.formats import quantize_activations
 from ..quant.integer import from_groups, to_groups
 from .base import BlockData, BlockResult, LayerTask, block_loss, register
 
@@ -265,6 +266,22 @@ def _falls_back_to_eager(index: int, eager):
                                   f"tuned eagerly (--compile off avoids compiling)") from e
 
 
+@contextlib.contextmanager
+def _quantized_inputs(layers):
+    """While a block is tuned, each layer whose scheme quantizes its input (`act`) sees the input as the
+    runtime will give it, so that SignRound adapts the weights to quantized activations: a forward pre-hook
+    on the layer for the duration, removed on exit."""
+    def hook(act):
+        return lambda module, args: (quantize_activations(args[0], act), *args[1:])
+
+    handles = [t.module.register_forward_pre_hook(hook(t.scheme.act)) for t in layers if t.scheme.act and t.expert is None]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @register("signround")
 class SignRound:
     needs_calibration = True
@@ -276,14 +293,14 @@ class SignRound:
         if compiled:
             # the CPU attention with the cheaper backward pays only traced into the compiled step (attention.py)
             try:
-                with _frozen(block), tuning_attention(block, data.device):
+                with _frozen(block), tuning_attention(block, data.device), _quantized_inputs(layers):
                     return self._tune(block, layers, data, config, compiled=True)
             except _CompiledStepFailed as failure:  # a crash must not reach the user: this block is tuned eagerly
                 note = str(failure)
                 warnings.warn(note)
         else:
             note = None
-        with _frozen(block):
+        with _frozen(block), _quantized_inputs(layers):
             result = self._tune(block, layers, data, config, compiled=False)
         result.notes[:0] = [note] if note else []
         return result

@@ -25,6 +25,7 @@ class Format:
     name: str
     fits: str
     kinds = ("int",)  # the number formats (WeightScheme.kind) it stores: K-quant scales have a place only in GGUF
+    holds_activations = False  # whether its config can say that a layer's inputs are quantized (W8A8, MXFP4 ...)
     holds_experts = False  # stacked mixture-of-experts tensors: written only where the consumer's loading of them is tested
 
     def refusal(self, scheme: WeightScheme, in_features: int) -> str | None:
@@ -97,6 +98,10 @@ def _refuse(fmt: Format, model, layers: dict[str, tuple[WeightScheme, int]]) -> 
                 why = f"its writer has no place for floating-point weights; export them as {holders} (or signround's own folder)"
             raise FormatError(f"format {fmt.name} cannot hold {layer_name} as {scheme.name()}: {why}, "
                               f"or quantize for {fmt.name} with a scheme it takes ({fmt.fits})")
+        if scheme.act and not fmt.holds_activations:
+            holders = " or ".join(sorted(f.name for f in _REGISTRY.values() if f.holds_activations))
+            raise FormatError(f"format {fmt.name} cannot hold {layer_name} as {scheme.name()}: its config has no place for quantized inputs "
+                              f"({scheme.act}); export it as {holders} (or signround's own folder), or quantize weights alone for {fmt.name}")
         reason = fmt.refusal(scheme, in_features)
         if reason:
             raise FormatError(f"format {fmt.name} cannot hold {layer_name} as {scheme.name()}: {reason}; {fmt.name} takes {fmt.fits}")

@@ -40,8 +40,26 @@ def _weights_args(bits: int, sym: bool, group_size: int | None, fp: str | None =
     return args
 
 
-# compressed-tensors' format of each floating-point type (integer layers: pack-quantized)
+# compressed-tensors' format of each floating-point type (integer layers: pack-quantized; int-quantized for W8A8)
 _FP_FORMATS = {"NVFP4": "nvfp4-pack-quantized", "MXFP4": "mxfp4-pack-quantized", "MXFP8": "mxfp8-quantized", "FP8": "float-quantized"}
+# the dynamic input quantization of each activation format, as compressed-tensors (and vLLM) read it
+_ACT_ARGS = {
+    "INT8": {"num_bits": 8, "type": "int", "strategy": "token"},
+    "FP8": {"num_bits": 8, "type": "float", "strategy": "token"},
+    "MXFP8": {"num_bits": 8, "type": "float", "strategy": "group", "group_size": 32, "scale_dtype": "torch.uint8"},
+    "MXFP4": {"num_bits": 4, "type": "float", "strategy": "group", "group_size": 32, "scale_dtype": "torch.uint8"},
+}
+
+
+def _act_args(act: str | None) -> dict | None:
+    return None if act is None else {"symmetric": True, "dynamic": True, "group_size": None, **_ACT_ARGS[act]}
+
+
+def _format_of(scheme) -> str:
+    """int8 weights with quantized inputs are vLLM's W8A8: `weight` as int8 (int-quantized), not bit-packed."""
+    if scheme.fp:
+        return _FP_FORMATS[scheme.fp]
+    return "int-quantized" if scheme.act and scheme.bits == 8 and scheme.sym else "pack-quantized"
 
 
 def _fp_tensors(layer) -> dict[str, torch.Tensor]:
@@ -60,8 +78,10 @@ def _fp_tensors(layer) -> dict[str, torch.Tensor]:
 @register_format
 class CompressedTensorsFormat(Format):
     name = "compressed-tensors"
-    fits = "integer schemes of 2-8 bits and FP8A16, MXFP8A16, MXFP4A16, NVFP4A16, whose group size divides every layer's width (or -1)"
+    fits = ("integer schemes of 2-8 bits (W8A8, W4A8 with int8 inputs), the float schemes (FP8A16, MXFP8A16, MXFP4A16, NVFP4A16; "
+            "FP8, MXFP8, MXFP4 with quantized inputs), whose group size divides every layer's width (or -1)")
     kinds = ("int", "fp")
+    holds_activations = True
 
     def refusal(self, scheme, in_features):
         return partial_group(scheme, in_features, wider_ok=True)
@@ -73,25 +93,27 @@ class CompressedTensorsFormat(Format):
             if layer.scheme.fp:
                 return _fp_tensors(layer)
             qw = layer.quantized_weight()
+            if _format_of(layer.scheme) == "int-quantized":  # signed codes: code - zero (128), the scale as it is
+                return {"weight": (qw.codes.int() - qw.zero.int()).to(torch.int8), "weight_scale": qw.scale.to(torch.float16)}
             out = {"weight_packed": _dense(qw.codes, layer.scheme.bits), "weight_scale": qw.scale.to(torch.float16),
                    "weight_shape": torch.tensor([layer.out_features, layer.in_features], dtype=torch.int64)}
             if not layer.scheme.sym:
                 out["weight_zero_point"] = _dense(qw.zero.t(), layer.scheme.bits).t()
             return out
 
-        groups: dict = {}
+        groups: dict = {}  # (weights args, inputs' format) -> (the compressed-tensors format, target regexes)
         for name, layer in layers.items():
             s = layer.scheme
             group = None if s.group_size == -1 or s.group_size >= layer.in_features else s.group_size
-            groups.setdefault((s.bits, s.sym, group, s.fp), []).append(f"re:^{re.escape(name)}$")
-        formats = {key: _FP_FORMATS[key[3]] if key[3] else "pack-quantized" for key in groups}
+            groups.setdefault(((s.bits, s.sym, group, s.fp), s.act), (_format_of(s), []))[1].append(f"re:^{re.escape(name)}$")
+        formats = {fmt for fmt, _ in groups.values()}
         config = {
             "quant_method": "compressed-tensors",
-            "format": next(iter(set(formats.values()))) if len(set(formats.values())) == 1 else "mixed-precision",
+            "format": next(iter(formats)) if len(formats) == 1 else "mixed-precision",
             "quantization_status": "compressed",
-            "config_groups": {f"group_{i}": {"targets": targets, "weights": _weights_args(*key), "input_activations": None,
-                                             "output_activations": None, "format": formats[key]}
-                              for i, (key, targets) in enumerate(groups.items())},
+            "config_groups": {f"group_{i}": {"targets": targets, "weights": _weights_args(*weights), "input_activations": _act_args(act),
+                                             "output_activations": None, "format": fmt}
+                              for i, ((weights, act), (fmt, targets)) in enumerate(groups.items())},
             "ignore": sorted({"lm_head", *unquantized_block_linears(model)} - set(layers)),
             "kv_cache_scheme": None,
             "provider": "signround",

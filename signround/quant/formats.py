@@ -96,3 +96,16 @@ class Float:
 
 
 FORMATS: dict[str, Format] = {"int": Integer(), "kquant": KQuant(), "fp": Float()}
+
+# Activation formats, applied dynamically to a quantized linear's input (per token, or per group of a token's
+# features): name -> (quantize-dequantize with straight-through gradients, a description for messages)
+ACTIVATIONS = {
+    "INT8": (lambda x: integer.fake_quant_tokens(x, 8), "int8, one scale per token"),
+    "FP8": (lambda x: fp.fake_quant_activations(x, fp.FP_TYPES["FP8"]), "FP8 E4M3, one scale per token"),
+    "MXFP8": (lambda x: fp.fake_quant_activations(x, fp.FP_TYPES["MXFP8"]), "MXFP8, an E8M0 scale per 32"),
+    "MXFP4": (lambda x: fp.fake_quant_activations(x, fp.FP_TYPES["MXFP4"]), "MXFP4, an E8M0 scale per 32"),
+}
+
+
+def quantize_activations(x: torch.Tensor, act: str) -> torch.Tensor:
+    return ACTIVATIONS[act][0](x)

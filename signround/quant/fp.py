@@ -179,6 +179,28 @@ def fake_quant(w: torch.Tensor, fptype: FPType, offset=None, max_scale=None) -> 
     return from_groups(fake_quant_groups(wg, fptype, off, max_scale, global_scale(w, fptype)), w.shape[1])
 
 
+def fake_quant_activations(x: torch.Tensor, fptype: FPType) -> torch.Tensor:
+    """Dynamic quantize-dequantize of activations (..., features), straight-through, each token's features
+    grouped as a weight row's inputs are (FP8: one scale per token; MX: a power-of-two scale per 32), the
+    scales from the values themselves as compressed-tensors computes them: an MX group's maximum is first
+    rounded to one mantissa bit, so that a maximum from 1.75 x 2^e up takes the next exponent rather than
+    saturate (the OCP rule floors the exponent). In fp32, returned in x's dtype."""
+    if fptype.scale == "e4m3":
+        raise ValueError("NVFP4 activations need a calibrated global scale, which is not built yet")
+    rows = to_groups(x.reshape(-1, x.shape[-1]).float(), fptype.group_size)
+    amax = rows.detach().abs().amax(dim=-1, keepdim=True)
+    element = fptype.element
+    if fptype.scale == "e8m0":  # the group maximum rounded to one mantissa bit first, as compressed-tensors does (MXFP8 too)
+        mantissa, exponent = torch.frexp(amax.clamp(min=2.0**-127))
+        steps = 2 ** (E2M1.man_bits + 1)
+        rounded = torch.ldexp(torch.round(mantissa * steps) / steps, exponent)
+        scale = torch.exp2((torch.floor(torch.log2(rounded)) - element.max_exp).clamp(-127, 127))
+    else:
+        scale = (amax / element.max).clamp(min=torch.finfo(torch.float32).tiny)
+    values = round_element(rows / scale, element) * scale
+    return from_groups(values, x.shape[-1]).reshape(x.shape).to(x.dtype)
+
+
 def encode(values: torch.Tensor, element: Element) -> torch.Tensor:
     """uint8 codes of values already on the element grid."""
     if element == E4M3:

@@ -168,6 +168,16 @@ def fake_quant(w: torch.Tensor, bits: int, group_size: int, sym: bool, offset=No
     return from_groups(fake_quant_groups(to_groups(w, group_size), bits, sym, off, min_scale, max_scale), w.shape[1])
 
 
+def fake_quant_tokens(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """Dynamic symmetric per-token quantize-dequantize of activations (..., features), straight-through:
+    scale = |x|max / (2**(bits-1) - 1) per token, codes clamped to [-2**(bits-1), 2**(bits-1) - 1], as vLLM's
+    int8 kernels quantize a linear's input (W8A8). Computed in fp32, returned in x's dtype."""
+    xf = x.float()
+    qmax = 2 ** (bits - 1) - 1
+    scale = (xf.detach().abs().amax(dim=-1, keepdim=True) / qmax).clamp(min=1e-12)
+    return (round_ste(xf / scale).clamp(-qmax - 1, qmax) * scale).to(x.dtype)
+
+
 @torch.no_grad()
 def quantize_weight(w: torch.Tensor, bits: int, group_size: int, sym: bool, offset=None, min_scale=None, max_scale=None) -> QuantizedWeight:
     """Final integer codes. The scale is rounded to fp16 *before* the codes are computed, so that the
