@@ -37,7 +37,8 @@ def child(args) -> None:
     model, tokenizer = args.model, protocol.tokenizer_of(args.model)
     if args.layers:  # a truncated copy, loaded whole: the streamed path reads the file's full depth
         model = protocol.truncate(signround.load_model(args.model)[0], args.layers)
-    report = signround.run(model, args.child, signround.QuantConfig(scheme=args.scheme, seed=args.seed), signround.RunConfig(progress=False, device=args.device, amp=args.amp),
+    config = signround.QuantConfig(scheme=args.scheme, seed=args.seed)
+    report = signround.run(model, args.child, config, signround.RunConfig(progress=False, device=args.device, amp=args.amp),
                            calibration=protocol.gutenberg_calibration(tokenizer), tokenizer=tokenizer)
     if distributed.is_writer():
         print(json.dumps({"tuning_s": report.tuning_seconds, "steps": report.tuning_steps, "losses": report.block_losses}))
@@ -91,9 +92,9 @@ def main() -> None:
             rows[label]["ppl"] = protocol.scored_perplexity(signround.load(out), tokenizer, ids)
             rows[label]["folder"] = str(out)
             print(f"{label}: {rows[label]}", flush=True)
-        pairs = [(a, b) for a in rows for b in rows if a == base and b != base and Path(rows[a].get("folder", "")).exists() and Path(rows[b].get("folder", "")).exists()]
-        for a, b in pairs:  # codes compare only between folders of this invocation; earlier shares are kept
-            one, other = codes(Path(rows[a]["folder"])), codes(Path(rows[b]["folder"]))
+        fresh = [label for label in rows if Path(rows[label].get("folder", "")).exists()]
+        for b in [label for label in fresh if label != base] if base in fresh else []:  # only between folders of this invocation
+            one, other = codes(Path(rows[base]["folder"])), codes(Path(rows[b]["folder"]))
             rows[b]["identical"] = sum(int((one[k] == other[k]).sum()) for k in one) / sum(v.numel() for v in one.values())
     for row in rows.values():
         row.pop("folder", None)

@@ -11,10 +11,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import mixtures
-from .hardware import can_compile
 import torch
 
+from . import mixtures
+from .hardware import can_compile
 from .quant import formats, fp, kquant
 from .quant.integer import num_groups
 

@@ -15,7 +15,6 @@ from .quant.integer import QuantizedWeight, group_size_for
 from .quant.kquant import SUPER_BLOCK, KQuantized
 from .quant.packing import pack_qweight, pack_qzeros, packed_rows, unpack_qweight, unpack_qzeros
 
-
 _FP_SCALE_DTYPES = {"fp32": torch.float32, "e8m0": torch.uint8, "e4m3": torch.float8_e4m3fn}
 
 

@@ -59,7 +59,8 @@ def _file_type(kind):
 
     f, t = gguf.LlamaFileType, gguf.GGMLQuantizationType
     return {t.Q4_0: f.MOSTLY_Q4_0, t.Q4_1: f.MOSTLY_Q4_1, t.Q5_0: f.MOSTLY_Q5_0, t.Q5_1: f.MOSTLY_Q5_1, t.Q8_0: f.MOSTLY_Q8_0,
-            t.MXFP4: f.MOSTLY_MXFP4_MOE, t.Q2_K: f.MOSTLY_Q2_K, t.Q3_K: f.MOSTLY_Q3_K_S, t.Q4_K: f.MOSTLY_Q4_K_S, t.Q5_K: f.MOSTLY_Q5_K_S, t.Q6_K: f.MOSTLY_Q6_K}[kind]
+            t.MXFP4: f.MOSTLY_MXFP4_MOE, t.Q2_K: f.MOSTLY_Q2_K, t.Q3_K: f.MOSTLY_Q3_K_S, t.Q4_K: f.MOSTLY_Q4_K_S, t.Q5_K: f.MOSTLY_Q5_K_S,
+            t.Q6_K: f.MOSTLY_Q6_K}[kind]
 
 
 def _f16_bytes(x: torch.Tensor) -> np.ndarray:

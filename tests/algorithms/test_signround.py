@@ -28,18 +28,25 @@ def test_same_seed_gives_identical_packed_weights():
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
-def test_signround_beats_rtn_on_model_output():
+def output_errors(scheme: str, iters: int, check=None) -> dict[str, float]:
+    """The mean squared logit error against the original tiny model, for RTN and for SignRound;
+    `check(model)` runs on each quantized model first."""
     ids = calib_ids(16, 32)
-    reference = make("llama")
     with torch.no_grad():
-        target = reference(ids).logits
+        target = make("llama")(ids).logits
     errors = {}
     for method in ("rtn", "signround"):
         model = make("llama")
-        signround.quantize(model, QuantConfig(scheme="W3A16G32", method=method, iters=80, nsamples=16, seqlen=32, batch_size=4),
-                           calibration=ids)
+        signround.quantize(model, QuantConfig(scheme=scheme, method=method, iters=iters, nsamples=16, seqlen=32, batch_size=4), calibration=ids)
+        if check:
+            check(model)
         with torch.no_grad():
             errors[method] = (model(ids).logits - target).pow(2).mean().item()
+    return errors
+
+
+def test_signround_beats_rtn_on_model_output():
+    errors = output_errors("W3A16G32", iters=80)
     assert errors["signround"] < errors["rtn"] * 0.9, errors
 
 
@@ -111,17 +118,11 @@ def test_signround_lowers_block_losses_on_floating_point_grids(scheme):
 def test_signround_adapts_the_weights_to_quantized_inputs(scheme):
     """While a block is tuned its layers see their inputs quantized as at run time (and only then: the hooks
     are gone afterwards), so the tuned model's output is closer to the original's than round-to-nearest's."""
-    ids = calib_ids(16, 32)
-    reference = make("llama")
-    with torch.no_grad():
-        target = reference(ids).logits
-    errors = {}
-    for method in ("rtn", "signround"):
-        model = make("llama")
-        signround.quantize(model, QuantConfig(scheme=scheme, method=method, iters=40, nsamples=16, seqlen=32, batch_size=4), calibration=ids)
+
+    def no_hooks_left(model):
         assert not any(m._forward_pre_hooks for m in model.modules())
-        with torch.no_grad():
-            errors[method] = (model(ids).logits - target).pow(2).mean().item()
+
+    errors = output_errors(scheme, iters=40, check=no_hooks_left)
     assert errors["signround"] < errors["rtn"] * 0.9, errors
 
 

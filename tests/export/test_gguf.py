@@ -143,7 +143,8 @@ def test_k_quant_falls_back_to_a_legacy_type_where_rows_are_no_whole_super_block
 
 @pytest.mark.parametrize("fmt", ["gptq", "auto_round", "awq", "compressed-tensors"])
 def test_k_quant_schemes_are_refused_by_formats_without_k_scales(fmt):
-    with pytest.raises(FormatError, match=f"format {fmt} cannot hold .* as Q4_K: K-quant scales are quantized per 256 weights, which only GGUF stores; export it as gguf, or quantize"):
+    with pytest.raises(FormatError, match=f"format {fmt} cannot hold .* as Q4_K: K-quant scales are quantized per 256 weights, "
+                                          "which only GGUF stores; export it as gguf, or quantize"):
         check_formats([fmt], make("llama", **K_WIDE), signround.QuantConfig(scheme="Q4_K"))
 
 
