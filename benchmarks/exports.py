@@ -48,6 +48,12 @@ RUNS = [  # (scheme, format, theoretical bits per weight of a layer in that form
     ("bits=4,group_size=32,sym=false", "gguf", ggml_bits),                      # Q4_1: fp16 d and m per 32
     ("Q4_K_M", "gguf", ggml_bits),  # Q4_K/Q6_K, and Q5_0/Q8_0 where rows are no whole 256-weight super-blocks
     ("Q6_K", "gguf", ggml_bits),
+    ("MXFP4A16", "gguf", ggml_bits),  # MXFP4: an E8M0 byte per 32
+    ("NVFP4A16", "compressed-tensors", lambda m: 4 + 8 / 16 + 32 / (m.in_features * m.out_features)),  # + the fp32 global scale
+    ("MXFP4", "compressed-tensors", lambda m: 4 + 8 / 32),  # W4A4: MXFP4 inputs too
+    ("MXFP8", "compressed-tensors", lambda m: 8 + 8 / 32),
+    ("FP8", "compressed-tensors", lambda m: 8 + 32 / m.in_features),  # W8A8-FP8: an fp32 scale per output channel
+    ("W8A8", "compressed-tensors", lambda m: 8 + 16 / m.in_features),  # int8 weights and inputs
 ]
 
 
@@ -75,7 +81,7 @@ def stored_bits(folder: Path, fmt: str, layers: dict) -> float:
             for key in reader.keys():
                 if key.rpartition(".")[0] in layers:
                     t = reader.get_slice(key)
-                    nbytes += int(np.prod(t.get_shape())) * {"I32": 4, "F16": 2, "BF16": 2, "F32": 4, "I64": 8, "I8": 1, "U8": 1}[t.get_dtype()]
+                    nbytes += int(np.prod(t.get_shape())) * {"I32": 4, "F16": 2, "BF16": 2, "F32": 4, "I64": 8, "I8": 1, "U8": 1, "F8_E4M3": 1}[t.get_dtype()]
     return nbytes * 8 / numel
 
 
@@ -103,7 +109,11 @@ def main() -> None:
             folder = export(model, tokenizer, Path(tmp) / fmt, fmt)
             bits = stored_bits(folder, fmt, layers)
             try:
-                theirs = perplexity(consumer(folder, fmt, args.device), ids, device=args.device)
+                runtime = consumer(folder, fmt, args.device)
+                theirs = perplexity(runtime, ids, device=args.device)
+                if runtime.dtype != torch.float32:  # a folder that runs in bf16 (float formats): ours run from the same dtype
+                    signround.save(model, Path(tmp) / "ours", save_dtype=runtime.dtype)
+                    ours = perplexity(signround.load(Path(tmp) / "ours", device=args.device, dtype=runtime.dtype), ids, device=args.device)
             except Exception as e:  # a runtime that cannot load or run this format here is a failed row, the others still run
                 theirs, failure = float("nan"), protocol.failure_line(e, 200)
             else:
@@ -116,6 +126,7 @@ def main() -> None:
 
     where = "" if args.device == "cpu" else f", on {torch.cuda.get_device_name(args.device)}"
     lines = [f"# Exports of {args.model}, each loaded by its consumer (RTN codes; wt2, first {args.tokens} tokens{where})", "",
+             "Where the consumer runs the folder in bf16 (compressed-tensors' float formats), ours is scored from a bf16 save of the same model.", "",
              "| scheme | format | consumer | ppl ours | ppl consumer | diff | bits/weight on disk | theoretical | diff |",
              "|---|---|---|---|---|---|---|---|---|"]
     who = {"gptq": "transformers + auto-round (GPTQ loader)", "auto_round": "transformers + auto-round",

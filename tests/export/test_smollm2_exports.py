@@ -1,4 +1,5 @@
-"""SmolLM2-135M in every export format (GGUF: Q4_0, Q4_1, Q4_K_M, Q6_K), loaded by each consumer: perplexity within 0.5% of ours and
+"""SmolLM2-135M in every export format (GGUF: Q4_0, Q4_1, Q4_K_M, Q6_K, MXFP4; compressed-tensors' float and W8A8
+formats too), loaded by each consumer: perplexity within 0.5% of ours and
 size on disk within 3% of the format's theoretical bits per weight (benchmarks/exports.py checks both)."""
 
 import json
@@ -19,7 +20,9 @@ def test_every_export_of_smollm2_matches_our_perplexity_and_size(tmp_path, share
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads(out.read_text())
     assert {(r["scheme"], r["format"]) for r in rows} >= {("W4A16G64", f) for f in ("gptq", "auto_round", "compressed-tensors")}
-    assert [r["scheme"] for r in rows if r["format"] == "gguf"] == ["bits=4,group_size=32,sym=true", "bits=4,group_size=32,sym=false", "Q4_K_M", "Q6_K"]
+    assert [r["scheme"] for r in rows if r["format"] == "gguf"] == ["bits=4,group_size=32,sym=true", "bits=4,group_size=32,sym=false", "Q4_K_M", "Q6_K",
+                                                                    "MXFP4A16"]
+    assert {("NVFP4A16", "compressed-tensors"), ("MXFP4", "compressed-tensors"), ("W8A8", "compressed-tensors")} <= {(r["scheme"], r["format"]) for r in rows}
     assert ("bits=4,group_size=64,sym=false", "awq") in {(r["scheme"], r["format"]) for r in rows}
     for r in rows:
         assert abs(r["ppl_diff"]) <= 0.005 and abs(r["size_diff"]) <= 0.03, r
