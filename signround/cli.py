@@ -32,6 +32,8 @@ def _add_quantize(sub) -> None:
     p.add_argument("--method", default="signround", help="rtn or signround (default)")
     p.add_argument("--quantize-lm-head", action="store_true", help="also quantize an untied lm_head (round-to-nearest)")
     p.add_argument("--quantize-routers", action="store_true", help="also quantize mixture-of-experts routing layers (kept 16-bit by default)")
+    p.add_argument("--smooth", type=float, metavar="ALPHA", help="SmoothQuant for layers with quantized inputs (W8A8 ...): migrate activation "
+                        "outliers into the weights with strength ALPHA (0.5 is typical)")
     p.add_argument("--recipe", default="fast", choices=["fast", "full", "paper"],
                    help="fast (default): 112 steps of 3 rows from an activation-weighted clipping search (336 steps of 1 row in "
                         "blocks whose rows' gradients agree); full: 200 steps of 8 rows "
@@ -196,7 +198,7 @@ def config_from_args(args):
         recipe=args.recipe, iters=args.iters, clip_search=args.clip_search, adapt_batch=args.adapt_batch, keep=args.keep, tame_outliers=args.tame_outliers,
         project_clipping=_on_off_auto(args.project_clipping),
         nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size, grad_accum=args.grad_accum,
-        lr=args.lr, minmax_lr=args.minmax_lr, seed=args.seed, quantized_inputs=not args.fp_inputs,
+        lr=args.lr, minmax_lr=args.minmax_lr, seed=args.seed, quantized_inputs=not args.fp_inputs, smooth=args.smooth,
     )
 
 

@@ -268,6 +268,7 @@ class QuantConfig:
     tame_outliers: bool | None = None  # weigh down tokens with massive hidden states (attention sinks) in the loss
     project_clipping: bool | str | None = None  # clamp the clipping scales onto [0, 1] after each step (auto-round); "auto": at low bits
     quantized_inputs: bool = True    # tune on the inputs the already-quantized blocks produce
+    smooth: float | None = None      # SmoothQuant's alpha for layers with quantized inputs (W8A8 ...); None: no smoothing
 
     def __post_init__(self):
         if self.recipe not in RECIPES:
@@ -322,6 +323,10 @@ class QuantConfig:
         for name in ("tame_outliers", "adapt_batch", "clip_search"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be True or False")
+        if self.smooth is not None and not (isinstance(self.smooth, (int, float)) and 0 <= self.smooth <= 1):
+            raise ConfigError(f"smooth={self.smooth!r} must be SmoothQuant's alpha, between 0 and 1 (0.5 is typical), or None")
+        if self.smooth is not None and self.method == "rtn":
+            raise ConfigError("smooth needs calibration data, which method rtn does not take: use method signround, or drop smooth")
         if self.project_clipping is not None and not isinstance(self.project_clipping, bool) and self.project_clipping != "auto":
             raise ConfigError(f"project_clipping={self.project_clipping!r} must be True, False or 'auto' (on at <= {PROJECT_AUTO_MAX_BITS} bits)")
 

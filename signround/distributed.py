@@ -88,11 +88,11 @@ def shard(total: int) -> Shard:
     return Shard(rank(), world(), total)
 
 
-def sum_(tensors) -> None:
-    """Sum each tensor over the ranks, in place (a no-op in one process)."""
+def sum_(tensors, op: str = "sum") -> None:
+    """Sum (or with op="max", take the maximum of) each tensor over the ranks, in place (a no-op in one process)."""
     if active():
         for t in tensors:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
 
 
 def sum_float(value: float, device: torch.device) -> float:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__, distributed, experts
+from . import __version__, distributed, experts, smoothing
 from .algorithms import BlockData, BlockResult, LayerTask, block_loss, get_algorithm
 from .blocks import (
     UnsupportedModelError,
@@ -176,6 +176,9 @@ def plan_layers(model, blocks_name: str, blocks, config: QuantConfig, report: Qu
                                       f"--layer '{name.rpartition('.')[2]}\\.=fp16'")
         plan.append(tasks)
     _check_group_sizes([t for tasks in plan for t in tasks])
+    if config.smooth is not None and not any(s.act for s in report.quantized.values()):
+        raise ConfigError(f"smooth={config.smooth} smooths the inputs of layers that quantize them, and this scheme quantizes none: "
+                          f"use W8A8 (or another scheme with quantized inputs), or drop smooth")
     if not report.quantized:
         if report.skipped:
             why = next(iter(report.skipped.values()))
@@ -572,6 +575,21 @@ def _loss(output, target, batch_size: int, rows: int | None, tame_outliers: bool
     return distributed.sum_float(summed, device) / rows
 
 
+SMOOTH_ROWS = 32  # calibration rows whose activation maxima set the smoothing scales
+
+
+def _smooth(block, tasks: list[LayerTask], data: BlockData | None, config: QuantConfig) -> list[str]:
+    """SmoothQuant on the block's layers with quantized inputs (config.smooth is its alpha), after the original
+    block's outputs were taken (the smoothed block computes the same) and before tuning (smoothing.py)."""
+    linears = {t.name: t.module for t in tasks if t.scheme.act and t.expert is None}
+    if config.smooth is None or data is None or not linears:
+        return []
+    shard = data.rows()
+    run = smoothing.block_runner(block, data.inputs, data.call, shard.held(torch.arange(min(SMOOTH_ROWS, shard.total))),
+                                 config.resolved().batch_size, data.device)
+    return smoothing.smooth_block(block, linears, run, config.smooth)
+
+
 def _quantize_one(model, blocks_name, blocks, i, tasks, algorithm, config, fp_in, q_in, calls, device, amp_dtype, caches: CacheFactory,
                   compiled: bool = False, shard: Shard | None = None):
     """Tune and pack block i; returns the next block's (original, quantized) inputs, (loss before, after), notes, steps
@@ -588,8 +606,11 @@ def _quantize_one(model, blocks_name, blocks, i, tasks, algorithm, config, fp_in
             fp_in.discard()
         data = BlockData(q_in if config.quantized_inputs else fp_in, fp_out, call, device, amp_dtype, i, len(blocks), compiled, shard)
         distributed.sum_(tokens.values())  # every process routed its own rows
+    smoothed = _smooth(blocks[i], tasks, data, config)
     # a block whose every layer is kept 16-bit by overrides has nothing to tune: it is only run
     result = algorithm.quantize_block(blocks[i], tasks, data, config) if tasks else BlockResult({})
+    if smoothed:
+        log.info("block %d: smoothed %s", i, "; ".join(smoothed))
     routed = {f"{blocks_name}.{i}.{name}": counts.tolist() for name, counts in tokens.items()}
     tuned = {t.expert.module for t in tasks if t.expert} if result.steps else set()
     idle = [f"{blocks_name}.{i}.{name}.{e}" for name, counts in tokens.items() if name in tuned for e, c in enumerate(counts.tolist()) if c == 0]
