@@ -39,7 +39,8 @@ def run_ours(base, tokenizer, method, scheme, calib, eval_ids, args) -> dict:
     model = copy.deepcopy(base)
     config = signround.QuantConfig(scheme=scheme, method=method, recipe=args.recipe, iters=args.iters, nsamples=args.nsamples, seqlen=args.seqlen,
                                    batch_size=args.batch_size, seed=args.seed, keep=args.keep,
-                                   tame_outliers=args.tame_outliers, project_clipping=args.project_clipping)
+                                   tame_outliers=args.tame_outliers, project_clipping=args.project_clipping,
+                                   smooth=args.smooth if method == "signround" and signround.WeightScheme.preset(scheme).act else None)
     work = RESULTS / "work" / key("signround", method, scheme, args).replace("|", "_")  # survives a session's end: the run resumes
     report = signround.quantize(model, config, tokenizer=tokenizer, calibration=calib, run=signround.RunConfig(work_dir=work))
     row = {"ppl": perplexity(model, eval_ids), "tuning_s": report.tuning_seconds, "bits_per_weight": report.bits_per_weight,
@@ -77,6 +78,8 @@ def key(tool, method, scheme, args) -> str:
         recipe += f"|tame-{'on' if args.tame_outliers else 'off'}"
     if (tool, method) == ("signround", "signround") and args.project_clipping is not None:  # rows from before the option had it off
         recipe += f"|project-{'on' if args.project_clipping else 'off'}"
+    if (tool, method) == ("signround", "signround") and args.smooth is not None and signround.WeightScheme.preset(scheme).act:
+        recipe += f"|smooth-{args.smooth:g}"
     if method == "signround" and cpu_has_fast_bf16():  # tuned under bf16 autocast; rows without the tag were tuned in fp32
         recipe += "|amp-bf16"
     return f"{tool}|{method}|{scheme}|iters{args.iters}|n{args.nsamples}x{args.seqlen}|bs{args.batch_size}|layers{args.layers or 'all'}|seed{args.seed}{recipe}"
@@ -132,6 +135,7 @@ def main() -> None:
     p.add_argument("--keep", choices=["best", "last", "average"], help="default: the recipe's")
     p.add_argument("--tame-outliers", choices=["on", "off"], help="weigh down attention-sink tokens in the loss (default: the recipe's)")
     p.add_argument("--project-clipping", choices=["on", "off"], help="clamp the clipping scales onto [0, 1] after each step (default: the recipe's)")
+    p.add_argument("--smooth", type=float, help="SmoothQuant alpha for schemes with quantized inputs (W8A8 ...); default: none")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--layers", type=int, help="truncate the model to its first N blocks")
     p.add_argument("--tools", default="signround,auto-round", type=lambda s: s.split(","),
