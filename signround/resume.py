@@ -96,7 +96,7 @@ MOVED_SETTINGS = ("setting.device", "setting.amp")
 # Settings added after the state format was fixed, with the value that runs of earlier versions used.
 ADDED_SETTINGS = {"setting.cache_dtype": "float32", "setting.recipe": "full", "setting.clip_search": False, "setting.keep": "best", "setting.mixture": None,
                   "setting.tame_outliers": False, "setting.project_clipping": False,
-                  "setting.compile": False}
+                  "setting.compile": False, "setting.smooth": None}
 
 
 def _differences(old: dict, new: dict) -> list[str]:
