@@ -142,7 +142,8 @@ def plan_layers(model, blocks_name: str, blocks, config: QuantConfig, report: Qu
             if scheme is None:
                 report.skipped[full] = config.kept_reason(full)
             elif not scheme.fits(in_features, config.pad_groups):
-                report.skipped[full] = f"in_features={in_features} is not divisible by group_size={scheme.group_size} (pad_groups is off)"
+                report.skipped[full] = (f"in_features={in_features} is odd: {scheme.name()} packs its 4-bit codes two a byte" if scheme.fp else
+                                        f"in_features={in_features} is not divisible by group_size={scheme.group_size} (pad_groups is off)")
             else:
                 report.quantized[full] = scheme
                 return scheme
@@ -578,7 +579,7 @@ def _loss(output, target, batch_size: int, rows: int | None, tame_outliers: bool
 SMOOTH_ROWS = 32  # calibration rows whose activation maxima set the smoothing scales
 
 
-def _smooth(block, tasks: list[LayerTask], data: BlockData | None, config: QuantConfig) -> list[str]:
+def _smooth(block, tasks: list[LayerTask], data: BlockData | None, config: QuantConfig, stored_dtype: torch.dtype) -> list[str]:
     """SmoothQuant on the block's layers with quantized inputs (config.smooth is its alpha), after the original
     block's outputs were taken (the smoothed block computes the same) and before tuning (smoothing.py)."""
     linears = {t.name: t.module for t in tasks if t.scheme.act and t.expert is None}
@@ -587,7 +588,7 @@ def _smooth(block, tasks: list[LayerTask], data: BlockData | None, config: Quant
     shard = data.rows()
     run = smoothing.block_runner(block, data.inputs, data.call, shard.held(torch.arange(min(SMOOTH_ROWS, shard.total))),
                                  config.resolved().batch_size, data.device)
-    return smoothing.smooth_block(block, linears, run, config.smooth)
+    return smoothing.smooth_block(block, linears, run, config.smooth, stored_dtype)
 
 
 def _quantize_one(model, blocks_name, blocks, i, tasks, algorithm, config, fp_in, q_in, calls, device, amp_dtype, caches: CacheFactory,
@@ -606,7 +607,7 @@ def _quantize_one(model, blocks_name, blocks, i, tasks, algorithm, config, fp_in
             fp_in.discard()
         data = BlockData(q_in if config.quantized_inputs else fp_in, fp_out, call, device, amp_dtype, i, len(blocks), compiled, shard)
         distributed.sum_(tokens.values())  # every process routed its own rows
-    smoothed = _smooth(blocks[i], tasks, data, config)
+    smoothed = _smooth(blocks[i], tasks, data, config, original_dtype)
     # a block whose every layer is kept 16-bit by overrides has nothing to tune: it is only run
     result = algorithm.quantize_block(blocks[i], tasks, data, config) if tasks else BlockResult({})
     if smoothed:

@@ -6,9 +6,11 @@ into the norm that feeds the layers, so the model runs as before, with no extra 
 
     s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)     (max over calibration tokens, and over every layer the norm feeds)
 
-Which norm feeds which layers is found by running the block, not by names: a linear whose input tensor *is*
-a norm's output is fed by it. A norm scales by `weight` (LLaMA) or by `1 + weight` (Gemma): told apart by
-running it with a zero weight.
+Which norm feeds which layers is found by running the block, not by names: a module whose input tensor *is*
+a norm's latest output is fed by it. A norm is smoothed only when every module it feeds is one of the layers
+being smoothed, and only if the block's output is unchanged afterwards (a norm output also used elsewhere,
+say as the residual, would change it): otherwise it is put back. A norm scales by `weight` (LLaMA) or by
+`1 + weight` (Gemma): told apart by running it with a zero weight and bias.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from torch import nn
 
 from . import distributed
-from .blocks import block_output
+from .blocks import block_output, linear_weight, stores_transposed
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -30,75 +32,104 @@ def _is_norm(module: nn.Module) -> bool:
 
 @torch.no_grad()
 def _scales_by_one_plus_weight(norm: nn.Module) -> bool:
-    """Whether the norm multiplies by 1 + weight (Gemma) rather than by weight: with a zero weight its output is not zero."""
-    kept = norm.weight.detach().clone()
-    norm.weight.zero_()
+    """Whether the norm multiplies by 1 + weight (Gemma) rather than by weight: with a zero weight (and bias)
+    its output is not zero."""
+    params = [p for p in (norm.weight, getattr(norm, "bias", None)) if p is not None]
+    kept = [p.detach().clone() for p in params]
+    for p in params:
+        p.zero_()
     try:
-        out = norm(torch.randn(2, kept.shape[0], generator=torch.Generator().manual_seed(0), dtype=kept.dtype).to(kept.device))
+        x = torch.randn(2, norm.weight.shape[0], generator=torch.Generator().manual_seed(0)).to(norm.weight)
+        return bool(norm(x).abs().amax() > 0)
     finally:
-        norm.weight.copy_(kept)
-    return bool(out.abs().amax() > 0)
+        for p, k in zip(params, kept):
+            p.copy_(k)
 
 
 @torch.no_grad()
-def feeding_norms(block: nn.Module, linears: dict[str, nn.Linear], run) -> tuple[dict[str, list[str]], dict[str, torch.Tensor]]:
-    """(norm name -> names of the `linears` it feeds, linear name -> its input's per-channel max |x|), from
-    `run()`, a forward of the block over some calibration rows."""
-    outputs: dict[int, str] = {}
-    fed: dict[str, list[str]] = {}
-    amax: dict[str, torch.Tensor] = {}
+def feeding_norms(block: nn.Module, linears: dict[str, nn.Module], run, device=None) -> tuple[dict[str, list[str]], dict[str, torch.Tensor]]:
+    """(norm name -> names of the `linears` it feeds, linear name -> its input's per-channel max |x| over the
+    rows of every process), from `run()`, a forward of the block over some calibration rows. A norm that also
+    feeds a module outside `linears` is left out."""
+    latest: dict[str, torch.Tensor] = {}  # each norm's output in the current forward: identity, not id(), decides
+    consumers: dict[str, set[str]] = {}
+    amax = {name: torch.zeros(linear_weight(m).shape[1], device=device) for name, m in linears.items()}
     norms = {name: m for name, m in block.named_modules() if _is_norm(m)}
 
     def record_output(name):
-        return lambda module, args, out: outputs.__setitem__(id(out), name)
+        return lambda module, args, out: latest.__setitem__(name, out)
 
     def record_input(name):
         def hook(module, args):
+            if not args or not isinstance(args[0], torch.Tensor):
+                return
             x = args[0]
-            amax[name] = torch.maximum(amax.get(name, torch.zeros(())), x.detach().abs().reshape(-1, x.shape[-1]).amax(0).float().cpu())
-            norm = outputs.get(id(x))
-            if norm is not None and name not in fed.setdefault(norm, []):
-                fed[norm].append(name)
+            for norm, out in latest.items():
+                if out is x:
+                    consumers.setdefault(norm, set()).add(name)
+            if name in amax:
+                amax[name] = torch.maximum(amax[name], x.detach().abs().reshape(-1, x.shape[-1]).amax(0).float().to(amax[name].device))
         return hook
 
     handles = [m.register_forward_hook(record_output(n)) for n, m in norms.items()]
-    handles += [m.register_forward_pre_hook(record_input(n)) for n, m in linears.items()]
+    # leaf modules only: a container (the MLP) receiving the norm's output hands it on to its layers
+    handles += [m.register_forward_pre_hook(record_input(n)) for n, m in block.named_modules() if n not in norms and not list(m.children())]
     try:
         run()
     finally:
+        latest.clear()
         for h in handles:
             h.remove()
-    maxima = [amax[name] for name in sorted(amax)]
-    distributed.sum_(maxima, op="max")  # each process ran the rows it holds
-    return {norm: names for norm, names in fed.items() if names}, dict(zip(sorted(amax), maxima))
+    distributed.sum_(list(amax.values()), op="max")  # each process ran the rows it holds
+    fed = {norm: sorted(names) for norm, names in consumers.items()
+           if names <= set(linears) and all(norms[norm].weight.shape[0] == linear_weight(linears[n]).shape[1] for n in names)}
+    return fed, amax
 
 
 @torch.no_grad()
-def smooth_block(block: nn.Module, linears: dict[str, nn.Linear], run, alpha: float) -> list[str]:
-    """Smooth every group of `linears` fed by one norm (in place: the norm's weight and bias, the layers'
-    weight columns); returns the norms smoothed, as 'norm -> layers'."""
-    fed, amax = feeding_norms(block, linears, run)
+def smooth_block(block: nn.Module, linears: dict[str, nn.Module], run, alpha: float, stored_dtype: torch.dtype = torch.float32) -> list[str]:
+    """Smooth every group of `linears` fed by one norm, in place (the norm's weight and bias, the layers' weight
+    columns); returns the norms smoothed, as 'norm -> layers'. A norm's new weight is rounded to `stored_dtype`,
+    the dtype the block is saved in, so that tuning sees the norm the saved model will have."""
+    device = next(block.parameters()).device
+    fed, amax = feeding_norms(block, linears, run, device)
+    if not fed:
+        return []
+    kept = {id(p): p.detach().clone() for p in block.parameters()}
+    before = run()
     done = []
     for norm_name, names in fed.items():
         norm = block.get_submodule(norm_name)
-        weight_max = torch.stack([linears[n].weight.detach().abs().amax(0).float().cpu() for n in names]).amax(0)
+        weight_max = torch.stack([linear_weight(linears[n]).detach().abs().amax(0).float() for n in names]).amax(0)
         act_max = torch.stack([amax[n] for n in names]).amax(0)
         s = (act_max.clamp(min=1e-5).pow(alpha) / weight_max.clamp(min=1e-5).pow(1 - alpha)).clamp(min=1e-5)
-        s = s.to(norm.weight.device)
         offset = _scales_by_one_plus_weight(norm)
-        norm.weight.copy_(((1 + norm.weight.float()) / s - 1 if offset else norm.weight.float() / s).to(norm.weight.dtype))
+        new = (1 + norm.weight.float()) / s - 1 if offset else norm.weight.float() / s
+        norm.weight.copy_(new.to(stored_dtype))
         if getattr(norm, "bias", None) is not None:
-            norm.bias.copy_((norm.bias.float() / s).to(norm.bias.dtype))
+            norm.bias.copy_((norm.bias.float() / s).to(stored_dtype))
         for n in names:
             w = linears[n].weight
-            w.copy_((w.float() * s.to(w.device)).to(w.dtype))
+            w.mul_((s[:, None] if stores_transposed(linears[n]) else s).to(w.dtype))
         done.append(f"{norm_name} -> {', '.join(names)}")
+    after = run()
+    changed = torch.tensor(float(not torch.allclose(after, before, rtol=2e-2, atol=2e-2 * before.abs().amax().item())), device=device)
+    distributed.sum_([changed], op="max")  # every process keeps or reverts alike
+    if changed.item():  # a norm output used elsewhere too (the residual, say): put everything back
+        for p in block.parameters():
+            p.copy_(kept[id(p)])
+        return []
     return done
 
 
 def block_runner(block, inputs, call, rows: torch.Tensor, batch: int, device):
-    """A `run()` for `feeding_norms`: the block over the calibration inputs `rows` (those this process holds), `batch` at a time."""
+    """A `run()` for `feeding_norms` and `smooth_block`: the block over the calibration inputs `rows` (those
+    this process holds), `batch` at a time; returns the outputs of the first batch (for the equivalence check)."""
     def run():
+        first = None
         for chunk in rows.split(batch):
-            block_output(block(inputs.rows(chunk).to(device), *call.args, **call.kwargs))
+            out = block_output(block(inputs.rows(chunk).to(device), *call.args, **call.kwargs))
+            first = out if first is None else first
+        return first if first is not None else torch.zeros((), device=device)
     return run
+

@@ -22,9 +22,9 @@ def block_and_run(arch: str, outliers: bool = True):
     return block, lambda: block_output(block(inputs, *call.args, **call.kwargs))
 
 
-@pytest.mark.parametrize("arch, norms", [("llama", {"input_layernorm": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+@pytest.mark.parametrize("arch, norms", [("llama", {"input_layernorm": ["self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"],
                                                    "post_attention_layernorm": ["mlp.gate_proj", "mlp.up_proj"]}),
-                                        ("gemma3", {"input_layernorm": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                                        ("gemma3", {"input_layernorm": ["self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"],
                                                     "pre_feedforward_layernorm": ["mlp.gate_proj", "mlp.up_proj"]})])
 def test_the_norms_feeding_each_layer_are_found_by_running_the_block(arch, norms):
     block, run = block_and_run(arch)
@@ -74,3 +74,31 @@ def test_smoothing_is_refused_where_it_cannot_apply():
         signround.quantize(make("llama"), QuantConfig(scheme="W4A16G32", smooth=0.5), calibration=calib_ids(4, 16))
     with pytest.raises(signround.ConfigError, match="smooth=2 must be SmoothQuant's alpha, between 0 and 1"):
         QuantConfig(scheme="W8A8", smooth=2)
+
+
+def test_a_norm_that_also_feeds_a_layer_left_out_is_not_smoothed():
+    """q_proj kept out (say, kept 16-bit): smoothing input_layernorm would hand it inputs divided by s."""
+    block, run = block_and_run("llama")
+    linears = {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear) and n != "self_attn.q_proj"}
+    fed, _ = feeding_norms(block, linears, run)
+    assert "input_layernorm" not in fed and "post_attention_layernorm" in fed
+    with torch.no_grad():
+        before = run().clone()
+    assert smooth_block(block, linears, run, alpha=0.5) == ["post_attention_layernorm -> mlp.gate_proj, mlp.up_proj"]
+    with torch.no_grad():
+        torch.testing.assert_close(run(), before, rtol=1e-4, atol=1e-5 * before.abs().max().item())
+
+
+def test_a_norm_whose_output_is_also_the_residual_is_put_back():
+    """OPT-350m-style post-LN and the like: a norm output used outside the layers changes the block's output
+    when smoothed, so smoothing is undone."""
+    block, run = block_and_run("llama")
+    norm = block.post_attention_layernorm
+    handle = block.mlp.register_forward_hook(lambda module, args, out: out + args[0])  # the norm's output joins the residual
+    try:
+        linears = {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+        kept = norm.weight.detach().clone()
+        assert smooth_block(block, linears, run, alpha=0.5) == []
+        assert torch.equal(norm.weight, kept)
+    finally:
+        handle.remove()

@@ -266,15 +266,19 @@ def _falls_back_to_eager(index: int, eager):
                                   f"tuned eagerly (--compile off avoids compiling)") from e
 
 
+@functools.cache
+def _input_quantizer(act: str):
+    """One pre-hook function per input format, the same object for every block: a compiled step's guards on
+    its hooks then hold across blocks instead of recompiling for each block's new closure."""
+    return lambda module, args: (quantize_activations(args[0], act), *args[1:])
+
+
 @contextlib.contextmanager
 def _quantized_inputs(layers):
     """While a block is tuned, each layer whose scheme quantizes its input (`act`) sees the input as the
     runtime will give it, so that SignRound adapts the weights to quantized activations: a forward pre-hook
     on the layer for the duration, removed on exit."""
-    def hook(act):
-        return lambda module, args: (quantize_activations(args[0], act), *args[1:])
-
-    handles = [t.module.register_forward_pre_hook(hook(t.scheme.act)) for t in layers if t.scheme.act and t.expert is None]
+    handles = [t.module.register_forward_pre_hook(_input_quantizer(t.scheme.act)) for t in layers if t.scheme.act and t.expert is None]
     try:
         yield
     finally:

@@ -56,10 +56,10 @@ def _act_args(act: str | None) -> dict | None:
 
 
 def _format_of(scheme) -> str:
-    """int8 weights with quantized inputs are vLLM's W8A8: `weight` as int8 (int-quantized), not bit-packed."""
+    """int8 weights per channel with quantized inputs are vLLM's W8A8: `weight` as int8 (int-quantized), not bit-packed."""
     if scheme.fp:
         return _FP_FORMATS[scheme.fp]
-    return "int-quantized" if scheme.act and scheme.bits == 8 and scheme.sym else "pack-quantized"
+    return "int-quantized" if scheme.act and scheme.bits == 8 and scheme.sym and scheme.group_size == -1 else "pack-quantized"
 
 
 def _fp_tensors(layer) -> dict[str, torch.Tensor]:
@@ -104,7 +104,8 @@ class CompressedTensorsFormat(Format):
         groups: dict = {}  # (weights args, inputs' format) -> (the compressed-tensors format, target regexes)
         for name, layer in layers.items():
             s = layer.scheme
-            group = None if s.group_size == -1 or s.group_size >= layer.in_features else s.group_size
+            # an integer group as wide as the layer is written per channel; a float format's group is its own
+            group = None if s.group_size == -1 or (s.group_size >= layer.in_features and not s.fp) else s.group_size
             groups.setdefault(((s.bits, s.sym, group, s.fp), s.act), (_format_of(s), []))[1].append(f"re:^{re.escape(name)}$")
         formats = {fmt for fmt, _ in groups.values()}
         config = {
