@@ -92,7 +92,7 @@ def main() -> None:
             rows[label]["ppl"] = protocol.scored_perplexity(signround.load(out), tokenizer, ids)
             rows[label]["folder"] = str(out)
             print(f"{label}: {rows[label]}", flush=True)
-        fresh = [label for label in rows if Path(rows[label].get("folder", "")).exists()]
+        fresh = [label for label in rows if "folder" in rows[label]]
         for b in [label for label in fresh if label != base] if base in fresh else []:  # only between folders of this invocation
             one, other = codes(Path(rows[base]["folder"])), codes(Path(rows[b]["folder"]))
             rows[b]["identical"] = sum(int((one[k] == other[k]).sum()) for k in one) / sum(v.numel() for v in one.values())
