@@ -173,3 +173,21 @@ def test_float_format_save_load_round_trip(scheme, scale_dtype, tmp_path):
     with torch.no_grad():
         want = model(ids).logits
         torch.testing.assert_close(reloaded(ids).logits.float(), want, atol=2e-2 * want.abs().max().item(), rtol=2e-2)  # bf16
+
+
+def test_a_folder_saved_before_the_format_registry_still_loads(tmp_path):
+    """A checkpoint written before float formats, quantized inputs and smoothing existed has none of their
+    keys in its quantization_config: it loads as the integer model it is, and its config reads back."""
+    model = make("llama")
+    signround.quantize(model, QuantConfig(scheme="W4A16G32", iters=2, nsamples=4, seqlen=16, batch_size=4), calibration=calib_ids(4, 16))
+    out = signround.save(model, tmp_path / "out")
+    config = json.loads((out / "config.json").read_text())
+    qcfg = config["quantization_config"]
+    assert not {"fp", "act"} & set(qcfg) and not {"fp", "act"} & set(qcfg["layer_overrides"])
+    del qcfg["tuning"]["smooth"]  # as an earlier version wrote it
+    (out / "config.json").write_text(json.dumps(config))
+    reloaded = signround.load(out)
+    layer = reloaded.model.layers[0].mlp.up_proj
+    assert layer.scheme == signround.WeightScheme(4, 32, True)
+    assert torch.equal(layer.dequantized_weight(), model.model.layers[0].mlp.up_proj.dequantized_weight())
+    assert QuantConfig.from_dict({**qcfg["tuning"], "scheme": {"bits": 4, "group_size": 32, "sym": True}}).smooth is None
