@@ -73,7 +73,7 @@ def stored_bits(folder: Path, fmt: str, layers: dict) -> float:
         from gguf import GGUFReader
 
         reader = GGUFReader(folder / "model.gguf")
-        nbytes = sum(int(t.n_bytes) for t in reader.tensors if t.name.startswith("blk.") and t.tensor_type.name.startswith("Q"))
+        nbytes = sum(int(t.n_bytes) for t in reader.tensors if t.name.startswith("blk.") and t.tensor_type.name not in ("F32", "F16", "BF16"))
         return nbytes * 8 / numel
     nbytes = 0
     for f in folder.glob("*.safetensors"):
