@@ -63,8 +63,6 @@ def consumer(folder: Path, fmt: str, device: str = "cpu"):
     if fmt == "gguf":
         return tf.AutoModelForCausalLM.from_pretrained(folder, gguf_file="model.gguf", device_map=device).eval()
     kwargs = {"quantization_config": tf.AutoRoundConfig()} if fmt in ("gptq", "awq") else {}
-    if fmt == "compressed-tensors" and device == "cpu":  # with a device map its int8/fp8 layers stay compressed, and CPUs have no kernel for them
-        return tf.AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
     return tf.AutoModelForCausalLM.from_pretrained(folder, device_map=device, **kwargs).eval()
 
 

@@ -106,11 +106,13 @@ def split_head(model, probe: torch.Tensor):
     if body is None or head is None or body is model or probe.numel() < 2:
         return None
     split = (body, head, getattr(model.config, "final_logit_softcapping", None))
+    # the model's own forward first: a model may finish loading on its first call (compressed-tensors
+    # decompresses its int8 and fp8 layers there), which calling its body alone would skip
+    whole = token_losses(model, probe)
     try:
         chunked = token_losses(model, probe, split)
     except (TypeError, AttributeError):  # a body that takes other arguments or returns no last_hidden_state
         return None
-    whole = token_losses(model, probe)
     return split if torch.allclose(chunked, whole, rtol=1e-3, atol=1e-3) else None
 
 

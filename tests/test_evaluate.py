@@ -89,6 +89,22 @@ def _task_file(tmp_path, examples):
     return f
 
 
+def test_a_model_that_finishes_loading_on_its_first_call_is_called_whole_first():
+    """compressed-tensors decompresses int8/fp8 layers in the model's first forward: calling the body alone
+    before that meets compressed weights. Scoring calls the model itself first."""
+    model = make("llama")
+    ready = []
+    model.register_forward_pre_hook(lambda module, args: ready.append(True))
+
+    def not_loaded_yet(module, args):
+        if not ready:
+            raise RuntimeError("expected m1 and m2 to have the same dtype")
+
+    model.get_decoder().register_forward_pre_hook(not_loaded_yet)
+    ids = torch.randint(0, model.config.vocab_size, (40,), generator=torch.Generator().manual_seed(0))
+    assert math.isfinite(perplexity(model, ids))
+
+
 def test_task_scorer_picks_the_choice_with_the_highest_summed_loglikelihood(tmp_path):
     model, tok = BigramLM(seed=3), CharTokenizer()
     examples = [{"input": "ab ", "target_scores": {"c": 1, "dd": 0, "e": 0}},
