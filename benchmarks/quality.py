@@ -102,17 +102,22 @@ def write_table(results: dict, args, path: Path) -> None:
     ]
     suffix = key("", "", "", args).split("|", 3)[3]
     stored = {k.split("|")[2] for k in results if k.endswith(suffix) and not k.startswith("fp32")}
+    smooth_values = sorted({float(part[len("smooth-"):]) for k in results for part in k.split("|") if part.startswith("smooth-")})
     for scheme in list(dict.fromkeys(args.schemes + sorted(stored))):
         rtn = results.get(key("signround", "rtn", scheme, args), {}).get("ppl")
-        for tool, method in (("signround", "rtn"), ("signround", "signround"), ("auto-round", "rtn"), ("auto-round", "signround")):
-            row = results.get(key(tool, method, scheme, args))
+        variants = [(tool, method, key(tool, method, scheme, args)) for tool, method in
+                    (("signround", "rtn"), ("signround", "signround"), ("auto-round", "rtn"), ("auto-round", "signround"))]
+        variants[2:2] = [("signround", f"signround smooth {a:g}", key("signround", "signround", scheme, argparse.Namespace(**{**vars(args), "smooth": a})))
+                         for a in smooth_values if a != args.smooth and signround.WeightScheme.preset(scheme).act]
+        for tool, method, k in variants:
+            row = results.get(k)
             if not row:
                 continue
             ppl = row["ppl"]
             reloaded = row.get("reloaded_ppl")
-            gap = f"{(ppl - fp) / (rtn - fp):.2f}" if fp and rtn and method == "signround" and rtn > fp else ""
+            gap = f"{(ppl - fp) / (rtn - fp):.2f}" if fp and rtn and method.startswith("signround") and rtn > fp else ""
             ar = results.get(key("auto-round", "signround", scheme, args), {}).get("ppl") or AUTOROUND_RECORDED.get(("signround", scheme))
-            vs = f"{(ppl / ar - 1) * 100:+.1f}%" if tool == "signround" and method == "signround" and ar else ""
+            vs = f"{(ppl / ar - 1) * 100:+.1f}%" if tool == "signround" and method.startswith("signround") and ar else ""
             lines.append(f"| {scheme} | {tool} {method} | {ppl:.3f} | {reloaded:.3f} | {(reloaded / ppl - 1) * 100:+.2f}% | {gap} | {vs} | "
                          f"{row.get('bits_per_weight', 0):.3f} | {row.get('tuning_s', 0):.0f} |" if reloaded else
                          f"| {scheme} | {tool} {method} | {ppl:.3f} | | | {gap} | {vs} | | {row.get('tuning_s', 0):.0f} |")

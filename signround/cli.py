@@ -29,6 +29,15 @@ def _add_quantize(sub) -> None:
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric quantization (per-group zero point)")
     p.add_argument("--layer", action="append", default=[], metavar="REGEX=SPEC",
                    help="per-layer override, e.g. 'down_proj=W8A16', 'q_proj=bits=3,group_size=64' or 'lm_head|mlp.0=fp16'")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--target-bits", type=float, metavar="B",
+                        help="mixed precision: choose each layer's scheme among --options so that the average stored bits per weight is at most B")
+    budget.add_argument("--plan", metavar="PATH", help="reuse the per-layer schemes of an earlier --target-bits run (its output folder, "
+                        "config.json or plan.json) instead of searching")
+    p.add_argument("--options", help="schemes --target-bits chooses from (default W2A16G64,W3A16,W4A16,W8A16; with --format gguf Q2_K..Q6_K; "
+                        "fp16 keeps a layer 16-bit)")
+    p.add_argument("--split-fused", action="store_true", help="let --target-bits give q/k/v, gate/up and one block's experts different "
+                        "schemes (runtimes that fuse them cannot load the result)")
     p.add_argument("--method", default="signround", help="rtn or signround (default)")
     p.add_argument("--quantize-lm-head", action="store_true", help="also quantize an untied lm_head (round-to-nearest)")
     p.add_argument("--quantize-routers", action="store_true", help="also quantize mixture-of-experts routing layers (kept 16-bit by default)")
@@ -181,6 +190,7 @@ def config_from_args(args):
     """The quantization settings the flags give (`QuantConfig`); unset tuning flags stay None for the recipe."""
     from .config import QuantConfig, WeightScheme, parse_scheme
     from .mixtures import find_mixture
+    from .search import read_plan
 
     mixture = find_mixture(args.scheme)  # QuantConfig resolves it into its base scheme and per-layer rules
     changes = {k: v for k, v in (("bits", args.bits), ("group_size", args.group_size), ("sym", args.sym)) if v is not None}
@@ -199,6 +209,7 @@ def config_from_args(args):
         project_clipping=_on_off_auto(args.project_clipping),
         nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size, grad_accum=args.grad_accum,
         lr=args.lr, minmax_lr=args.minmax_lr, seed=args.seed, quantized_inputs=not args.fp_inputs, smooth=args.smooth,
+        target_bits=args.target_bits, options=args.options, plan=read_plan(args.plan) if args.plan else None, fuse_groups=not args.split_fused,
     )
 
 

@@ -269,12 +269,22 @@ class QuantConfig:
     project_clipping: bool | str | None = None  # clamp the clipping scales onto [0, 1] after each step (auto-round); "auto": at low bits
     quantized_inputs: bool = True    # tune on the inputs the already-quantized blocks produce
     smooth: float | None = None      # SmoothQuant's alpha for layers with quantized inputs (W8A8 ...); None: no smoothing
+    # mixed precision under a bit budget (search.py): each searched layer gets one of `options` so that the
+    # average stored bits per weight is at most `target_bits`; `plan` (layer -> scheme, None: 16-bit) is a
+    # search's result, given to skip the search; `fuse_groups`: layers runtimes fuse (q/k/v, gate/up, experts) share one
+    target_bits: float | None = None
+    options: tuple[str, ...] | None = None  # None: the integer presets, or the K types with GGUF output (search.default_options)
+    plan: dict[str, WeightScheme | None] | None = None
+    fuse_groups: bool = True
 
     def __post_init__(self):
         if self.recipe not in RECIPES:
             raise ConfigError(f"recipe={self.recipe!r} is not one of {', '.join(RECIPES)}")
         self._resolve_scheme()
         self.layer_overrides = {pattern: parse_scheme(spec) for pattern, spec in dict(self.layer_overrides).items()}
+        if self.plan is not None:
+            self.plan = {name: parse_scheme(spec) for name, spec in dict(self.plan).items()}
+        self._check_budget()
         for pattern in self.layer_overrides:
             try:
                 re.compile(pattern)
@@ -304,6 +314,23 @@ class QuantConfig:
         if self.mixture is not None and self.scheme != WeightScheme.preset(mixtures.base_type(self.mixture)):
             raise ConfigError(f"mixture {self.mixture} is built on {mixtures.base_type(self.mixture)}, not {self.scheme.name()}: "
                               f"drop the scheme's bits/group/sym settings, or use --layer overrides on top of the mixture")
+
+    def _check_budget(self) -> None:
+        if self.options is not None:
+            if isinstance(self.options, str):
+                self.options = tuple(o for o in self.options.split(",") if o.strip())
+            self.options = tuple(str(o).strip() for o in self.options)
+            for option in self.options:
+                parse_scheme(option)  # a ConfigError naming the bad one
+            if not self.options:
+                raise ConfigError("options is empty: list the schemes the bit-budget search may choose from, e.g. W2A16G64,W3A16,W4A16")
+        if self.target_bits is None:
+            return
+        if not isinstance(self.target_bits, (int, float)) or not 1 <= self.target_bits <= 16:
+            raise ConfigError(f"target_bits={self.target_bits!r} must be an average bits per weight between 1 and 16, e.g. 3.5")
+        if self.mixture is not None:
+            raise ConfigError(f"target_bits chooses each layer's type itself; mixture {self.mixture} fixes them: give one of the two "
+                              f"(with GGUF output the search chooses among K types)")
 
     def _check_tuning(self) -> None:
         """Range checks of the tuning fields the user set (the recipes' values are valid)."""
@@ -350,6 +377,8 @@ class QuantConfig:
             chosen = WeightScheme.preset(mixtures.mixture_type(self.mixture, layer_name, block))
         if self.keeps_router(layer_name):
             chosen = None
+        if self.plan is not None and layer_name in self.plan:
+            chosen = self.plan[layer_name]
         for pattern, scheme in self.layer_overrides.items():
             if re.search(pattern, layer_name):
                 chosen = scheme
@@ -361,14 +390,18 @@ class QuantConfig:
 
     def kept_reason(self, layer_name: str) -> str:
         """Why `scheme_for` keeps this layer 16-bit."""
-        if self.keeps_router(layer_name) and not any(re.search(p, layer_name) for p in self.layer_overrides):
+        overridden = any(re.search(p, layer_name) for p in self.layer_overrides)
+        if self.keeps_router(layer_name) and not overridden and layer_name not in (self.plan or {}):
             return "a router: kept 16-bit (quantize_routers quantizes it)"
-        return "kept 16-bit by a layer override"
+        return "kept 16-bit by a layer override" if overridden else "kept 16-bit by the bit-budget plan"
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["scheme"] = self.scheme.to_dict()
         d["layer_overrides"] = {p: None if s is None else s.to_dict() for p, s in self.layer_overrides.items()}
+        if self.plan is not None:
+            d["plan"] = {n: None if s is None else s.to_dict() for n, s in self.plan.items()}
+        d["options"] = list(self.options) if self.options is not None else None
         return d
 
     @classmethod

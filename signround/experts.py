@@ -71,9 +71,10 @@ def _rows(module: nn.Module, part: str, width: int) -> slice:
     return slice(0, None, 2) if part == "gate" else slice(1, None, 2)
 
 
-def read(module: nn.Module, entry: ExpertMatrix) -> torch.Tensor:
-    """The (out, in) matrix of one expert projection (a view of the stacked parameter)."""
-    stacked = getattr(module, entry.param)[entry.expert]
+def read(module: nn.Module, entry: ExpertMatrix, values: torch.Tensor | None = None) -> torch.Tensor:
+    """The (out, in) matrix of one expert projection (a view of the stacked parameter, or of `values`
+    laid out like it, e.g. its gradient)."""
+    stacked = (getattr(module, entry.param) if values is None else values)[entry.expert]
     if module.is_transposed:  # (in, out): the fused dimension is the last
         return stacked[:, _rows(module, entry.part, stacked.shape[1])].t()
     return stacked[_rows(module, entry.part, stacked.shape[0])]

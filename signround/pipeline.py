@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__, distributed, experts, smoothing
+from . import __version__, distributed, experts, search, smoothing
 from .algorithms import BlockData, BlockResult, LayerTask, block_loss, get_algorithm
 from .blocks import (
     UnsupportedModelError,
@@ -90,6 +90,8 @@ class QuantizeReport:
     # unquantized, by name in `kept_16bit`), "outside the blocks" (embeddings, lm_head, norms), "block norms and biases"
     parameters: dict[str, int] = field(default_factory=dict)
     kept_16bit: dict[str, int] = field(default_factory=dict)
+    plan: str | None = None           # the bit-budget search's summary (`target_bits`): bits, predicted loss, time, schemes
+    search_seconds: float = 0.0
     perplexity: tuple[float, float] | None = None  # (before, after) on `run(..., eval_text=)`
     outputs: list[str] = field(default_factory=list)  # folders `run` wrote
     notes: list[str] = field(default_factory=list)
@@ -119,6 +121,8 @@ class QuantizeReport:
             counts = sorted(c for per_module in self.expert_tokens.values() for c in per_module)
             lines.append(f"calibration tokens per expert: min {counts[0]}, median {counts[len(counts) // 2]}, max {counts[-1]} "
                          f"({len(counts)} experts in {len(self.expert_tokens)} blocks)")
+        if self.plan:
+            lines.append(self.plan)
         if self.perplexity:
             lines.append(f"perplexity: {self.perplexity[0]:.3f} before, {self.perplexity[1]:.3f} after")
         return "\n".join(lines + self.notes)
@@ -289,7 +293,7 @@ def quantization_config_dict(config: QuantConfig, report: QuantizeReport, comput
     default = config.scheme
     settings = config.resolved().to_dict()
     extra = {name: s.to_dict() for name, s in report.quantized.items() if s != default}
-    tuning = {k: v for k, v in settings.items() if k not in ("scheme", "mixture", "layer_overrides")}
+    tuning = {k: v for k, v in settings.items() if k not in ("scheme", "mixture", "layer_overrides", "plan")}
     return {
         "quant_method": "signround",
         "version": __version__,
@@ -308,6 +312,7 @@ def quantization_config_dict(config: QuantConfig, report: QuantizeReport, comput
         "layer_overrides": settings["layer_overrides"],
         "extra_config": extra,
         "modules_not_quantized": sorted(report.skipped),
+        **({"plan": settings["plan"]} if settings.get("plan") is not None else {}),  # every searched layer's scheme: `--plan` reuses it
         "tuning": tuning,
         **({"run": computed} if computed else {}),
     }
@@ -333,6 +338,36 @@ def _calibration_token_ids(model, config: QuantConfig, tokenizer, calibration, r
     ids = calibration_ids(calibration, model, tokenizer, config.nsamples, calibration_seqlen(model, config), config.seed)
     report.calibration_seconds = time.perf_counter() - start
     return ids
+
+
+def _calibration(model, config: QuantConfig, tokenizer, calibration, report: QuantizeReport, state: WorkState | None, device) -> torch.Tensor:
+    """The calibration token ids: the work state's, or sampled (rank 0's rows for every process) and kept there."""
+    ids = state.calibration() if state else None
+    if ids is None:
+        ids = distributed.broadcast(_calibration_token_ids(model, config, tokenizer, calibration, report), device)
+        if state:
+            state.save_calibration(ids)
+    return ids
+
+
+def _search_plan(model, blocks_name, blocks, config: QuantConfig, state: WorkState | None, ids, device, amp_dtype, run: RunConfig, weights,
+                 report: QuantizeReport) -> QuantConfig:
+    """`config` with the bit-budget search's plan: the work state's when an interrupted run already searched."""
+    chosen = state.plan() if state else None
+    if chosen is None:
+        caches = CacheFactory(CACHE_DTYPES[run.cache_dtype], device if device.type == "cuda" else torch.device("cpu"), None)
+        result = search.search(model, blocks_name, blocks, config, ids, device, amp_dtype, caches, weights)
+        chosen = {name: None if s is None else s.to_dict() for name, s in result.plan.items()}
+        report.plan, report.search_seconds = result.summary(), result.seconds
+        if state:
+            state.save_plan(chosen, report.plan)
+    else:
+        report.plan = state.plan_summary()
+    log.info("%s", report.plan)
+    report.quantized.clear()
+    report.skipped.clear()
+    report.fallbacks.clear()
+    return dataclasses.replace(config, plan=chosen)
 
 
 def _restore_block(model, prefix: str, tasks: list[LayerTask], tensors: dict[str, torch.Tensor] | None) -> None:
@@ -380,6 +415,8 @@ def quantize(model, config: QuantConfig | None = None, run: RunConfig | None = N
     with a `work_dir` each finished block also leaves memory (save with `save(..., weights=finished_blocks(work_dir, model))`).
     """
     config = (config or QuantConfig()).resolved()
+    if config.target_bits is not None and config.options is None:
+        config = dataclasses.replace(config, options=search.default_options())
     run = run or RunConfig()
     work_dir = run.work_dir
     algorithm = get_algorithm(config.method)
@@ -398,8 +435,9 @@ def quantize(model, config: QuantConfig | None = None, run: RunConfig | None = N
                       + ", ".join(outside_linears[:4]) + (", ..." if len(outside_linears) > 4 else ""))
     if report.fallbacks:
         kinds = sorted(set(report.fallbacks.values()))
-        warnings.warn(f"{len(report.fallbacks)} layers hold no whole number of 256-weight K-quant super-blocks per row and take "
-                      f"llama.cpp's fallback ({', '.join(kinds)}): " + ", ".join(report.fallbacks))
+        names = list(report.fallbacks)
+        warnings.warn(f"{len(names)} layers hold no whole number of 256-weight K-quant super-blocks per row and take "
+                      f"llama.cpp's fallback ({', '.join(kinds)}), e.g. {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     if algorithm.needs_calibration:
@@ -414,15 +452,20 @@ def quantize(model, config: QuantConfig | None = None, run: RunConfig | None = N
         processes = f"/{distributed.world()} processes" if distributed.active() else ""  # each keeps its own share of the caches
         state = WorkState.open(work_dir, fingerprint(model, config, run, tokenizer, calibration, f"{device.type}/{amp_dtype}{processes}", source_digest),
                                run.resume)
+    ids = None
+    if config.target_bits is not None and config.plan is None:  # the plan decides every layer's scheme: before any block is restored
+        ids = _calibration(model, config, tokenizer, calibration, report, state, device)
+        config = _search_plan(model, blocks_name, blocks, config, state, ids, device, amp_dtype, run, weights, report)
+        plan = plan_layers(model, blocks_name, blocks, config, report)
+    if state:
+        report.block_losses = [tuple(pair) for pair in state.block_losses]
+        report.notes.extend(state.notes)
     streaming = weights is not None and state is not None  # finished blocks leave memory; they are on disk
     done = state.finished if state else 0
     for i in range(done):
         if streaming:
             blocks[i].to("meta")
         _restore_block(model, f"{blocks_name}.{i}.", plan[i], None if streaming else state.block_tensors(i))
-    if state:
-        report.block_losses = [tuple(pair) for pair in state.block_losses]
-        report.notes.extend(state.notes)
 
     fp_in = q_in = calls = offload_dir = temporary = None
     if run.offload:  # in the work folder; without one, a temporary folder removed however the run ends
@@ -437,11 +480,7 @@ def quantize(model, config: QuantConfig | None = None, run: RunConfig | None = N
     caches = CacheFactory(CACHE_DTYPES[run.cache_dtype], device if device.type == "cuda" else torch.device("cpu"), offload_dir)
     shard = None
     if algorithm.needs_calibration:
-        ids = state.calibration() if state else None
-        if ids is None:
-            ids = distributed.broadcast(_calibration_token_ids(model, config, tokenizer, calibration, report), device)  # rank 0's rows for all
-            if state:
-                state.save_calibration(ids)
+        ids = ids if ids is not None else _calibration(model, config, tokenizer, calibration, report, state, device)
         report.calibration_shape = tuple(ids.shape)
         shard = distributed.shard(ids.shape[0])  # all the rows in one process
         if done < len(blocks):

@@ -96,7 +96,8 @@ MOVED_SETTINGS = ("setting.device", "setting.amp")
 # Settings added after the state format was fixed, with the value that runs of earlier versions used.
 ADDED_SETTINGS = {"setting.cache_dtype": "float32", "setting.recipe": "full", "setting.clip_search": False, "setting.keep": "best", "setting.mixture": None,
                   "setting.tame_outliers": False, "setting.project_clipping": False,
-                  "setting.compile": False, "setting.smooth": None}
+                  "setting.compile": False, "setting.smooth": None,
+                  "setting.target_bits": None, "setting.options": None, "setting.plan": None, "setting.fuse_groups": True}
 
 
 def _differences(old: dict, new: dict) -> list[str]:
@@ -204,6 +205,18 @@ class WorkState:
 
     def save_calibration(self, ids: torch.Tensor) -> None:
         self._save("calibration.safetensors", {"input_ids": ids})
+
+    def plan(self) -> dict | None:
+        """The bit-budget plan an earlier run of this state searched (layer -> scheme fields, None: 16-bit)."""
+        path = self.folder / "plan.json"
+        return json.loads(path.read_text())["layers"] if path.is_file() else None
+
+    def plan_summary(self) -> str:
+        return json.loads((self.folder / "plan.json").read_text())["summary"]
+
+    def save_plan(self, layers: dict, summary: str) -> None:
+        if self.writer:
+            _atomic_write(self.folder / "plan.json", lambda p: Path(p).write_text(json.dumps({"layers": layers, "summary": summary}, indent=1)))
 
     def save_block(self, index: int, tensors: dict[str, torch.Tensor], fp_next, q_next, losses: tuple, notes: list[str], seconds: float) -> None:
         """Record block `index` as finished: its tensors, the caches of the next block's inputs (cache.py), then the state."""

@@ -25,6 +25,7 @@ from .evaluate import check_eval_text, perplexity, text_token_ids, use_bos
 from .export import NATIVE, check_formats, export, get_format
 from .pipeline import QuantizeReport, calibration_seqlen, planned_layers, quantize
 from .resume import default_work_dir, describe, finished_blocks
+from .search import default_options
 from .weights import StreamingUnsupported, materialize_blocks, open_lazy
 
 log = logging.getLogger("signround")
@@ -51,6 +52,8 @@ def run(model, output: str | os.PathLike, config: QuantConfig | None = None, run
     config = config or QuantConfig()
     run_config = run_config or RunConfig()
     formats = _check_formats_named(formats)
+    if config.target_bits is not None and config.options is None:  # llama.cpp's types when GGUF is written
+        config = dataclasses.replace(config, options=default_options(formats))
     checkpoint.check_output_dir(output, overwrite)
     calibration = _calibration_source(calibration)
     if eval_text is not None:

@@ -6,6 +6,7 @@ any tuning, and writes an output folder from a model that `signround.quantize` h
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -114,9 +115,14 @@ def check_formats(names: list[str], model, config: QuantConfig, planned: dict | 
     """Refuse, before tuning, a format that cannot represent the scheme some layer will get
     (`planned`: `pipeline.planned_layers(model, config)` when the caller has it already)."""
     from ..pipeline import planned_layers
+    from ..search import option_schemes
 
     planned = planned if planned is not None else planned_layers(model, config)
     layers = {name: (task.scheme, task.weight().shape[1]) for name, task in planned.items()}
+    if config.target_bits is not None and config.plan is None:  # any option may be chosen for any layer
+        for option in filter(None, option_schemes(config)):
+            chosen = planned_layers(model, dataclasses.replace(config, scheme=option, target_bits=None))
+            layers.update({f"{name} ({option.name()})": (task.scheme, task.weight().shape[1]) for name, task in chosen.items()})
     for name in names:
         if name != NATIVE:
             _refuse(get_format(name), model, layers)

@@ -1,0 +1,315 @@
+"""The bit-budget search (`QuantConfig.target_bits`): which option scheme each weight matrix gets.
+
+Sensitivity is second order, from one pass over a few calibration rows: the diagonal empirical Fisher
+F of the final language-model loss (squared per-row gradients) predicts the loss increase of replacing a
+matrix W by its quantized Q(W) as 1/2 sum F (Q(W) - W)^2, for every option at once (HAWQ/SqueezeLLM-
+style, rather than one fake-quantized pass per option as auto-round's AutoScheme). The pass streams:
+the blocks run forward one at a time caching their inputs, then backward from the head one at a time,
+each recomputing its forward; a lazily opened model is read block by block as in tuning. Then
+`budget.choose` solves the knapsack over the fused groups.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import budget, experts
+from .blocks import (
+    UnsupportedModelError,
+    autocast,
+    block_output,
+    capture_block_inputs,
+    linear_weight,
+    move_except_blocks,
+    run_block,
+    stores_transposed,
+)
+from .cache import CacheFactory
+from .config import ConfigError, QuantConfig, WeightScheme, parse_scheme
+from .weights import is_lazy, materialize
+
+SEARCH_ROWS = 16  # calibration rows the Fisher pass runs (SmolLM2: ~1 min on 2 CPU cores, a tenth of the fast recipe)
+LOGIT_ROWS = 512  # head positions per chunk: a 262k vocabulary's logits stay small
+DEFAULT_OPTIONS = ("W2A16G64", "W3A16", "W4A16", "W8A16")
+GGUF_OPTIONS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+
+
+def default_options(formats=()) -> tuple[str, ...]:
+    """The integer presets, or llama.cpp's K types when the output includes GGUF."""
+    return GGUF_OPTIONS if "gguf" in formats else DEFAULT_OPTIONS
+
+
+@dataclass
+class SearchResult:
+    plan: dict[str, WeightScheme | None]  # every searched layer's scheme (None: 16-bit)
+    target_bits: float
+    bits_per_weight: float   # as chosen, over the searched and fixed layers, as stored
+    predicted_loss: float    # the plan's summed Fisher estimate of the loss increase
+    seconds: float
+    table: str
+
+    def summary(self) -> str:
+        return (f"bit-budget plan: {self.bits_per_weight:.3f} bits per weight (target {self.target_bits:g}), "
+                f"predicted loss increase {self.predicted_loss:.4g}, searched in {self.seconds:.1f} s\n{self.table}")
+
+
+def read_plan(path) -> dict:
+    """The plan (layer -> scheme fields, None: 16-bit) of an earlier run: its output folder or config.json
+    (`quantization_config.plan`), or a work folder's plan.json."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    file = path / "config.json" if path.is_dir() else path
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read a plan from {path}: {e}; give a --target-bits run's output folder, its config.json or a plan.json") from None
+    plan = data.get("quantization_config", {}).get("plan") if "quantization_config" in data else data.get("layers")
+    if not isinstance(plan, dict) or not plan:
+        raise ConfigError(f"{file} holds no bit-budget plan: give the output of a --target-bits run (its folder or config.json)")
+    return plan
+
+
+def option_schemes(config: QuantConfig) -> list[WeightScheme | None]:
+    return [parse_scheme(o) for o in config.options or DEFAULT_OPTIONS]
+
+
+def layer_bits(scheme: WeightScheme | None, in_features: int, pad_groups: bool) -> tuple[WeightScheme | None, float]:
+    """(the scheme a layer of this width is stored in, its bits per weight): llama.cpp's fallback for a K type
+    on rows of no whole super-block, 16 for a kept layer, inf where the scheme cannot take the layer."""
+    if scheme is None:
+        return None, 16.0
+    if not scheme.fits(in_features) and scheme.fallback() is not None:
+        scheme = scheme.fallback()
+    if not scheme.fits(in_features, pad_groups):
+        return scheme, math.inf
+    return scheme, scheme.bits_per_weight(in_features)
+
+
+def search(model, blocks_name: str, blocks, config: QuantConfig, ids: torch.Tensor, device, amp_dtype, caches: CacheFactory,
+           weights=None) -> SearchResult:
+    """Measure every searchable layer's sensitivity to every option and choose the plan (see the module doc)."""
+    from .pipeline import QuantizeReport, plan_layers
+
+    start = time.perf_counter()
+    report = QuantizeReport()
+    tasks = plan_layers(model, blocks_name, blocks, _searchable(config), report)
+    widths = {t.weight().shape[1] for block_tasks in tasks for t in block_tasks}
+    # an option whose groups divide no layer's width is refused by the planner (`_check_group_sizes`): not offered
+    options = [o for o in option_schemes(config) if o is None or o.group_size == -1 or o.kquant or any(w % o.group_size == 0 for w in widths)]
+    if not options:
+        raise ConfigError(f"no option in {', '.join(config.options or DEFAULT_OPTIONS)} has a group size dividing the layers' widths "
+                          f"({', '.join(map(str, sorted(widths)))}): give options with such groups, e.g. W4A16G32")
+    fixed_bits = fixed_numel = 0
+    searched: dict[str, tuple[int, int]] = {}  # name -> (block, index in its tasks)
+    for i, block_tasks in enumerate(tasks):
+        for k, task in enumerate(block_tasks):
+            name = f"{blocks_name}.{i}.{task.name}"
+            if _overridden(config, name):  # fixed by the user: counted at its scheme
+                out, inp = task.weight().shape
+                fixed_bits += out * inp * layer_bits(task.scheme, inp, config.pad_groups)[1]
+                fixed_numel += out * inp
+            else:
+                searched[name] = (i, k)
+    for name in report.skipped:  # kept 16-bit (routers, overrides): on disk at 16 bits
+        numel = _numel(model, name)
+        fixed_bits += 16 * numel
+        fixed_numel += numel
+    if not searched:
+        raise ConfigError("target_bits has no layer to choose for: every layer is fixed by a --layer override")
+    _check_reachable(tasks, searched, options, config, fixed_bits, fixed_numel)
+
+    move_except_blocks(model, blocks, device)
+    losses = _fisher_losses(model, blocks_name, blocks, tasks, searched, options, config, ids[:SEARCH_ROWS], device, amp_dtype, caches, weights)
+    layers = []
+    for name, (i, k) in searched.items():
+        out, inp = tasks[i][k].weight().shape
+        layers.append(budget.Layer(name, out * inp, tuple(layer_bits(o, inp, config.pad_groups)[1] for o in options), losses[name]))
+    names = [budget.KEEP if o is None else o.name() for o in options]
+    choice = budget.choose(layers, names, config.target_bits, fixed_bits, fixed_numel, config.fuse_groups)
+    by_name = dict(zip(names, options))
+    predicted = sum(layer.loss[names.index(choice[layer.name])] for layer in layers)
+    return SearchResult({name: by_name[o] for name, o in choice.items()}, config.target_bits,
+                        budget.average_bits(choice, layers, names, fixed_bits, fixed_numel), predicted,
+                        time.perf_counter() - start, budget.table(choice, layers, names))
+
+
+def _searchable(config: QuantConfig) -> QuantConfig:
+    """The config under which every layer the search may choose for is planned: options are checked per layer,
+    so the default scheme's fit must not drop a layer the options could take."""
+    import dataclasses
+
+    return dataclasses.replace(config, scheme=WeightScheme(8, -1), mixture=None, target_bits=None, plan=None, smooth=None)
+
+
+def _overridden(config: QuantConfig, name: str) -> bool:
+    import re
+
+    return any(re.search(p, name) for p in config.layer_overrides)
+
+
+def _numel(model, name: str) -> int:
+    """Weights of a layer kept 16-bit, by its full name (a linear layer, or one expert's projection)."""
+    try:
+        return linear_weight(model.get_submodule(name)).numel()
+    except AttributeError:  # one expert's projection: `...experts.3.gate_proj`
+        parent = name.rsplit(".", 2)[0]
+        module = model.get_submodule(parent)
+        return next(experts.read(module, e).numel() for e in experts.expert_matrices_of(module) if f"{parent}.{e.suffix}" == name)
+
+
+def _check_reachable(tasks, searched, options, config, fixed_bits, fixed_numel) -> None:
+    """Refuse a budget below every layer at its smallest option before the Fisher pass is spent on it."""
+    least, total = fixed_bits, fixed_numel
+    for i, k in searched.values():
+        out, inp = tasks[i][k].weight().shape
+        cheapest = min(layer_bits(o, inp, config.pad_groups)[1] for o in options)
+        if math.isinf(cheapest):
+            raise ConfigError(f"no option in {', '.join(config.options or DEFAULT_OPTIONS)} can store {tasks[i][k].name} (in_features={inp}): add one that can, e.g. W4A16G32")
+        least += out * inp * cheapest
+        total += out * inp
+    if config.target_bits * total < least:
+        raise ConfigError(f"target_bits={config.target_bits:g} is below what the options can reach ({least / total:.3f} bits per weight with every "
+                          f"layer at its smallest option): raise it, or add a smaller option")
+
+
+def _final_stage(model, blocks):
+    """hidden states after the last block -> logits: the decoder's final norm, the head and Gemma's softcap."""
+    body = model.get_decoder() if hasattr(model, "get_decoder") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if body is None or head is None:
+        raise UnsupportedModelError(f"{type(model).__name__} has no decoder and head to search a bit budget through: use --plan or uniform schemes")
+    norms = [m for n, m in body.named_children() if m is not blocks and not isinstance(m, torch.nn.Embedding)
+             and any(True for _ in m.parameters()) and ("norm" in type(m).__name__.lower() or n in ("ln_f",))]
+    if len(norms) > 1:
+        raise UnsupportedModelError(f"{type(model).__name__} has more than one final norm: the bit-budget search cannot tell its last stage")
+    norm = norms[0] if norms else torch.nn.Identity()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+
+    def stage(hidden):
+        logits = head(norm(hidden))
+        return torch.tanh(logits / softcap) * softcap if softcap else logits
+
+    return stage
+
+
+def _head_gradients(stage, last: torch.Tensor, ids: torch.Tensor, device, amp_dtype) -> torch.Tensor:
+    """d(mean next-token loss of each row) / d(hidden states leaving the last block), row by row."""
+    grads = torch.empty(last.shape, dtype=torch.float32)
+    count = ids.shape[1] - 1
+    for r in range(last.shape[0]):
+        hidden = last[r : r + 1].to(device).requires_grad_(True)
+        for s in range(0, count, LOGIT_ROWS):
+            with autocast(device, amp_dtype):
+                logits = stage(hidden[:, s : s + LOGIT_ROWS][:, : count - s])
+            loss = F.cross_entropy(logits[0].float(), ids[r, 1 + s : 1 + s + logits.shape[1]].to(device), reduction="sum") / count
+            loss.backward()
+        grads[r] = hidden.grad[0].cpu()
+    return grads
+
+
+def _fisher_losses(model, blocks_name, blocks, tasks, searched, options, config, ids, device, amp_dtype, caches, weights) -> dict[str, tuple[float, ...]]:
+    """Per searched layer, per option: 1/2 sum F (Q(W) - W)^2 with F the squared per-row gradients of the
+    final loss, averaged over the rows."""
+    head_params = [p for p in model.parameters() if p.requires_grad]
+    for p in head_params:
+        p.requires_grad_(False)  # only the searched weights and the hidden states take gradients
+    try:
+        inputs, calls = _forward(model, blocks_name, blocks, ids, device, amp_dtype, caches, weights)
+        grads = _head_gradients(_final_stage(model, blocks), inputs[-1].rows(slice(None)), ids, device, amp_dtype)
+        losses: dict[str, tuple[float, ...]] = {}
+        for i in reversed(range(len(blocks))):
+            mine = {name: tasks[i][k] for name, (b, k) in searched.items() if b == i}
+            with _block_on(blocks, blocks_name, i, device, weights) as block:
+                fisher, grads = _block_fisher(block, [t for t in mine.values()], inputs[i], grads, calls[i].to(device), device, amp_dtype)
+                for name, task in mine.items():
+                    losses[name] = _option_losses(task, fisher[task.name], options, config.pad_groups)
+            inputs[i + 1].discard()
+        inputs[0].discard()
+        return losses
+    finally:
+        for p in head_params:
+            p.requires_grad_(True)
+
+
+def _forward(model, blocks_name, blocks, ids, device, amp_dtype, caches, weights):
+    """Caches of the hidden states entering every block and after the last, and each block's call."""
+    hidden, calls = capture_block_inputs(model, blocks, ids, device)
+    inputs = [caches.from_tensor(hidden)]
+    for i in range(len(blocks)):
+        with _block_on(blocks, blocks_name, i, device, weights) as block:
+            inputs.append(run_block(block, inputs[i], calls[i].to(device), 1, device, amp_dtype, caches.empty(inputs[i].shape)))
+    return inputs, calls
+
+
+class _block_on:
+    """Block i on the compute device in fp32 for the duration (read from the checkpoint when lazy, and let go again)."""
+
+    def __init__(self, blocks, blocks_name, i, device, weights):
+        self.blocks, self.i, self.device, self.weights = blocks, i, device, weights
+        self.lazy = weights is not None and is_lazy(blocks[i])
+        if self.lazy:
+            materialize(blocks[i], f"{blocks_name}.{i}.", weights)
+        self.dtype = next(blocks[i].parameters()).dtype
+
+    def __enter__(self):
+        return self.blocks[self.i].to(device=self.device, dtype=torch.float32)
+
+    def __exit__(self, *exc):
+        block = self.blocks[self.i]
+        block.to("meta" if self.lazy else "cpu")
+        if not self.lazy:
+            block.to(self.dtype)
+
+
+def _weight_param(task) -> torch.nn.Parameter:
+    return getattr(task.module, task.expert.param) if task.expert else task.module.weight
+
+
+def _block_fisher(block, tasks, inputs, grads_out, call, device, amp_dtype):
+    """(squared per-row weight gradients summed over the rows, by task name as (out, in) matrices, gradients
+    of the loss w.r.t. the block's inputs): one recomputed forward and backward per row."""
+    params = list({id(p): p for p in map(_weight_param, tasks)}.values())
+    wanted = {id(p) for p in params}
+    for p in block.parameters():
+        p.requires_grad_(id(p) in wanted)
+    squares = {id(p): torch.zeros_like(p, dtype=torch.float32) for p in params}
+    grads_in = torch.empty(inputs.shape, dtype=torch.float32)
+    for r in range(inputs.shape[0]):
+        x = inputs.rows(slice(r, r + 1)).to(device).requires_grad_(True)
+        with autocast(device, amp_dtype):
+            out = block_output(block(x, *call.args, **call.kwargs))
+        found = torch.autograd.grad(out, [x, *params], grad_outputs=grads_out[r : r + 1].to(device, out.dtype), allow_unused=True)
+        grads_in[r] = found[0][0].float().cpu()
+        for p, g in zip(params, found[1:]):
+            if g is not None:
+                squares[id(p)] += g.float().square()
+    for p in block.parameters():
+        p.requires_grad_(False)
+    return {t.name: _as_matrix(t, squares[id(_weight_param(t))]) for t in tasks}, grads_in
+
+
+def _as_matrix(task, tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor`, shaped like the task's parameter, as the (out, in) matrix `task.weight()` reads."""
+    if task.expert:
+        return experts.read(task.module, task.expert, tensor)
+    return tensor.t() if stores_transposed(task.module) else tensor
+
+
+def _option_losses(task, fisher: torch.Tensor, options, pad_groups: bool) -> tuple[float, ...]:
+    w = task.weight().detach().float()
+    losses = []
+    for option in options:
+        scheme, bits = layer_bits(option, w.shape[1], pad_groups)
+        if scheme is None or math.isinf(bits):
+            losses.append(0.0)
+            continue
+        error = scheme.dequantize(scheme.quantize(w)) - w
+        losses.append(0.5 * float((fisher * error.square()).sum()))
+    return tuple(losses)

@@ -1,0 +1,165 @@
+"""The bit-budget search (signround/search.py) and `QuantConfig.target_bits` end to end on tiny models."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_models import calib_ids, make, make_moe
+
+import signround
+from signround import budget, search
+from signround.blocks import find_blocks, linear_weight, stores_transposed
+from signround.cache import CacheFactory
+from signround.config import ConfigError, QuantConfig, parse_scheme
+from signround.pipeline import QuantizeReport, plan_layers
+from signround.qlinear import QuantLinear
+
+OPTIONS = ("W2A16G32", "W4A16G32", "W8A16")
+
+
+def streamed_losses(model, config, ids):
+    blocks_name, blocks = find_blocks(model)
+    tasks = plan_layers(model, blocks_name, blocks, search._searchable(config), QuantizeReport())
+    searched = {f"{blocks_name}.{i}.{t.name}": (i, k) for i, ts in enumerate(tasks) for k, t in enumerate(ts)}
+    caches = CacheFactory(torch.float32, torch.device("cpu"), None)
+    losses = search._fisher_losses(model, blocks_name, blocks, tasks, searched, search.option_schemes(config), config, ids,
+                                   torch.device("cpu"), None, caches, None)
+    return losses, {name: tasks[i][k] for name, (i, k) in searched.items()}
+
+
+def direct_losses(model, tasks, config, ids):
+    """The same estimate from the whole model's own forward and backward, one row at a time."""
+    params = {name: search._weight_param(t) for name, t in tasks.items()}
+    squares = {id(p): torch.zeros_like(p) for p in params.values()}
+    for row in ids:
+        model.zero_grad()
+        logits = model(input_ids=row.unsqueeze(0)).logits[0, :-1]
+        F.cross_entropy(logits.float(), row[1:]).backward()
+        for p in {id(p): p for p in params.values()}.values():
+            squares[id(p)] += p.grad.square()
+    return {name: search._option_losses(t, search._as_matrix(t, squares[id(params[name])]), search.option_schemes(config), True)
+            for name, t in tasks.items()}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "gemma2", "gemma3", "gpt_neox", "phi3"])
+def test_streamed_fisher_equals_the_whole_models_gradients(arch):
+    model = make(arch).float()
+    ids = calib_ids(3, 24)
+    config = QuantConfig(target_bits=4, options=OPTIONS)
+    streamed, tasks = streamed_losses(model, config, ids)
+    direct = direct_losses(model, tasks, config, ids)
+    for name in tasks:
+        assert streamed[name] == pytest.approx(direct[name], rel=2e-3, abs=1e-12), name
+    assert all(streamed[n][0] > streamed[n][1] > streamed[n][2] > 0 for n in tasks)  # fewer bits, larger predicted loss
+
+
+def test_streamed_fisher_of_stacked_experts():
+    model = make_moe("qwen3_moe").float()
+    ids = calib_ids(3, 24)
+    config = QuantConfig(target_bits=4, options=OPTIONS)
+    streamed, tasks = streamed_losses(model, config, ids)
+    direct = direct_losses(model, tasks, config, ids)
+    assert any(".experts." in n for n in tasks)
+    for name in tasks:
+        assert streamed[name] == pytest.approx(direct[name], rel=2e-3, abs=1e-12), name
+
+
+def quantized_tiny(target, **kw):
+    kw.setdefault("options", ("W2A16G32", "W3A16G32", "W4A16G32", "W8A16G32"))
+    model = make("llama", num_hidden_layers=3)
+    config = QuantConfig(scheme="W4A16G32", target_bits=target, method="rtn", nsamples=8, seqlen=32, **kw)
+    report = signround.quantize(model, config, calibration=calib_ids(8, 32))
+    return model, report
+
+
+@pytest.mark.parametrize("target", [2.6, 3.3, 4.5, 8.0])
+def test_target_bits_holds_the_budget_and_fuses(target):
+    model, report = quantized_tiny(target)
+    total = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear))
+    stored = sum(m.in_features * m.out_features * m.scheme.bits_per_weight(m.in_features)
+                 for m in model.modules() if isinstance(m, QuantLinear))
+    assert stored / total <= target
+    assert report.bits_per_weight == pytest.approx(stored / total)
+    for group in budget.group_layers(report.quantized).values():
+        assert len({report.quantized[n] for n in group}) == 1
+    assert "bit-budget plan" in report.summary()
+    plan = model.config.quantization_config["plan"]
+    assert set(plan) == set(report.quantized)
+
+
+def test_a_saved_plan_reproduces_the_schemes(tmp_path):
+    model, report = quantized_tiny(3.3, options=("W2A16G32", "W3A16G32", "W4A16G32", "fp16"))
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": model.config.quantization_config}))
+    again = make("llama", num_hidden_layers=3)
+    replay = signround.quantize(again, QuantConfig(scheme="W4A16G32", method="rtn", plan=search.read_plan(tmp_path)))
+    assert replay.quantized == report.quantized
+    assert replay.skipped == report.skipped
+    assert replay.search_seconds == 0 and report.search_seconds > 0
+
+
+def test_the_split_option_lets_fused_layers_differ():
+    _, fused = quantized_tiny(3.0)
+    _, split = quantized_tiny(3.0, fuse_groups=False)
+    assert len(set(budget.group_layers(split.quantized))) < len(split.quantized)
+    assert any(len({split.quantized[n] for n in g}) > 1 for g in budget.group_layers(split.quantized).values())
+
+
+def test_overrides_are_fixed_and_counted():
+    model, report = quantized_tiny(4.0, layer_overrides={"down_proj": "W8A16"})
+    assert all(s.bits == 8 for n, s in report.quantized.items() if n.endswith("down_proj"))
+    assert report.bits_per_weight <= 4.0
+
+
+def test_resumed_run_keeps_its_plan(tmp_path):
+    config = QuantConfig(scheme="W4A16G32", target_bits=3.3, method="signround", iters=2, nsamples=4, seqlen=16, batch_size=2, options=OPTIONS)
+    ids = calib_ids(4, 16)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first(i, report):
+        if i == 0:
+            raise Stop
+
+    with pytest.raises(Stop):
+        signround.quantize(make("llama", num_hidden_layers=3), config, signround.RunConfig(work_dir=str(tmp_path)), calibration=ids,
+                           on_block_done=stop_after_first)
+    first = json.loads((tmp_path / "plan.json").read_text())
+    resumed = signround.quantize(make("llama", num_hidden_layers=3), config, signround.RunConfig(work_dir=str(tmp_path)), calibration=ids)
+    assert resumed.search_seconds == 0
+    assert {n: s.to_dict() for n, s in resumed.quantized.items()} == {n: s for n, s in first["layers"].items() if s is not None}
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(target_bits=0.5), "between 1 and 16"),
+    (dict(target_bits=3, scheme="Q4_K_M"), "give one of the two"),
+    (dict(target_bits=3, options=("W3A16", "W9A16")), "unknown scheme 'W9A16'"),
+    (dict(target_bits=3, options=()), "options is empty"),
+])
+def test_bad_budget_settings(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        QuantConfig(**kwargs)
+
+
+def test_an_unreachable_target_fails_before_the_search():
+    with pytest.raises(ConfigError, match="below what the options can reach"):
+        quantized_tiny(2.0, options=("W3A16", "W4A16"))
+
+
+def test_options_a_format_cannot_hold_are_refused_before_tuning(tmp_path, tiny_model_dir):
+    with pytest.raises(ConfigError, match="cannot hold"):
+        signround.run(str(tiny_model_dir), tmp_path / "out", QuantConfig(target_bits=4, options=("W4A16", "Q4_K"), method="rtn"),
+                      formats=["gptq"], calibration=calib_ids(4, 16))
+
+
+def test_streamed_and_whole_runs_choose_the_same_plan(tmp_path, tiny_model_dir):
+    config = QuantConfig(target_bits=3.3, options=("W2A16G32", "W4A16G32", "W8A16"), method="rtn", nsamples=4, seqlen=16)
+    plans = []
+    for stream in (True, False):
+        out = tmp_path / f"out-{stream}"
+        signround.run(str(tiny_model_dir), out, config, signround.RunConfig(progress=False), calibration=calib_ids(4, 16), stream=stream)
+        plans.append(json.loads((out / "config.json").read_text())["quantization_config"]["plan"])
+    assert plans[0] == plans[1]
+    assert not math.isnan(len(plans[0]))
