@@ -180,7 +180,8 @@ def plan_layers(model, blocks_name: str, blocks, config: QuantConfig, report: Qu
                                       f"are quantized: a stacked expert tensor is quantized or kept whole; override all of it, e.g. "
                                       f"--layer '{name.rpartition('.')[2]}\\.=fp16'")
         plan.append(tasks)
-    _check_group_sizes([t for tasks in plan for t in tasks])
+    if config.plan is None:  # a searched plan may put a group size on layers it only pads: chosen, not a mistake
+        _check_group_sizes([t for tasks in plan for t in tasks])
     if config.smooth is not None and not any(s.act for s in report.quantized.values()):
         raise ConfigError(f"smooth={config.smooth} smooths the inputs of layers that quantize them, and this scheme quantizes none: "
                           f"use W8A8 (or another scheme with quantized inputs), or drop smooth")
@@ -425,6 +426,8 @@ def quantize(model, config: QuantConfig | None = None, run: RunConfig | None = N
     blocks_name, blocks = find_blocks(model)
     report = QuantizeReport()
     plan = plan_layers(model, blocks_name, blocks, config, report)
+    if config.target_bits is not None and config.plan is None:
+        search.candidates(model, blocks_name, blocks, config)  # an unreachable budget fails before any data is read
     _load_block(blocks_name, blocks, 0, plan[0], weights)
     check_causal(model, blocks)
     if report.skipped:

@@ -92,12 +92,23 @@ def layer_bits(scheme: WeightScheme | None, in_features: int, pad_groups: bool) 
     return scheme, scheme.bits_per_weight(in_features)
 
 
-def search(model, blocks_name: str, blocks, config: QuantConfig, ids: torch.Tensor, device, amp_dtype, caches: CacheFactory,
-           weights=None) -> SearchResult:
-    """Measure every searchable layer's sensitivity to every option and choose the plan (see the module doc)."""
+@dataclass
+class Candidates:
+    """What the search chooses for, known before any data is read: the planned tasks per block, the searched
+    layers (name -> (block, index in its tasks)), the usable options, and the bits and weights of the layers
+    it does not choose for (user overrides, 16-bit routers), which count against the budget."""
+
+    tasks: list
+    searched: dict[str, tuple[int, int]]
+    options: list[WeightScheme | None]
+    fixed_bits: float
+    fixed_numel: int
+
+
+def candidates(model, blocks_name: str, blocks, config: QuantConfig) -> Candidates:
+    """The layers and options of a search; a budget the options cannot reach fails here, before any data is read."""
     from .pipeline import QuantizeReport, plan_layers
 
-    start = time.perf_counter()
     report = QuantizeReport()
     tasks = plan_layers(model, blocks_name, blocks, _searchable(config), report)
     widths = {t.weight().shape[1] for block_tasks in tasks for t in block_tasks}
@@ -106,37 +117,45 @@ def search(model, blocks_name: str, blocks, config: QuantConfig, ids: torch.Tens
     if not options:
         raise ConfigError(f"no option in {', '.join(config.options or DEFAULT_OPTIONS)} has a group size dividing the layers' widths "
                           f"({', '.join(map(str, sorted(widths)))}): give options with such groups, e.g. W4A16G32")
-    fixed_bits = fixed_numel = 0
-    searched: dict[str, tuple[int, int]] = {}  # name -> (block, index in its tasks)
+    found = Candidates(tasks, {}, options, 0.0, 0)
     for i, block_tasks in enumerate(tasks):
         for k, task in enumerate(block_tasks):
             name = f"{blocks_name}.{i}.{task.name}"
             if _overridden(config, name):  # fixed by the user: counted at its scheme
                 out, inp = task.weight().shape
-                fixed_bits += out * inp * layer_bits(task.scheme, inp, config.pad_groups)[1]
-                fixed_numel += out * inp
+                found.fixed_bits += out * inp * layer_bits(task.scheme, inp, config.pad_groups)[1]
+                found.fixed_numel += out * inp
             else:
-                searched[name] = (i, k)
+                found.searched[name] = (i, k)
     for name in report.skipped:  # kept 16-bit (routers, overrides): on disk at 16 bits
         numel = _numel(model, name)
-        fixed_bits += 16 * numel
-        fixed_numel += numel
-    if not searched:
+        found.fixed_bits += 16 * numel
+        found.fixed_numel += numel
+    if not found.searched:
         raise ConfigError("target_bits has no layer to choose for: every layer is fixed by a --layer override")
-    _check_reachable(tasks, searched, options, config, fixed_bits, fixed_numel)
+    _check_reachable(found, config)
+    return found
 
+
+def search(model, blocks_name: str, blocks, config: QuantConfig, ids: torch.Tensor, device, amp_dtype, caches: CacheFactory,
+           weights=None) -> SearchResult:
+    """Measure every searchable layer's sensitivity to every option and choose the plan (see the module doc)."""
+    start = time.perf_counter()
+    found = candidates(model, blocks_name, blocks, config)
+    tasks, options = found.tasks, found.options
     move_except_blocks(model, blocks, device)
-    losses = _fisher_losses(model, blocks_name, blocks, tasks, searched, options, config, ids[:SEARCH_ROWS], device, amp_dtype, caches, weights)
+    losses = _compounding(*_fisher_losses(model, blocks_name, blocks, tasks, found.searched, options, config, ids[:SEARCH_ROWS], device, amp_dtype,
+                                          caches, weights))
     layers = []
-    for name, (i, k) in searched.items():
+    for name, (i, k) in found.searched.items():
         out, inp = tasks[i][k].weight().shape
         layers.append(budget.Layer(name, out * inp, tuple(layer_bits(o, inp, config.pad_groups)[1] for o in options), losses[name]))
     names = [budget.KEEP if o is None else o.name() for o in options]
-    choice = budget.choose(layers, names, config.target_bits, fixed_bits, fixed_numel, config.fuse_groups)
+    choice = budget.choose(layers, names, config.target_bits, found.fixed_bits, found.fixed_numel, config.fuse_groups)
     by_name = dict(zip(names, options))
     predicted = sum(layer.loss[names.index(choice[layer.name])] for layer in layers)
     return SearchResult({name: by_name[o] for name, o in choice.items()}, config.target_bits,
-                        budget.average_bits(choice, layers, names, fixed_bits, fixed_numel), predicted,
+                        budget.average_bits(choice, layers, names, found.fixed_bits, found.fixed_numel), predicted,
                         time.perf_counter() - start, budget.table(choice, layers, names))
 
 
@@ -164,14 +183,16 @@ def _numel(model, name: str) -> int:
         return next(experts.read(module, e).numel() for e in experts.expert_matrices_of(module) if f"{parent}.{e.suffix}" == name)
 
 
-def _check_reachable(tasks, searched, options, config, fixed_bits, fixed_numel) -> None:
+def _check_reachable(found: Candidates, config: QuantConfig) -> None:
     """Refuse a budget below every layer at its smallest option before the Fisher pass is spent on it."""
-    least, total = fixed_bits, fixed_numel
-    for i, k in searched.values():
-        out, inp = tasks[i][k].weight().shape
-        cheapest = min(layer_bits(o, inp, config.pad_groups)[1] for o in options)
+    least, total = found.fixed_bits, found.fixed_numel
+    for i, k in found.searched.values():
+        task = found.tasks[i][k]
+        out, inp = task.weight().shape
+        cheapest = min(layer_bits(o, inp, config.pad_groups)[1] for o in found.options)
         if math.isinf(cheapest):
-            raise ConfigError(f"no option in {', '.join(config.options or DEFAULT_OPTIONS)} can store {tasks[i][k].name} (in_features={inp}): add one that can, e.g. W4A16G32")
+            raise ConfigError(f"no option in {', '.join(config.options or DEFAULT_OPTIONS)} can store {task.name} (in_features={inp}): "
+                              f"add one that can, e.g. W4A16G32")
         least += out * inp * cheapest
         total += out * inp
     if config.target_bits * total < least:
@@ -214,38 +235,94 @@ def _head_gradients(stage, last: torch.Tensor, ids: torch.Tensor, device, amp_dt
     return grads
 
 
-def _fisher_losses(model, blocks_name, blocks, tasks, searched, options, config, ids, device, amp_dtype, caches, weights) -> dict[str, tuple[float, ...]]:
-    """Per searched layer, per option: 1/2 sum F (Q(W) - W)^2 with F the squared per-row gradients of the
-    final loss, averaged over the rows."""
+def _fisher_losses(model, blocks_name, blocks, tasks, searched, options, config, ids, device, amp_dtype, caches, weights):
+    """(per searched layer, per option its predicted loss increase 1/2 sum F (Q(W) - W)^2, F the diagonal Fisher
+    of the final loss (`_block_fisher`); per option the loss increase measured with every searched layer at it)."""
     head_params = [p for p in model.parameters() if p.requires_grad]
     for p in head_params:
         p.requires_grad_(False)  # only the searched weights and the hidden states take gradients
+    by_block = [{name: tasks[i][k] for name, (b, k) in searched.items() if b == i} for i in range(len(blocks))]
     try:
-        inputs, calls = _forward(model, blocks_name, blocks, ids, device, amp_dtype, caches, weights)
-        grads = _head_gradients(_final_stage(model, blocks), inputs[-1].rows(slice(None)), ids, device, amp_dtype)
+        inputs, calls, uniform = _forward(model, blocks_name, blocks, by_block, options, config, ids, device, amp_dtype, caches, weights)
+        stage = _final_stage(model, blocks)
+        last = inputs[-1].rows(slice(None))
+        actual = [_mean_loss(stage, s.rows(slice(None)), ids, device, amp_dtype) - _mean_loss(stage, last, ids, device, amp_dtype)
+                  if s is not None else 0.0 for s in uniform]
+        grads = _head_gradients(stage, last, ids, device, amp_dtype)
         losses: dict[str, tuple[float, ...]] = {}
         for i in reversed(range(len(blocks))):
-            mine = {name: tasks[i][k] for name, (b, k) in searched.items() if b == i}
             with _block_on(blocks, blocks_name, i, device, weights) as block:
-                fisher, grads = _block_fisher(block, [t for t in mine.values()], inputs[i], grads, calls[i].to(device), device, amp_dtype)
-                for name, task in mine.items():
+                fisher, grads = _block_fisher(block, list(by_block[i].values()), inputs[i], grads, calls[i].to(device), device, amp_dtype)
+                for name, task in by_block[i].items():
                     losses[name] = _option_losses(task, fisher[task.name], options, config.pad_groups)
             inputs[i + 1].discard()
         inputs[0].discard()
-        return losses
+        return losses, actual
     finally:
         for p in head_params:
             p.requires_grad_(True)
 
 
-def _forward(model, blocks_name, blocks, ids, device, amp_dtype, caches, weights):
-    """Caches of the hidden states entering every block and after the last, and each block's call."""
+def _compounding(losses: dict[str, tuple[float, ...]], actual: list[float]) -> dict[str, tuple[float, ...]]:
+    """Scale each option's predictions so that, summed over the layers, they give the loss increase measured
+    with every layer at that option. The quadratic estimate holds for small errors; at 2 bits the errors of
+    successive layers compound far beyond it (SmolLM2: a W3/W2 mix at W3's size scored worse than W3 alone)."""
+    predicted = [sum(values[j] for values in losses.values()) for j in range(len(actual))]
+    factors = [a / p if p > 0 and a > 0 else 1.0 for a, p in zip(actual, predicted)]
+    return {name: tuple(v * f for v, f in zip(values, factors)) for name, values in losses.items()}
+
+
+def _forward(model, blocks_name, blocks, by_block, options, config, ids, device, amp_dtype, caches, weights):
+    """(caches of the hidden states entering every block and after the last, each block's call, the hidden states
+    after the last block with every searched layer at each option, None for a 16-bit option)."""
     hidden, calls = capture_block_inputs(model, blocks, ids, device)
     inputs = [caches.from_tensor(hidden)]
+    uniform = [None if o is None else caches.from_tensor(hidden.clone()) for o in options]
     for i in range(len(blocks)):
+        call = calls[i].to(device)
         with _block_on(blocks, blocks_name, i, device, weights) as block:
-            inputs.append(run_block(block, inputs[i], calls[i].to(device), 1, device, amp_dtype, caches.empty(inputs[i].shape)))
-    return inputs, calls
+            inputs.append(run_block(block, inputs[i], call, 1, device, amp_dtype, caches.empty(inputs[i].shape)))
+            for j, option in enumerate(options):
+                if uniform[j] is not None:
+                    with _quantized(by_block[i].values(), option, config.pad_groups):
+                        done = run_block(block, uniform[j], call, 1, device, amp_dtype, caches.empty(inputs[i].shape))
+                    uniform[j].discard()
+                    uniform[j] = done
+    return inputs, calls, uniform
+
+
+class _quantized:
+    """The tasks' weights replaced by their round-to-nearest at `option` for the duration."""
+
+    def __init__(self, tasks, option, pad_groups):
+        self.tasks, self.option, self.pad_groups, self.saved = list(tasks), option, pad_groups, []
+
+    def __enter__(self):
+        for task in self.tasks:
+            w = task.weight()
+            scheme, bits = layer_bits(self.option, w.shape[1], self.pad_groups)
+            if not math.isinf(bits):
+                self.saved.append((w, w.detach().clone()))
+                with torch.no_grad():
+                    w.copy_(scheme.dequantize(scheme.quantize(w.detach().float())))
+
+    def __exit__(self, *exc):
+        with torch.no_grad():
+            for w, original in self.saved:
+                w.copy_(original)
+
+
+@torch.no_grad()
+def _mean_loss(stage, hidden: torch.Tensor, ids: torch.Tensor, device, amp_dtype) -> float:
+    """Mean next-token loss over the rows from the hidden states leaving the last block."""
+    count = ids.shape[1] - 1
+    total = 0.0
+    for r in range(hidden.shape[0]):
+        for s in range(0, count, LOGIT_ROWS):
+            with autocast(device, amp_dtype):
+                logits = stage(hidden[r : r + 1, s : min(s + LOGIT_ROWS, count)].to(device))
+            total += float(F.cross_entropy(logits[0].float(), ids[r, 1 + s : 1 + s + logits.shape[1]].to(device), reduction="sum"))
+    return total / (count * hidden.shape[0])
 
 
 class _block_on:
@@ -272,27 +349,55 @@ def _weight_param(task) -> torch.nn.Parameter:
     return getattr(task.module, task.expert.param) if task.expert else task.module.weight
 
 
+ROWS_PER_PASS = 4  # rows per recomputed forward and backward where no experts need per-row gradients
+
+
 def _block_fisher(block, tasks, inputs, grads_out, call, device, amp_dtype):
-    """(squared per-row weight gradients summed over the rows, by task name as (out, in) matrices, gradients
-    of the loss w.r.t. the block's inputs): one recomputed forward and backward per row."""
-    params = list({id(p): p for p in map(_weight_param, tasks)}.values())
+    """(the diagonal Fisher of each task's weight, as an (out, in) matrix, summed over the rows; gradients of the
+    loss w.r.t. the block's inputs), from a recomputed forward and backward of the block.
+
+    A linear layer's is per token, sum_t (d_t x_t)^2 = (d^2)^T (x^2), from its input x and output gradient d
+    (hooks; no weight gradient is formed). A stacked experts tensor, whose tokens are routed inside one opaque
+    forward, has the squared gradient of each row (one pass per row): where the tokens' gradients are independent
+    its expectation is the same sum over tokens."""
+    linears = [t for t in tasks if t.expert is None]
+    params = list({id(p): p for p in (_weight_param(t) for t in tasks if t.expert)}.values())
     wanted = {id(p) for p in params}
     for p in block.parameters():
         p.requires_grad_(id(p) in wanted)
+    fisher = {t.name: torch.zeros(t.weight().shape, dtype=torch.float32, device=device) for t in linears}
     squares = {id(p): torch.zeros_like(p, dtype=torch.float32) for p in params}
+
+    def recorder(name):
+        def hook(module, args, output):
+            x = args[0].detach().float().square().flatten(0, -2)
+            def accumulate(grad):  # returns None: the gradient flows on unchanged
+                fisher[name].add_(grad.float().square().flatten(0, -2).T @ x)
+
+            output.register_hook(accumulate)
+        return hook
+
+    handles = [t.module.register_forward_hook(recorder(t.name)) for t in linears]
     grads_in = torch.empty(inputs.shape, dtype=torch.float32)
-    for r in range(inputs.shape[0]):
-        x = inputs.rows(slice(r, r + 1)).to(device).requires_grad_(True)
-        with autocast(device, amp_dtype):
-            out = block_output(block(x, *call.args, **call.kwargs))
-        found = torch.autograd.grad(out, [x, *params], grad_outputs=grads_out[r : r + 1].to(device, out.dtype), allow_unused=True)
-        grads_in[r] = found[0][0].float().cpu()
-        for p, g in zip(params, found[1:]):
-            if g is not None:
-                squares[id(p)] += g.float().square()
-    for p in block.parameters():
-        p.requires_grad_(False)
-    return {t.name: _as_matrix(t, squares[id(_weight_param(t))]) for t in tasks}, grads_in
+    step = 1 if params else ROWS_PER_PASS
+    try:
+        for start in range(0, inputs.shape[0], step):
+            rows = slice(start, min(start + step, inputs.shape[0]))
+            x = inputs.rows(rows).to(device).requires_grad_(True)
+            with autocast(device, amp_dtype):
+                out = block_output(block(x, *call.args, **call.kwargs))
+            found = torch.autograd.grad(out, [x, *params], grad_outputs=grads_out[rows].to(device, out.dtype), allow_unused=True)
+            grads_in[rows] = found[0].float().cpu()
+            for p, g in zip(params, found[1:]):
+                if g is not None:
+                    squares[id(p)] += g.float().square()
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p in block.parameters():
+            p.requires_grad_(False)
+    fisher.update({t.name: _as_matrix(t, squares[id(_weight_param(t))]) for t in tasks if t.expert})
+    return fisher, grads_in
 
 
 def _as_matrix(task, tensor: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,11 @@ def run(capsys, *argv):
     (["quantize", "{model}", "-o", "{out}", "--eval-text", "missing.txt"], "perplexity text missing.txt not found"),
     (["quantize", "{model}", "-o", "{out}", "--dataset", "missing.txt", "--iters", "1"], "calibration data 'missing.txt' not found"),
     (["quantize", "{model}", "-o", "{full}"], "not empty: choose another -o or pass --overwrite"),
+    (["quantize", "{model}", "-o", "{out}", "--target-bits", "1.5", "--method", "rtn"], "target_bits=1.5 is below what the options can reach"),
+    (["quantize", "{model}", "-o", "{out}", "--target-bits", "3", "--options", "W3A16,W9A16"], "unknown scheme 'W9A16'"),
+    (["quantize", "{model}", "-o", "{out}", "--target-bits", "3", "--scheme", "Q4_K_M"], "mixture Q4_K_M fixes them: give one of the two"),
+    (["quantize", "{model}", "-o", "{out}", "--plan", "missing.json"], "cannot read a plan from missing.json"),
+    (["quantize", "{model}", "-o", "{out}", "--plan", "{bad_task}"], "holds no bit-budget plan"),
     (["generate", "{out}"], "has no config.json"),
     (["generate", "{model}"], "is not a signround output folder"),
     (["eval", "{model}"], "nothing to evaluate"),
@@ -111,3 +116,18 @@ def test_recipe_flags_reach_the_config():
 
     assert run("--offload", "--threads", "1", "-q", "--device", "cpu", "--amp", "off") == RunConfig(
         device="cpu", amp="off", offload=True, threads=1, progress=False)
+
+
+def test_target_bits_then_the_same_plan_again(capsys, tmp_path, tiny_model_dir):
+    first, second = tmp_path / "searched", tmp_path / "replayed"
+    options = "W2A16G32,W4A16G32,W8A16G32,fp16"
+    code, stdout, err = run(capsys, "quantize", tiny_model_dir, "-o", first, "--target-bits", 3.5, "--options", options, "--method", "rtn",
+                            "--nsamples", 4, "--seqlen", 32, "-q")
+    assert code == 0, err
+    assert "bit-budget plan: " in stdout and "(target 3.5)" in stdout
+    searched = json.loads((first / "config.json").read_text())["quantization_config"]
+    code, stdout, err = run(capsys, "quantize", tiny_model_dir, "-o", second, "--plan", first, "--method", "rtn", "-q")
+    assert code == 0, err
+    replayed = json.loads((second / "config.json").read_text())["quantization_config"]
+    assert replayed["extra_config"] == searched["extra_config"] and replayed["modules_not_quantized"] == searched["modules_not_quantized"]
+    assert replayed["plan"] == searched["plan"] and "bit-budget plan" not in stdout

@@ -24,23 +24,39 @@ def streamed_losses(model, config, ids):
     tasks = plan_layers(model, blocks_name, blocks, search._searchable(config), QuantizeReport())
     searched = {f"{blocks_name}.{i}.{t.name}": (i, k) for i, ts in enumerate(tasks) for k, t in enumerate(ts)}
     caches = CacheFactory(torch.float32, torch.device("cpu"), None)
-    losses = search._fisher_losses(model, blocks_name, blocks, tasks, searched, search.option_schemes(config), config, ids,
-                                   torch.device("cpu"), None, caches, None)
+    losses, _ = search._fisher_losses(model, blocks_name, blocks, tasks, searched, search.option_schemes(config), config, ids,
+                                      torch.device("cpu"), None, caches, None)
     return losses, {name: tasks[i][k] for name, (i, k) in searched.items()}
 
 
 def direct_losses(model, tasks, config, ids):
-    """The same estimate from the whole model's own forward and backward, one row at a time."""
-    params = {name: search._weight_param(t) for name, t in tasks.items()}
-    squares = {id(p): torch.zeros_like(p) for p in params.values()}
+    """The same estimate from the whole model's own forward and backward, one row at a time: per token for a
+    linear layer (its output gradient and input, by hooks), per row for stacked experts."""
+    linears = {name: t for name, t in tasks.items() if t.expert is None}
+    fisher = {name: torch.zeros(t.weight().shape) for name, t in linears.items()}
+
+    def recorder(name):
+        def hook(module, args, output):
+            x = args[0].detach().square().flatten(0, -2)
+            def accumulate(grad):
+                fisher[name].add_(grad.square().flatten(0, -2).T @ x)
+
+            output.register_hook(accumulate)
+        return hook
+
+    handles = [t.module.register_forward_hook(recorder(name)) for name, t in linears.items()]
+    stacked = {name: search._weight_param(t) for name, t in tasks.items() if t.expert}
+    squares = {id(p): torch.zeros_like(p) for p in stacked.values()}
     for row in ids:
         model.zero_grad()
         logits = model(input_ids=row.unsqueeze(0)).logits[0, :-1]
         F.cross_entropy(logits.float(), row[1:]).backward()
-        for p in {id(p): p for p in params.values()}.values():
+        for p in {id(p): p for p in stacked.values()}.values():
             squares[id(p)] += p.grad.square()
-    return {name: search._option_losses(t, search._as_matrix(t, squares[id(params[name])]), search.option_schemes(config), True)
-            for name, t in tasks.items()}
+    for handle in handles:
+        handle.remove()
+    fisher.update({name: search._as_matrix(tasks[name], squares[id(p)]) for name, p in stacked.items()})
+    return {name: search._option_losses(t, fisher[name], search.option_schemes(config), True) for name, t in tasks.items()}
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "gemma2", "gemma3", "gpt_neox", "phi3"])
