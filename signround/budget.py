@@ -52,7 +52,7 @@ def solve(costs: list[list[float]], losses: list[list[float]], budget: float, re
     the result never exceeds the budget, and it is the exact optimum whenever the costs are whole multiples
     of budget / resolution (the tests' integer cases); otherwise rounding up can leave at most one step per
     group unused. Infinite costs mark options a group cannot take."""
-    if len(costs) != len(losses) or any(len(c) != len(l) for c, l in zip(costs, losses)):
+    if len(costs) != len(losses) or any(len(c) != len(v) for c, v in zip(costs, losses)):
         raise ValueError("costs and losses must have one entry per group and option")
     least = sum(min(c) for c in costs)
     if least > budget:

@@ -170,6 +170,8 @@ def _add_compare(sub) -> None:
     p.add_argument("--ppl-tokens", type=int, default=32768)
     p.add_argument("--tasks", nargs="+", default=[], metavar="JSON")
     p.add_argument("--limit", type=int, help="at most N examples per task")
+    p.add_argument("--target-bits", default="", help="also mixed-precision runs at these average bits per weight, e.g. 2.5,3,3.5 "
+                        "(plotted against the uniform schemes and K mixtures)")
     p.add_argument("--quantize-args", default="", help="extra flags for every quantize run, e.g. '--iters 50 --nsamples 32 --dataset books/'")
 
 
@@ -325,7 +327,13 @@ def cmd_compare(args) -> None:
         QuantConfig(scheme=scheme)  # a preset or a K mixture; anything else fails here, before any run
     if not (args.ppl or args.tasks):
         raise _usage("nothing to compare on: give --ppl TEXT and/or --tasks JSON")
-    grid = GridSettings(args.model, [m for m in args.methods.split(",") if m], schemes, shlex.split(args.quantize_args))
+    try:
+        targets = [float(b) for b in args.target_bits.split(",") if b.strip()]
+    except ValueError:
+        raise _usage(f"--target-bits {args.target_bits!r} must list numbers, e.g. 2.5,3,3.5") from None
+    for bits in targets:
+        QuantConfig(target_bits=bits)
+    grid = GridSettings(args.model, [m for m in args.methods.split(",") if m], schemes, shlex.split(args.quantize_args), targets)
     evaluation = EvalSettings(ppl=args.ppl, ppl_tokens=args.ppl_tokens or None, tasks=args.tasks, limit=args.limit)
     report = write_report(run_grid(grid, evaluation, Path(args.output)), Path(args.output))
     print(report.read_text())

@@ -26,6 +26,22 @@ class GridSettings:
     methods: list[str] = field(default_factory=lambda: ["rtn", "signround"])
     schemes: list[str] = field(default_factory=lambda: ["W2A16G64", "W3A16", "W4A16"])
     quantize_args: list[str] = field(default_factory=list)  # extra `signround quantize` flags (iters, nsamples, dataset...)
+    target_bits: list[float] = field(default_factory=list)  # --target-bits runs (mixed precision), per method
+
+    def runs(self) -> list[tuple[str, str | None, str | None]]:
+        """(run name, method, scheme) of the original and every quantization; a bit-budget run's scheme is `target<B>`."""
+        grid = [(f"{m}-{s}", m, s) for m in self.methods for s in self.schemes]
+        grid += [(f"{m}-target{b:g}", m, f"target{b:g}") for m in self.methods for b in self.target_bits]
+        return [("original", None, None)] + grid
+
+
+def series(scheme: str | None) -> str:
+    """Which curve a run belongs to: uniform schemes, llama.cpp's K mixtures, or bit-budget plans."""
+    from .mixtures import find_mixture
+
+    if scheme is None:
+        return "original"
+    return "bit budget" if scheme.startswith("target") else "K mixture" if find_mixture(scheme) else "uniform"
 
 
 def _fingerprint(obj) -> str:
@@ -39,8 +55,9 @@ def _stored_result(folder: Path) -> dict:
 
 def _quantize(model: str, method: str, scheme: str, extra: list[str], folder: Path) -> dict:
     report = folder / "quantize-report.json"
+    choice = ["--target-bits", scheme.removeprefix("target")] if scheme.startswith("target") else ["--scheme", scheme]
     cmd = [sys.executable, "-m", "signround.cli", "quantize", model, "-o", str(folder / "model"), "--overwrite", "-q",
-           "--method", method, "--scheme", scheme, "--report-json", str(report), *extra]
+           "--method", method, *choice, "--report-json", str(report), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"quantizing {method} {scheme} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
@@ -54,9 +71,7 @@ def run_grid(grid: GridSettings, evaluation: EvalSettings, out: Path, log=print)
     out.mkdir(parents=True, exist_ok=True)
     results = []
     eval_key = asdict(evaluation)
-    runs = [("original", None)] + [(m, s) for m in grid.methods for s in grid.schemes]
-    for method, scheme in runs:
-        name = "original" if scheme is None else f"{method}-{scheme}"
+    for name, method, scheme in grid.runs():
         folder = out / "runs" / name
         folder.mkdir(parents=True, exist_ok=True)
         quant_key = _fingerprint([grid.model, method, scheme, grid.quantize_args])

@@ -92,6 +92,7 @@ class QuantizeReport:
     kept_16bit: dict[str, int] = field(default_factory=dict)
     plan: str | None = None           # the bit-budget search's summary (`target_bits`): bits, predicted loss, time, schemes
     search_seconds: float = 0.0
+    search_peak_bytes: int = 0        # peak memory when the search had finished (opening the model included)
     perplexity: tuple[float, float] | None = None  # (before, after) on `run(..., eval_text=)`
     outputs: list[str] = field(default_factory=list)  # folders `run` wrote
     notes: list[str] = field(default_factory=list)
@@ -359,7 +360,7 @@ def _search_plan(model, blocks_name, blocks, config: QuantConfig, state: WorkSta
         caches = CacheFactory(CACHE_DTYPES[run.cache_dtype], device if device.type == "cuda" else torch.device("cpu"), None)
         result = search.search(model, blocks_name, blocks, config, ids, device, amp_dtype, caches, weights)
         chosen = {name: None if s is None else s.to_dict() for name, s in result.plan.items()}
-        report.plan, report.search_seconds = result.summary(), result.seconds
+        report.plan, report.search_seconds, report.search_peak_bytes = result.summary(), result.seconds, peak_memory_bytes(device)
         if state:
             state.save_plan(chosen, report.plan)
     else:

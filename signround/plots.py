@@ -12,17 +12,22 @@ def _figure(width=7.0, height=4.5):
 
 
 def ppl_vs_bits(results: list[dict], source: str, path: Path) -> Path:
-    """Perplexity against average bits per weight, one line per method, the original as a dashed line."""
+    """Perplexity against average bits per weight, one line per method and kind of run (uniform schemes,
+    K mixtures, bit-budget plans), the original as a dashed line."""
+    from .compare import series
+
     fig = _figure()
     ax = fig.add_subplot()
-    methods = sorted({r["method"] for r in results if r["scheme"]})
-    for index, method in enumerate(methods):
+    curves = sorted({(r["method"], series(r["scheme"])) for r in results if r["scheme"]})
+    markers = {"uniform": "o", "K mixture": "s", "bit budget": "^"}
+    for index, (method, kind) in enumerate(curves):
         points = sorted((r["quantization_report"]["bits_per_weight"], r["eval"]["metrics"]["perplexity"][source]["ppl"], r["scheme"])
-                        for r in results if r["method"] == method and r["scheme"] and source in r["eval"]["metrics"]["perplexity"])
+                        for r in results if r["method"] == method and r["scheme"] and series(r["scheme"]) == kind
+                        and source in r["eval"]["metrics"]["perplexity"])
         if not points:
             continue
         xs, ys, labels = zip(*points)
-        ax.plot(xs, ys, marker="o", label=method)
+        ax.plot(xs, ys, marker=markers[kind], label=f"{method}, {kind}" if len(curves) > len({m for m, _ in curves}) else method)
         for x, y, label in points:
             ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4 - 11 * index), fontsize=7)
     original = [r for r in results if r["scheme"] is None and source in r["eval"]["metrics"]["perplexity"]]

@@ -46,12 +46,12 @@ def test_the_budget_is_never_exceeded(seed):
     raw = sorted(rng.sample([2, 3, 4, 5, 6, 8, 16], rng.randint(2, 5)))
     names = [f"o{b}" for b in raw]
     layers = random_layers(rng, rng.randint(1, 40), raw)
-    least = sum(l.numel * min(l.bits) for l in layers) / sum(l.numel for l in layers)
+    least = sum(layer.numel * min(layer.bits) for layer in layers) / sum(layer.numel for layer in layers)
     target = least + rng.random() * 4
     choice = budget.choose(layers, names, target)
-    assert set(choice) == {l.name for l in layers}
+    assert set(choice) == {layer.name for layer in layers}
     assert budget.average_bits(choice, layers, names) <= target + 1e-12
-    assert all(not math.isinf(l.bits[names.index(choice[l.name])]) for l in layers)
+    assert all(not math.isinf(layer.bits[names.index(choice[layer.name])]) for layer in layers)
 
 
 def test_more_budget_never_predicts_more_loss():
@@ -61,7 +61,7 @@ def test_more_budget_never_predicts_more_loss():
     predicted = []
     for target in (3.5, 4.5, 6, 9):
         choice = budget.choose(layers, names, target)
-        predicted.append(sum(l.loss[names.index(choice[l.name])] for l in layers))
+        predicted.append(sum(layer.loss[names.index(choice[layer.name])] for layer in layers))
     assert predicted == sorted(predicted, reverse=True)
 
 
@@ -88,8 +88,8 @@ def test_fused_layers_share_one_scheme():
         assert len({fused[n] for n in group}) == 1
     assert len(budget.group_layers(names)) == 5  # qkv, o, gate_up, down, the experts
     split = budget.choose(layers, ["W2", "W4", "W8"], 3.7, fuse=False)
-    assert sum(l.loss[["W2", "W4", "W8"].index(split[l.name])] for l in layers) <= \
-        sum(l.loss[["W2", "W4", "W8"].index(fused[l.name])] for l in layers)
+    assert sum(layer.loss[["W2", "W4", "W8"].index(split[layer.name])] for layer in layers) <= \
+        sum(layer.loss[["W2", "W4", "W8"].index(fused[layer.name])] for layer in layers)
 
 
 def test_fused_keys():

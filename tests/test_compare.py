@@ -1,6 +1,6 @@
 import json
 
-from signround.compare import GridSettings, run_grid, write_report
+from signround.compare import GridSettings, run_grid, series, write_report
 from signround.evaluate import EvalSettings
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -31,3 +31,18 @@ def test_compare_writes_report_with_plots_and_reuses_runs(tmp_path, tiny_model_d
     messages.clear()
     run_grid(grid, EvalSettings(ppl=[str(text)], ppl_tokens=128, ppl_seqlen=64), out, log=messages.append)
     assert "rtn-W4A16G32: reusing the quantized model, evaluating again" in messages
+
+
+def test_compare_plots_bit_budget_runs_beside_uniform_ones(tmp_path, tiny_model_dir):
+    text = tmp_path / "eval.txt"
+    text.write_text("the cat sat on the mat while the dog slept by the door. " * 40)
+    grid = GridSettings(str(tiny_model_dir), ["rtn"], ["W2A16G32", "W4A16G32"],
+                        ["--nsamples", "2", "--seqlen", "32", "--dataset", str(text), "--options", "W2A16G32,W4A16G32"], target_bits=[3.0])
+    out = tmp_path / "report"
+    results = run_grid(grid, EvalSettings(ppl=[str(text)], ppl_tokens=256, ppl_seqlen=64), out, log=lambda m: None)
+    assert [r["name"] for r in results] == ["original", "rtn-W2A16G32", "rtn-W4A16G32", "rtn-target3"]
+    assert [series(r["scheme"]) for r in results] == ["original", "uniform", "uniform", "bit budget"]
+    budgeted = results[-1]["quantization_report"]
+    assert budgeted["bits_per_weight"] <= 3.0 and budgeted["plan"].startswith("bit-budget plan")
+    report = write_report(results, out).read_text()
+    assert "| rtn-target3 |" in report and (out / "ppl_vs_bits_eval.png").read_bytes()[:8] == PNG

@@ -10,9 +10,9 @@ from tiny_models import calib_ids, make, make_moe
 
 import signround
 from signround import budget, search
-from signround.blocks import find_blocks, linear_weight, stores_transposed
+from signround.blocks import find_blocks
 from signround.cache import CacheFactory
-from signround.config import ConfigError, QuantConfig, parse_scheme
+from signround.config import ConfigError, QuantConfig
 from signround.pipeline import QuantizeReport, plan_layers
 from signround.qlinear import QuantLinear
 
