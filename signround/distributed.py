@@ -114,6 +114,16 @@ def broadcast(ids: torch.Tensor, device: torch.device) -> torch.Tensor:
     return out.to(ids.device)
 
 
+def share(obj, device: torch.device):
+    """Rank 0's JSON-serialisable `obj` on every rank (what the other ranks pass is ignored)."""
+    if not active():
+        return obj
+    import json
+
+    data = torch.tensor(list(json.dumps(obj).encode()) if rank() == 0 else [0], dtype=torch.uint8)
+    return json.loads(bytes(broadcast(data, device).tolist()).decode())
+
+
 def barrier() -> None:
     if active():
         dist.barrier()

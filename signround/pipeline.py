@@ -357,10 +357,16 @@ def _search_plan(model, blocks_name, blocks, config: QuantConfig, state: WorkSta
     """`config` with the bit-budget search's plan: the work state's when an interrupted run already searched."""
     chosen = state.plan() if state else None
     if chosen is None:
-        caches = CacheFactory(CACHE_DTYPES[run.cache_dtype], device if device.type == "cuda" else torch.device("cpu"), None)
-        result = search.search(model, blocks_name, blocks, config, ids, device, amp_dtype, caches, weights)
-        chosen = {name: None if s is None else s.to_dict() for name, s in result.plan.items()}
-        report.plan, report.search_seconds, report.search_peak_bytes = result.summary(), result.seconds, peak_memory_bytes(device)
+        summary = None
+        if distributed.rank() == 0:  # under torchrun rank 0 searches and the others take its plan
+            with tempfile.TemporaryDirectory(prefix="signround-search-") as folder:  # --offload: the hidden states on disk
+                caches = CacheFactory(CACHE_DTYPES[run.cache_dtype], device if device.type == "cuda" else torch.device("cpu"),
+                                      Path(folder) if run.offload else None)
+                result = search.search(model, blocks_name, blocks, config, ids, device, amp_dtype, caches, weights)
+            chosen = {name: None if s is None else s.to_dict() for name, s in result.plan.items()}
+            summary = result.summary()
+            report.search_seconds, report.search_peak_bytes = result.seconds, peak_memory_bytes(device)
+        chosen, report.plan = distributed.share((chosen, summary), device)
         if state:
             state.save_plan(chosen, report.plan)
     else:

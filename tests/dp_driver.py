@@ -19,11 +19,12 @@ def main() -> None:
         if index == kill_after and int(os.environ.get("RANK", "0")) == kill_rank:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    config = signround.QuantConfig(scheme="W4A16G32", iters=6, nsamples=8, seqlen=32, batch_size=4)
+    budget = {"target_bits": float(os.environ["TARGET_BITS"]), "options": ("W2A16G32", "W4A16G32", "W8A16G32")} if "TARGET_BITS" in os.environ else {}
+    config = signround.QuantConfig(scheme="W4A16G32", iters=6, nsamples=8, seqlen=32, batch_size=4, **budget)
     run = signround.RunConfig(progress=False, compile=False, amp=os.environ.get("AMP", "off"), offload=os.environ.get("OFFLOAD") == "1")
     report = signround.run(folder, out, config, run, calibration=calib_ids(8, 32), on_block_done=crash)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({"losses": report.block_losses, "steps": report.tuning_steps}))
+        print(json.dumps({"losses": report.block_losses, "steps": report.tuning_steps, "plan": report.plan}))
 
 
 if __name__ == "__main__":

@@ -65,6 +65,18 @@ def test_two_processes_give_the_one_process_codes_and_losses(tmp_path, tiny_mode
     assert not (tmp_path / "out.signround-work").exists()  # rank 0 cleaned up after writing
 
 
+def test_under_torchrun_rank_0_searches_the_bit_budget_and_every_rank_tunes_its_plan(tmp_path, tiny_model_dir):
+    runs = {}
+    for procs in (1, 2):
+        done = _run(tiny_model_dir, tmp_path / f"out{procs}", procs, TARGET_BITS="3.3")
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[procs] = json.loads(done.stdout.strip().splitlines()[-1])
+    plans = [json.loads((tmp_path / f"out{procs}" / "config.json").read_text())["quantization_config"]["plan"] for procs in (1, 2)]
+    assert plans[0] == plans[1] and runs[2]["plan"].startswith("bit-budget plan")
+    ours, theirs = _codes(tmp_path / "out2"), _codes(tmp_path / "out1")
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
 def test_a_killed_rank_ends_the_run_and_the_same_command_resumes_after_the_last_finished_block(tmp_path, tiny_model_dir, single):
     killed = _run(tiny_model_dir, tmp_path / "out", 2, KILL_AFTER="0", KILL_RANK="1")
     assert killed.returncode != 0

@@ -107,6 +107,12 @@ def _changed_settings(ctx) -> Seen:
     return seen
 
 
+def _plan_without_one(ctx):
+    plain = ctx.tmp / "plain"
+    assert ctx.cli("quantize", ctx.model, "-o", plain, "--method", "rtn", "-q").code == 0
+    return ctx.quantize(None, "--plan", plain)
+
+
 def _truncated_safetensors(ctx):
     folder = ctx.folder("cut", tokenizer_from=ctx.model)
     weights = folder / "model.safetensors"
@@ -227,6 +233,8 @@ CASES = {
     "no decoder blocks with linear layers": _no_linears,
     "bits outside 2..8": lambda c: c.quantize(None, "--bits", "9"),
     "a group size that divides no layer": lambda c: c.quantize(None, "--group-size", "48"),
+    "a bit budget the options cannot reach": lambda c: c.quantize(None, "--target-bits", "1.5"),
+    "`--plan` from a run that searched none": _plan_without_one,
     "nsamples 0": lambda c: c.cli("quantize", c.model, "-o", c.out, "--nsamples", "0"),
     "seqlen longer than the model allows": lambda c: c.quantize(None, "--seqlen", "4096"),
     "calibration file missing": lambda c: c.cli("quantize", c.model, "-o", c.out, "--dataset", "missing.txt"),

@@ -179,3 +179,13 @@ def test_streamed_and_whole_runs_choose_the_same_plan(tmp_path, tiny_model_dir):
         plans.append(json.loads((out / "config.json").read_text())["quantization_config"]["plan"])
     assert plans[0] == plans[1]
     assert not math.isnan(len(plans[0]))
+
+
+def test_offloaded_search_caches_choose_the_same_plan(tmp_path):
+    config = QuantConfig(scheme="W4A16G32", target_bits=3.3, method="rtn", nsamples=8, seqlen=32, options=OPTIONS)
+    plans = []
+    for offload in (False, True):
+        model = make("llama", num_hidden_layers=3)
+        signround.quantize(model, config, signround.RunConfig(offload=offload, progress=False), calibration=calib_ids(8, 32))
+        plans.append(model.config.quantization_config["plan"])
+    assert plans[0] == plans[1]
