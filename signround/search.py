@@ -1,17 +1,21 @@
 """The bit-budget search (`QuantConfig.target_bits`): which option scheme each weight matrix gets.
 
-Sensitivity is second order, from one pass over a few calibration rows: the diagonal empirical Fisher
-F of the final language-model loss (squared per-row gradients) predicts the loss increase of replacing a
-matrix W by its quantized Q(W) as 1/2 sum F (Q(W) - W)^2, for every option at once (HAWQ/SqueezeLLM-
-style, rather than one fake-quantized pass per option as auto-round's AutoScheme). The pass streams:
-the blocks run forward one at a time caching their inputs, then backward from the head one at a time,
-each recomputing its forward; a lazily opened model is read block by block as in tuning. Then
+Sensitivity is second order, from one pass over a few calibration rows: the diagonal Fisher F of the final
+language-model loss (per token for a linear layer, per row for stacked experts) predicts the loss increase
+of replacing a matrix W by its quantized Q(W) as 1/2 sum F (Q(W) - W)^2, for every option at once
+(HAWQ/SqueezeLLM-style, rather than one fake-quantized backward pass per option as auto-round's AutoScheme).
+Because quantization errors compound far beyond that quadratic estimate at low bits, the same forward pass
+also measures the loss with every layer at each option and scales that option's estimates to it. The pass
+streams: the blocks run forward one at a time caching their inputs, then backward from the head one at a
+time, each recomputing its forward; a lazily opened model is read block by block as in tuning. Then
 `budget.choose` solves the knapsack over the fused groups.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 import time
 from dataclasses import dataclass
 
@@ -33,7 +37,7 @@ from .cache import CacheFactory
 from .config import ConfigError, QuantConfig, WeightScheme, parse_scheme
 from .weights import is_lazy, materialize
 
-SEARCH_ROWS = 16  # calibration rows the Fisher pass runs (SmolLM2: ~1 min on 2 CPU cores, a tenth of the fast recipe)
+SEARCH_ROWS = 16  # calibration rows of the search (SmolLM2, 4 options: ~110 s on 2 CPU cores, an eighth of the fast recipe)
 LOGIT_ROWS = 512  # head positions per chunk: a 262k vocabulary's logits stay small
 DEFAULT_OPTIONS = ("W2A16G64", "W3A16", "W4A16", "W8A16")
 GGUF_OPTIONS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
@@ -111,13 +115,7 @@ def candidates(model, blocks_name: str, blocks, config: QuantConfig) -> Candidat
 
     report = QuantizeReport()
     tasks = plan_layers(model, blocks_name, blocks, _searchable(config), report)
-    widths = {t.weight().shape[1] for block_tasks in tasks for t in block_tasks}
-    # an option whose groups divide no layer's width is refused by the planner (`_check_group_sizes`): not offered
-    options = [o for o in option_schemes(config) if o is None or o.group_size == -1 or o.kquant or any(w % o.group_size == 0 for w in widths)]
-    if not options:
-        raise ConfigError(f"no option in {', '.join(config.options or DEFAULT_OPTIONS)} has a group size dividing the layers' widths "
-                          f"({', '.join(map(str, sorted(widths)))}): give options with such groups, e.g. W4A16G32")
-    found = Candidates(tasks, {}, options, 0.0, 0)
+    found = Candidates(tasks, {}, option_schemes(config), 0.0, 0)
     for i, block_tasks in enumerate(tasks):
         for k, task in enumerate(block_tasks):
             name = f"{blocks_name}.{i}.{task.name}"
@@ -162,14 +160,10 @@ def search(model, blocks_name: str, blocks, config: QuantConfig, ids: torch.Tens
 def _searchable(config: QuantConfig) -> QuantConfig:
     """The config under which every layer the search may choose for is planned: options are checked per layer,
     so the default scheme's fit must not drop a layer the options could take."""
-    import dataclasses
-
     return dataclasses.replace(config, scheme=WeightScheme(8, -1), mixture=None, target_bits=None, plan=None, smooth=None)
 
 
 def _overridden(config: QuantConfig, name: str) -> bool:
-    import re
-
     return any(re.search(p, name) for p in config.layer_overrides)
 
 

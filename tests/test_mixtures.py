@@ -92,3 +92,10 @@ def test_q4_k_m_model_exports_its_types_and_loads_in_transformers(tmp_path, bpe_
     ids = torch.randint(0, len(bpe_tokenizer), (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(theirs(ids).logits.float(), model(ids).logits.float(), atol=3e-3, rtol=3e-3)
+
+
+def test_the_fallback_warning_counts_layers_and_names_a_few():
+    model = make("llama", num_hidden_layers=3)  # 64- and 128-wide rows: no whole 256-weight super-block anywhere
+    with pytest.warns(UserWarning, match=r"^21 layers hold no whole number .* e\.g\. model\.layers\.0\.self_attn\.q_proj, [^,]+, [^,]+, \.\.\.$"):
+        report = signround.quantize(model, QuantConfig(scheme="Q4_K", method="rtn"), signround.RunConfig(progress=False))
+    assert len(report.fallbacks) == 21
