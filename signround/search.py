@@ -38,7 +38,7 @@ from .config import ConfigError, QuantConfig, WeightScheme, parse_scheme
 from .weights import is_lazy, materialize
 
 SEARCH_ROWS = 16  # calibration rows of the search (SmolLM2, 4 options: ~110 s on 2 CPU cores, an eighth of the fast recipe)
-LOGIT_ROWS = 512  # head positions per chunk: a 262k vocabulary's logits stay small
+LOGIT_ROWS = 128  # head positions per chunk: the logits (and their gradient) of a 49k-262k vocabulary stay small
 DEFAULT_OPTIONS = ("W2A16G64", "W3A16", "W4A16", "W8A16")
 GGUF_OPTIONS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
@@ -239,18 +239,22 @@ def _fisher_losses(model, blocks_name, blocks, tasks, searched, options, config,
     try:
         inputs, calls, uniform = _forward(model, blocks_name, blocks, by_block, options, config, ids, device, amp_dtype, caches, weights)
         stage = _final_stage(model, blocks)
-        last = inputs[-1].rows(slice(None))
+        last = inputs.pop(len(blocks)).rows(slice(None))
         actual = [_mean_loss(stage, s.rows(slice(None)), ids, device, amp_dtype) - _mean_loss(stage, last, ids, device, amp_dtype)
                   if s is not None else 0.0 for s in uniform]
         grads = _head_gradients(stage, last, ids, device, amp_dtype)
         losses: dict[str, tuple[float, ...]] = {}
-        for i in reversed(range(len(blocks))):
-            with _block_on(blocks, blocks_name, i, device, weights) as block:
-                fisher, grads = _block_fisher(block, list(by_block[i].values()), inputs[i], grads, calls[i].to(device), device, amp_dtype)
-                for name, task in by_block[i].items():
-                    losses[name] = _option_losses(task, fisher[task.name], options, config.pad_groups)
-            inputs[i + 1].discard()
-        inputs[0].discard()
+        for start in sorted(inputs, reverse=True):  # segment by segment from the last, its inputs recomputed from its checkpoint
+            end = min(start + _segment(len(blocks)), len(blocks))
+            for i in range(start, end - 1):
+                with _block_on(blocks, blocks_name, i, device, weights) as block:
+                    inputs[i + 1] = run_block(block, inputs[i], calls[i].to(device), 1, device, amp_dtype, caches.empty(inputs[i].shape))
+            for i in reversed(range(start, end)):
+                with _block_on(blocks, blocks_name, i, device, weights) as block:
+                    fisher, grads = _block_fisher(block, list(by_block[i].values()), inputs[i], grads, calls[i].to(device), device, amp_dtype)
+                    for name, task in by_block[i].items():
+                        losses[name] = _option_losses(task, fisher[task.name], options, config.pad_groups)
+                inputs.pop(i).discard()
         return losses, actual
     finally:
         for p in head_params:
@@ -266,20 +270,33 @@ def _compounding(losses: dict[str, tuple[float, ...]], actual: list[float]) -> d
     return {name: tuple(v * f for v, f in zip(values, factors)) for name, values in losses.items()}
 
 
+def _segment(blocks: int) -> int:
+    """Blocks per checkpointed segment: about sqrt(blocks) checkpoints and as many recomputed inputs are held
+    at once, instead of every block's inputs (a 30-block model: 12 caches of 16 rows, not 31)."""
+    return max(1, math.isqrt(blocks - 1) + 1) if blocks > 1 else 1
+
+
 def _forward(model, blocks_name, blocks, by_block, options, config, ids, device, amp_dtype, caches, weights):
-    """(caches of the hidden states entering every block and after the last, each block's call, the hidden states
-    after the last block with every searched layer at each option, None for a 16-bit option)."""
+    """(caches of the hidden states entering every segment's first block (`_segment`) and leaving the last block,
+    by block index; each block's call; the hidden states after the last block with every searched layer at each
+    option, None for a 16-bit option)."""
     hidden, calls = capture_block_inputs(model, blocks, ids, device)
-    inputs = [caches.from_tensor(hidden)]
+    step = _segment(len(blocks))
+    inputs = {0: caches.from_tensor(hidden)}
+    current = inputs[0]
     uniform = [None if o is None else caches.from_tensor(hidden.clone()) for o in options]
     for i in range(len(blocks)):
         call = calls[i].to(device)
         with _block_on(blocks, blocks_name, i, device, weights) as block:
-            inputs.append(run_block(block, inputs[i], call, 1, device, amp_dtype, caches.empty(inputs[i].shape)))
+            previous, current = current, run_block(block, current, call, 1, device, amp_dtype, caches.empty(current.shape))
+            if i not in inputs:  # an input inside a segment: recomputed when its segment's turn comes
+                previous.discard()
+            if (i + 1) % step == 0 or i + 1 == len(blocks):
+                inputs[i + 1] = current
             for j, option in enumerate(options):
                 if uniform[j] is not None:
                     with _quantized(by_block[i].values(), option, config.pad_groups):
-                        done = run_block(block, uniform[j], call, 1, device, amp_dtype, caches.empty(inputs[i].shape))
+                        done = run_block(block, uniform[j], call, 1, device, amp_dtype, caches.empty(current.shape))
                     uniform[j].discard()
                     uniform[j] = done
     return inputs, calls, uniform

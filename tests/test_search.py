@@ -71,6 +71,19 @@ def test_streamed_fisher_equals_the_whole_models_gradients(arch):
     assert all(streamed[n][0] > streamed[n][1] > streamed[n][2] > 0 for n in tasks)  # fewer bits, larger predicted loss
 
 
+@pytest.mark.parametrize("blocks", [1, 7, 10])
+def test_checkpointed_segments_give_the_same_fisher(blocks):
+    """Block inputs are kept only at segment starts (about sqrt(blocks) of them) and recomputed segment by segment."""
+    model = make("llama", num_hidden_layers=blocks).float()
+    ids = calib_ids(2, 16)
+    config = QuantConfig(target_bits=4, options=OPTIONS)
+    streamed, tasks = streamed_losses(model, config, ids)
+    direct = direct_losses(model, tasks, config, ids)
+    assert set(streamed) == set(tasks)
+    for name in tasks:
+        assert streamed[name] == pytest.approx(direct[name], rel=2e-3, abs=1e-12), name
+
+
 def test_streamed_fisher_of_stacked_experts():
     model = make_moe("qwen3_moe").float()
     ids = calib_ids(3, 24)
