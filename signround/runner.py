@@ -22,7 +22,7 @@ from .algorithms import get_algorithm
 from .calibration import DataError, check_hub_dataset, check_source, documents_from, is_hub_name
 from .config import ConfigError, QuantConfig, RunConfig
 from .evaluate import check_eval_text, perplexity, text_token_ids, use_bos
-from .export import NATIVE, check_formats, export, get_format
+from .export import NATIVE, check_formats, export, get_format, held_options
 from .pipeline import QuantizeReport, calibration_seqlen, planned_layers, quantize
 from .resume import default_work_dir, describe, finished_blocks
 from .search import default_options
@@ -52,8 +52,6 @@ def run(model, output: str | os.PathLike, config: QuantConfig | None = None, run
     config = config or QuantConfig()
     run_config = run_config or RunConfig()
     formats = _check_formats_named(formats)
-    if config.target_bits is not None and config.options is None:  # llama.cpp's types when GGUF is written
-        config = dataclasses.replace(config, options=default_options(formats))
     checkpoint.check_output_dir(output, overwrite)
     calibration = _calibration_source(calibration)
     if eval_text is not None:
@@ -61,6 +59,8 @@ def run(model, output: str | os.PathLike, config: QuantConfig | None = None, run
     calibrates = get_algorithm(config.method).needs_calibration
     lazy = stream and eval_text is None and not (calibrates and calibration == "self")  # sampling text needs the whole model
     model, tokenizer, weights = _open(model, tokenizer, lazy, trust_remote_code, allow_pickle)
+    if config.target_bits is not None and config.options is None:  # llama.cpp's types for GGUF; what the formats asked for can store
+        config = dataclasses.replace(config, options=held_options(formats, model, config, default_options(formats)))
     planned = planned_layers(model, config)
     check_formats(formats, model, config, planned)
     work = Path(run_config.work_dir) if run_config.work_dir else default_work_dir(output)

@@ -202,3 +202,16 @@ def test_offloaded_search_caches_choose_the_same_plan(tmp_path):
         signround.quantize(model, config, signround.RunConfig(offload=offload, progress=False), calibration=calib_ids(8, 32))
         plans.append(model.config.quantization_config["plan"])
     assert plans[0] == plans[1]
+
+
+def test_default_options_are_narrowed_to_what_the_formats_store(tiny_model_dir):
+    from signround.export import held_options
+    from signround.models import load_any
+
+    model, _ = load_any(str(tiny_model_dir))
+    config = QuantConfig(target_bits=4)
+    assert held_options(["signround"], model, config, search.DEFAULT_OPTIONS) == search.DEFAULT_OPTIONS
+    # GPTQ: no 5- or 6-bit kernels, and its groups must divide every width (64 here): only W2A16G64 of the defaults
+    assert held_options(["gptq"], model, config, search.DEFAULT_OPTIONS) == ("W2A16G64",)
+    assert held_options(["gptq"], model, config, ("W3A16G32", "W5A16G32", "W8A16G64", "fp16")) == ("W3A16G32", "W8A16G64", "fp16")
+    assert held_options(["gguf"], model, config, search.GGUF_OPTIONS) == search.GGUF_OPTIONS

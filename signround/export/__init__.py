@@ -111,6 +111,26 @@ def _refuse(fmt: Format, model, layers: dict[str, tuple[WeightScheme, int]]) -> 
         raise FormatError(f"format {fmt.name} cannot hold this model: {reason}; {fmt.name} takes {fmt.fits}")
 
 
+def held_options(names: list[str], model, config: QuantConfig, options) -> tuple[str, ...]:
+    """The bit-budget options (scheme names) that every format in `names` can store for every layer: a search's
+    defaults narrowed to the outputs asked for (GPTQ has no 5- or 6-bit kernels, for instance)."""
+    from ..config import parse_scheme
+    from ..pipeline import planned_layers
+
+    formats = [get_format(name) for name in names if name != NATIVE]
+    kept = []
+    for option in options:
+        scheme = parse_scheme(option)
+        if scheme is None:  # 16-bit: every format keeps it
+            kept.append(option)
+            continue
+        planned = planned_layers(model, dataclasses.replace(config, scheme=scheme, target_bits=None))  # K types with llama.cpp's fallbacks
+        stored = {(task.scheme, task.weight().shape[1]) for task in planned.values()}
+        if all(s.kind in f.kinds and (f.holds_activations or not s.act) and not f.refusal(s, width) for f in formats for s, width in stored):
+            kept.append(option)
+    return tuple(kept)
+
+
 def check_formats(names: list[str], model, config: QuantConfig, planned: dict | None = None) -> None:
     """Refuse, before tuning, a format that cannot represent the scheme some layer will get
     (`planned`: `pipeline.planned_layers(model, config)` when the caller has it already)."""
