@@ -34,8 +34,8 @@ def _add_quantize(sub) -> None:
                         help="mixed precision: choose each layer's scheme among --options so that the average stored bits per weight is at most B")
     budget.add_argument("--plan", metavar="PATH", help="reuse the per-layer schemes of an earlier --target-bits run (its output folder, "
                         "config.json or plan.json) instead of searching")
-    p.add_argument("--options", help="schemes --target-bits chooses from (default W2A16G64,W3A16,W4A16,W5A16,W6A16,W8A16, less those the --format cannot store; with --format gguf Q2_K..Q6_K; "
-                        "fp16 keeps a layer 16-bit)")
+    p.add_argument("--options", help="schemes --target-bits chooses from (default W2A16G64,W3A16,W4A16,W5A16,W6A16,W8A16, "
+                        "less those the --format cannot store; with --format gguf Q2_K..Q6_K; fp16 keeps a layer 16-bit)")
     p.add_argument("--split-fused", action="store_true", help="let --target-bits give q/k/v, gate/up and one block's experts different "
                         "schemes (runtimes that fuse them cannot load the result)")
     p.add_argument("--method", default="signround", help="rtn or signround (default)")
