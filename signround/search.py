@@ -35,6 +35,7 @@ from .blocks import (
 )
 from .cache import CacheFactory
 from .config import ConfigError, QuantConfig, WeightScheme, parse_scheme
+from .hardware import release_freed_memory
 from .weights import is_lazy, materialize
 
 SEARCH_ROWS = 16  # calibration rows of the search (SmolLM2, 4 options: ~110 s on 2 CPU cores, an eighth of the fast recipe)
@@ -357,6 +358,7 @@ class _block_on:
         block.to("meta" if self.lazy else "cpu")
         if not self.lazy:
             block.to(self.dtype)
+        release_freed_memory()  # each block's activations and gradients: handed back, or resident size creeps block by block
 
 
 def _weight_param(task) -> torch.nn.Parameter:
