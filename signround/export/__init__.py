@@ -91,42 +91,49 @@ def _refuse(fmt: Format, model, layers: dict[str, tuple[WeightScheme, int]]) -> 
     if reason:
         raise FormatError(f"format {fmt.name} cannot hold this model: {reason}")
     for layer_name, (scheme, in_features) in layers.items():
-        if scheme.kind not in fmt.kinds:
-            if scheme.kquant:
-                why = "K-quant scales are quantized per 256 weights, which only GGUF stores; export it as gguf"
-            else:
-                holders = " or ".join(sorted(f.name for f in _REGISTRY.values() if scheme.kind in f.kinds))
-                why = f"its writer has no place for floating-point weights; export them as {holders} (or signround's own folder)"
-            raise FormatError(f"format {fmt.name} cannot hold {layer_name} as {scheme.name()}: {why}, "
-                              f"or quantize for {fmt.name} with a scheme it takes ({fmt.fits})")
-        if scheme.act and not fmt.holds_activations:
-            holders = " or ".join(sorted(f.name for f in _REGISTRY.values() if f.holds_activations))
-            raise FormatError(f"format {fmt.name} cannot hold {layer_name} as {scheme.name()}: its config has no place for quantized inputs "
-                              f"({scheme.act}); export it as {holders} (or signround's own folder), or quantize weights alone for {fmt.name}")
-        reason = fmt.refusal(scheme, in_features)
+        reason = _layer_refusal(fmt, scheme, in_features)
         if reason:
-            raise FormatError(f"format {fmt.name} cannot hold {layer_name} as {scheme.name()}: {reason}; {fmt.name} takes {fmt.fits}")
+            raise FormatError(f"format {fmt.name} cannot hold {layer_name} as {scheme.name()}: {reason}")
     reason = fmt.schemes_refusal({scheme for scheme, _ in layers.values()})
     if reason:
         raise FormatError(f"format {fmt.name} cannot hold this model: {reason}; {fmt.name} takes {fmt.fits}")
+
+
+def _layer_refusal(fmt: Format, scheme: WeightScheme, in_features: int) -> str | None:
+    """Why `fmt` cannot store a layer of this scheme and width (the end of a FormatError message), or None."""
+    if scheme.kind not in fmt.kinds:
+        if scheme.kquant:
+            why = "K-quant scales are quantized per 256 weights, which only GGUF stores; export it as gguf"
+        else:
+            holders = " or ".join(sorted(f.name for f in _REGISTRY.values() if scheme.kind in f.kinds))
+            why = f"its writer has no place for floating-point weights; export them as {holders} (or signround's own folder)"
+        return f"{why}, or quantize for {fmt.name} with a scheme it takes ({fmt.fits})"
+    if scheme.act and not fmt.holds_activations:
+        holders = " or ".join(sorted(f.name for f in _REGISTRY.values() if f.holds_activations))
+        return (f"its config has no place for quantized inputs ({scheme.act}); export it as {holders} (or signround's own folder), "
+                f"or quantize weights alone for {fmt.name}")
+    reason = fmt.refusal(scheme, in_features)
+    return f"{reason}; {fmt.name} takes {fmt.fits}" if reason else None
+
+
+def _option_layers(model, config: QuantConfig, option: WeightScheme) -> dict:
+    """The layers `config` plans, all at one bit-budget option (K types with llama.cpp's fallbacks)."""
+    from ..pipeline import planned_layers
+
+    return planned_layers(model, dataclasses.replace(config, scheme=option, target_bits=None))
 
 
 def held_options(names: list[str], model, config: QuantConfig, options) -> tuple[str, ...]:
     """The bit-budget options (scheme names) that every format in `names` can store for every layer: a search's
     defaults narrowed to the outputs asked for (GPTQ has no 5- or 6-bit kernels, for instance)."""
     from ..config import parse_scheme
-    from ..pipeline import planned_layers
 
     formats = [get_format(name) for name in names if name != NATIVE]
     kept = []
     for option in options:
         scheme = parse_scheme(option)
-        if scheme is None:  # 16-bit: every format keeps it
-            kept.append(option)
-            continue
-        planned = planned_layers(model, dataclasses.replace(config, scheme=scheme, target_bits=None))  # K types with llama.cpp's fallbacks
-        stored = {(task.scheme, task.weight().shape[1]) for task in planned.values()}
-        if all(s.kind in f.kinds and (f.holds_activations or not s.act) and not f.refusal(s, width) for f in formats for s, width in stored):
+        stored = {(t.scheme, t.weight().shape[1]) for t in _option_layers(model, config, scheme).values()} if scheme else set()  # None: 16-bit
+        if not any(_layer_refusal(f, s, width) for f in formats for s, width in stored):
             kept.append(option)
     return tuple(kept)
 
@@ -141,7 +148,7 @@ def check_formats(names: list[str], model, config: QuantConfig, planned: dict | 
     layers = {name: (task.scheme, task.weight().shape[1]) for name, task in planned.items()}
     if config.target_bits is not None and config.plan is None:  # any option may be chosen for any layer
         for option in filter(None, option_schemes(config)):
-            chosen = planned_layers(model, dataclasses.replace(config, scheme=option, target_bits=None))
+            chosen = _option_layers(model, config, option)
             layers.update({f"{name} ({option.name()})": (task.scheme, task.weight().shape[1]) for name, task in chosen.items()})
     for name in names:
         if name != NATIVE:
