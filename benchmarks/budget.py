@@ -7,26 +7,36 @@ folder when the same command runs again.
     python benchmarks/budget.py                                 # SignRound fast recipe at 2.5, 3.0, 3.5, 4.25 bits
     python benchmarks/budget.py --method rtn --name budget-rtn  # the search alone, in minutes
     python benchmarks/budget.py --mixtures Q3_K_M,Q4_K_M        # + K mixtures and K-type searches at their sizes, scored in GGUF
+    python benchmarks/budget.py --autoscheme 2.5,3.5            # + auto-round's AutoScheme plans at those budgets, tuned by signround
+
+An AutoScheme row takes auto-round's plan for the same options, the same fused groups (its `shared_layers`) and
+the same 16 calibration rows our search reads (its dataloader is handed those ids), then quantizes with that plan
+by the same method as our rows: the two searches are compared on equal footing, search time beside search time.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import protocol
+import torch
 from exports import consumer, stored_bits
 
 import signround
 from signround.evaluate import perplexity
 from signround.export import quantized_layers
 from signround.hardware import cpu_has_fast_bf16
-from signround.search import GGUF_OPTIONS
+from signround.search import DEFAULT_OPTIONS, GGUF_OPTIONS, SEARCH_ROWS
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # uniform SignRound rows of the fast recipe (112 x 3, bf16 autocast, AVX512-BF16 EPYC) recorded with this protocol in
@@ -42,11 +52,46 @@ def rows_of(args) -> dict[str, dict]:
         rows[f"uniform {scheme}"] = {"scheme": scheme}
     for bits in args.budgets:
         rows[f"target {bits:g}"] = {"scheme": "W4A16", "target_bits": bits}
+    for bits in args.autoscheme:
+        rows[f"autoscheme {bits:g}"] = {"scheme": "W4A16", "autoscheme": bits}
     for mixture in args.mixtures:
         rows[f"mixture {mixture}"] = {"scheme": mixture, "gguf": True}
         rows[f"target at {mixture} (K types)"] = {"scheme": "W4A16", "target_bits": ("size of", f"mixture {mixture}"), "options": list(GGUF_OPTIONS),
                                                   "gguf": True}
     return rows
+
+
+def autoscheme_plan(model_spec: str, target_bits: float, calibration) -> tuple[dict, float, str]:
+    """auto-round's AutoScheme plan (layer -> one of our default options) at `target_bits`, its search seconds, and
+    a count of its choices. Its score cache goes to a fresh folder, so the time is a search, not a cache hit."""
+    from auto_round.auto_scheme import AutoScheme, delta_loss
+    from auto_round.auto_scheme.gen_auto_scheme import GenScheme
+    from auto_round.schemes import QuantizationScheme
+
+    model, tokenizer = signround.load_model(model_spec)
+    ours = {o: signround.WeightScheme.preset(o) for o in DEFAULT_OPTIONS}
+    options = [QuantizationScheme.from_dict({"bits": s.bits, "group_size": s.group_size, "sym": s.sym, "data_type": "int", "act_bits": 16})
+               for s in ours.values()]
+    rows = [{"input_ids": row.unsqueeze(0), "attention_mask": torch.ones_like(row).unsqueeze(0)} for row in calibration[:SEARCH_ROWS]]
+    delta_loss.get_dataloader = lambda *a, **k: rows  # the benchmark's ids: auto-round would download pile-10k
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    scheme = AutoScheme(avg_bits=target_bits, options=options, shared_layers=[["q_proj", "k_proj", "v_proj"], ["gate_proj", "up_proj"]],
+                        nsamples=len(rows), seqlen=calibration.shape[1], device_map="cpu", enable_torch_compile=False)
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["AR_AUTO_SCHEME_CACHE"] = cache
+        start = time.perf_counter()
+        chosen = GenScheme(scheme, model, names, {}, dataset="gutenberg-128x512 (ids given)", tokenizer=tokenizer, device_map="cpu",
+                           enable_torch_compile=False).get_layer_config()
+        seconds = time.perf_counter() - start
+    by_fields = {(s.bits, s.group_size, s.sym): name for name, s in ours.items()}
+    plan = {n: None if chosen[n]["bits"] >= 16 else by_fields[(chosen[n]["bits"], chosen[n]["group_size"], chosen[n]["sym"])] for n in names}
+    weights = {n: dict(model.named_modules())[n].weight.numel() for n in names}
+    share = Counter()
+    for n, option in plan.items():
+        share[option or "fp16"] += weights[n]
+    summary = "\n".join(f"  {o:<10} {sum(1 for v in plan.values() if (v or 'fp16') == o):>5} layers  {w / sum(weights.values()):6.1%} of the weights"
+                        for o, w in sorted(share.items()))
+    return plan, seconds, f"auto-round AutoScheme plan (target {target_bits:g}), searched in {seconds:.1f} s\n{summary}"
 
 
 def run_row(key: str, settings: dict, args, store: Path) -> dict:
@@ -57,8 +102,12 @@ def run_row(key: str, settings: dict, args, store: Path) -> dict:
         target = results[target[1]]["bits_per_weight"]
     tokenizer = protocol.tokenizer_of(args.model)
     calibration = protocol.gutenberg_calibration(tokenizer, 128, 512)
+    plan = search_s = summary = None
+    if settings.get("autoscheme"):
+        plan, search_s, summary = autoscheme_plan(args.model, settings["autoscheme"], calibration)
+        target = settings["autoscheme"]
     config = signround.QuantConfig(scheme=settings["scheme"], method=args.method, recipe=args.recipe, nsamples=128, seqlen=512,
-                                   seed=args.seed, target_bits=target, options=settings.get("options"))
+                                   seed=args.seed, target_bits=None if plan else target, options=settings.get("options"), plan=plan)
     out = RESULTS / "work" / f"{store.stem}-{key.replace(' ', '_').replace('(', '').replace(')', '')}"
     formats = ["signround", "gguf"] if settings.get("gguf") else ["signround"]
     report = signround.run(args.model, out, config, signround.RunConfig(progress=False), calibration=calibration, formats=formats,
@@ -66,8 +115,8 @@ def run_row(key: str, settings: dict, args, store: Path) -> dict:
     eval_ids = protocol.wikitext_ids(tokenizer)
     native = out / "signround" if len(formats) > 1 else out
     row = {"ppl": protocol.scored_perplexity(signround.load(native), tokenizer, eval_ids), "bits_per_weight": report.bits_per_weight,
-           "target_bits": target, "search_s": report.search_seconds, "tuning_s": report.tuning_seconds,
-           "peak_rss_mib": report.peak_memory_bytes / 2**20, "search_peak_rss_mib": report.search_peak_bytes / 2**20, "plan": report.plan}
+           "target_bits": target, "search_s": search_s or report.search_seconds, "tuning_s": report.tuning_seconds,
+           "peak_rss_mib": report.peak_memory_bytes / 2**20, "search_peak_rss_mib": report.search_peak_bytes / 2**20, "plan": summary or report.plan}
     if settings.get("gguf"):
         model = consumer(out / "gguf", "gguf")
         row["gguf_ppl"] = perplexity(model, eval_ids)
@@ -91,7 +140,7 @@ def write_table(results: dict, args, path: Path) -> None:
     for key, row in {**{k: r for k, r in uniform.items() if k not in results}, **results}.items():
         fits = [(r["ppl"], k) for k, r in uniform.items() if r["bits_per_weight"] <= row["bits_per_weight"] + 1e-9 and k != key]
         best = min(fits) if fits else None
-        vs = f"{(row['ppl'] / best[0] - 1) * 100:+.1f}%" if best and key.startswith("target") else ""
+        vs = f"{(row['ppl'] / best[0] - 1) * 100:+.1f}%" if best and key.startswith(("target", "autoscheme")) else ""
         search_s = row.get("search_s", 0)
         share = f"{search_s / row['tuning_s']:.0%}" if search_s and row["tuning_s"] else ""
         gguf = (f"{row['gguf_bits_per_weight']:.3f} | {row['gguf_ppl']:.3f}" if "gguf_ppl" in row else " | ")
@@ -111,6 +160,7 @@ def main() -> None:
     p.add_argument("--budgets", default=[2.5, 3.0, 3.5, 4.25], type=lambda s: [float(b) for b in s.split(",") if b])
     p.add_argument("--uniform", default=["W2A16G64", "W3A16", "W4A16"], type=lambda s: [u for u in s.split(",") if u])
     p.add_argument("--mixtures", default=[], type=lambda s: [m for m in s.split(",") if m])
+    p.add_argument("--autoscheme", default=[], type=lambda s: [float(b) for b in s.split(",") if b], help="budgets for auto-round AutoScheme rows")
     p.add_argument("--name", help="results file stem (default budget-<model>[-rtn])")
     p.add_argument("--row", help=argparse.SUPPRESS)  # run one row in this process (the parent launches one process per row)
     args = p.parse_args()

@@ -193,3 +193,13 @@ def test_compressed_tensors_quantizes_the_inputs_as_we_do(tmp_path, scheme, stor
 def test_quantized_inputs_are_refused_where_the_config_cannot_say_so(fmt):
     with pytest.raises(FormatError, match=f"format {fmt} cannot hold .* as W4A8G32: its config has no place for quantized inputs .*compressed-tensors"):
         check_formats([fmt], make("llama", vocab_size=256), signround.QuantConfig(scheme="W4A8G32"))
+
+
+@pytest.mark.parametrize("fmt", ["auto_round", "gptq", "compressed-tensors"])
+def test_a_searched_plan_exports_with_its_mixed_schemes(tmp_path, fmt):
+    """A `target_bits` run's per-layer schemes reach the consumer: same logits, every scheme of the plan listed."""
+    model = quantized("W4A16G32", target_bits=4.5, options=("W3A16G32", "W4A16G32", "W8A16G32"))
+    plan = model.config.quantization_config["plan"]
+    assert len({json.dumps(s, sort_keys=True) for s in plan.values()}) > 1, "the tiny search chose one scheme: the test shows nothing"
+    export(model, None, tmp_path / "out", fmt)
+    assert_same_logits(model, consumer_load(tmp_path / "out", fmt))

@@ -14,7 +14,7 @@ import signround
 from signround import runner
 from signround.config import parse_scheme
 from signround.export import FormatError, check_formats, export
-from signround.export.gguf import FILE_NAME, llama_row_order
+from signround.export.gguf import FILE_NAME, ggml_type, llama_row_order
 
 SCHEMES = {  # scheme -> the ggml block type it must be written as
     "bits=4,group_size=32,sym=true": "Q4_0",
@@ -247,3 +247,22 @@ def test_a_byte_level_bpe_saved_with_byte_fallback_and_a_decoder_sequence_export
     export(model, spelled_so, tmp_path / "out", "gguf")
     text = "The capital of France is Paris, said the <|im_start|> assistant."
     assert tf.AutoTokenizer.from_pretrained(tmp_path / "out", gguf_file=FILE_NAME)(text).input_ids == tokenizer(text).input_ids
+
+
+def test_a_searched_k_type_plan_is_written_tensor_by_tensor(tmp_path, tokenizer):
+    """A `target_bits` search over the K types writes each tensor in the type it chose; transformers reads the same logits."""
+    model = make("llama", vocab_size=len(tokenizer), **K_WIDE)
+    report = signround.quantize(model, signround.QuantConfig(scheme="Q4_K", method="rtn", target_bits=4.2, options=("Q3_K", "Q4_K", "Q6_K"),
+                                                             nsamples=4, seqlen=16), calibration=torch.randint(0, len(tokenizer), (4, 16)))
+    assert len(set(report.quantized.values())) > 1, "the tiny search chose one type: the test shows nothing"
+    export(model, tokenizer, tmp_path / "out", "gguf")
+    theirs = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out", gguf_file=FILE_NAME).eval()
+    ids = torch.randint(0, len(tokenizer), (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits.float(), model(ids).logits.float(), atol=3e-3, rtol=3e-3)
+    written = {t.name: t.tensor_type for t in GGUFReader(tmp_path / "out" / FILE_NAME).tensors}
+    hf_to_gguf = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+                  "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for i, block in enumerate(model.model.layers):
+        for hf, name in hf_to_gguf.items():
+            assert written[f"blk.{i}.{name}.weight"] == ggml_type(block.get_submodule(hf).scheme), f"blk.{i}.{name}"
