@@ -45,6 +45,17 @@ def is_experts(module: nn.Module) -> bool:
     return hasattr(module, "is_transposed") and isinstance(getattr(module, "down_proj", None), nn.Parameter) and module.down_proj.dim() == 3
 
 
+def routers_outside_linears(block: nn.Module) -> dict[str, nn.Module]:
+    """Routers that are modules of their own holding a weight (Qwen3-MoE's TopKRouter, gpt-oss's router), by name:
+    kept 16-bit whatever `quantize_routers` says, since no packed layer can stand in for them. Consumers that
+    split stacked experts into linear layers make them linear layers too, so exports list them as 16-bit."""
+    from .blocks import is_linear
+    from .config import ROUTER
+
+    return {name: m for name, m in block.named_modules()
+            if ROUTER.search(name) and not is_linear(m) and isinstance(getattr(m, "weight", None), torch.Tensor)}
+
+
 def find_expert_modules(block: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in block.named_modules() if is_experts(m)}
 
@@ -214,3 +225,42 @@ class QuantExperts(nn.Module):
         from torch.func import functional_call
 
         return functional_call(self._original[0], self.weights(hidden_states.dtype), (hidden_states, *args), kwargs)
+
+
+def stacked_matrix_names(model: nn.Module) -> set[str]:
+    """The per-expert names (`...experts.3.gate_proj`) of every matrix held in stacked experts, before or after quantization."""
+    names = set()
+    for name, m in model.named_modules():
+        if is_experts(m):
+            names |= {f"{name}.{entry.suffix}" for entry in expert_matrices_of(m)}
+        elif isinstance(m, QuantExperts):
+            names |= {f"{name}.{e}.{child}" for e in range(m.experts) for child, _ in m.expert(e).named_children()}
+    return names
+
+
+def split_refusal(model: nn.Module) -> str | None:
+    """Why runtimes that split stacked experts into per-expert linear layers (gate, up, down) would not compute
+    what this model's experts compute, or None: gpt-oss interleaves gate and up, transposed, with biases."""
+    for m in model.modules():
+        lay = m.layout if isinstance(m, QuantExperts) else layout(m) if is_experts(m) else None
+        if lay is not None and (lay.transposed or not lay.concatenated or any(n.endswith("bias") for n, _ in m.named_parameters(recurse=False))):
+            return ("its experts are stacked transposed, gate and up interleaved, with biases (gpt-oss): the per-expert layers its "
+                    "consumers build do not compute them the same way; save signround's own folder (format signround), which signround.load runs")
+    return None
+
+
+def transformers_part_names(model_type: str) -> dict[str, str] | None:
+    """The per-expert names transformers' checkpoint conversion merges into the stacked tensors, by part
+    (Mixtral: {"gate": "w1", "up": "w3", "down": "w2"}), or None where it merges none (it then reads only stacked tensors)."""
+    import re
+
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    parts = {}
+    for rule in get_checkpoint_conversion_mapping(model_type) or []:
+        targets = [t for t in rule.target_patterns if t.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+        sources = [re.search(r"experts\.\*\.(\w+)\.weight$", pattern) for pattern in rule.source_patterns]
+        if targets and all(sources):
+            names = ["down"] if targets[0].endswith("down_proj") else ["gate", "up"]
+            parts.update({part: m.group(1) for part, m in zip(names, sources)})
+    return parts if set(parts) == set(PARTS) else None

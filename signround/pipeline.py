@@ -36,7 +36,7 @@ from .blocks import (
 )
 from .cache import CACHE_DTYPES, CACHE_FILES, CacheFactory
 from .calibration import DataError, calibration_ids
-from .config import ROUTER, ConfigError, QuantConfig, RunConfig, WeightScheme
+from .config import ConfigError, QuantConfig, RunConfig, WeightScheme
 from .distributed import Shard
 from .hardware import cpu_has_fast_bf16, release_freed_memory
 from .qlinear import QuantLinear
@@ -160,7 +160,7 @@ def plan_layers(model, blocks_name: str, blocks, config: QuantConfig, report: Qu
             scheme = planned(full, linear_weight(module).shape[1])
             if scheme is not None:
                 tasks.append(LayerTask(name, module, scheme))
-        for name in _routers_outside_linears(block):
+        for name in experts.routers_outside_linears(block):
             report.skipped[f"{blocks_name}.{i}.{name}"] = "a router that is not a linear layer: kept 16-bit"
         for name, module in experts.find_expert_modules(block).items():
             stacks: dict[str, list[tuple[str, WeightScheme | None]]] = {}
@@ -566,16 +566,9 @@ def _weights_outside_linears(blocks_name: str, blocks) -> list[str]:
     for i, block in enumerate(blocks):
         seen = {id(m.weight) for m in find_linears(block).values()}  # gpt2's Conv1D holds its weight transposed
         seen |= {id(getattr(m, p)) for m in experts.find_expert_modules(block).values() for p in experts.stacked_params(m)}
-        seen |= {id(m.weight) for m in _routers_outside_linears(block).values()}
+        seen |= {id(m.weight) for m in experts.routers_outside_linears(block).values()}
         names += [f"{blocks_name}.{i}.{n}" for n, p in block.named_parameters() if _is_weight(n, p) and id(p) not in seen]
     return names
-
-
-def _routers_outside_linears(block) -> dict:
-    """Routers that are modules of their own holding a weight (Qwen3-MoE's TopKRouter, gpt-oss's router), by name:
-    kept 16-bit whatever `quantize_routers` says, since no packed layer can stand in for them."""
-    return {name: m for name, m in block.named_modules()
-            if ROUTER.search(name) and not is_linear(m) and isinstance(getattr(m, "weight", None), torch.Tensor)}
 
 
 def _is_weight(name: str, param: torch.Tensor) -> bool:

@@ -155,7 +155,7 @@ def test_exports_of_experts_are_refused_before_tuning():
     from signround.export import FormatError, check_formats
 
     with pytest.raises(FormatError, match="mixture-of-experts"):
-        check_formats(["gptq"], make_moe("mixtral"), signround.QuantConfig(scheme="W4A16G32"))
+        check_formats(["awq"], make_moe("mixtral"), signround.QuantConfig(scheme="W4A16G32"))
 
 
 def test_an_interrupted_moe_run_resumes_to_identical_packed_experts(monkeypatch, tmp_path):

@@ -41,6 +41,11 @@ class Format:
         """Why this model cannot be written at all (e.g. an architecture the format has no names for), or None."""
         return None
 
+    def expert_refusal(self, scheme: WeightScheme) -> str | None:
+        """Why one matrix of stacked experts cannot be written with this scheme (where the consumer loads experts
+        by another path than its linear layers), or None."""
+        return None
+
     def write(self, model, tokenizer, folder: Path) -> None:
         """Write the whole model into the (empty, temporary) `folder`."""
         raise NotImplementedError
@@ -84,14 +89,19 @@ def quantized_layers(model) -> dict[str, QuantLinear]:
 
 def _refuse(fmt: Format, model, layers: dict[str, tuple[WeightScheme, int]]) -> None:
     """Raise FormatError for the model or the first layer (name -> (scheme, in_features)) `fmt` cannot hold."""
-    reason = fmt.model_refusal(model)
-    if not fmt.holds_experts and has_experts(model):
-        reason = ("its writer does not lay out mixture-of-experts tensors for its consumers yet; save signround's own folder "
-                  "(format signround), which signround.load runs")
+    from ..experts import split_refusal, stacked_matrix_names
+
+    stacked = stacked_matrix_names(model) if has_experts(model) else set()
+    reason = None
+    if stacked:
+        reason = split_refusal(model) if fmt.holds_experts else (
+            "its writer does not lay out mixture-of-experts tensors for its consumers yet; save signround's own folder "
+            "(format signround), which signround.load runs")
+    reason = reason or fmt.model_refusal(model)
     if reason:
         raise FormatError(f"format {fmt.name} cannot hold this model: {reason}")
     for layer_name, (scheme, in_features) in layers.items():
-        reason = _layer_refusal(fmt, scheme, in_features)
+        reason = _layer_refusal(fmt, scheme, in_features) or (fmt.expert_refusal(scheme) if layer_name.split(" (")[0] in stacked else None)
         if reason:
             raise FormatError(f"format {fmt.name} cannot hold {layer_name} as {scheme.name()}: {reason}")
     reason = fmt.schemes_refusal({scheme for scheme, _ in layers.values()})
@@ -171,9 +181,10 @@ def export(model, tokenizer, path: str | os.PathLike, name: str, overwrite: bool
     return Path(path).resolve()
 
 
-def write_packed_folder(model, tokenizer, folder: Path, layer_tensors, quantization_config: dict, dtype=None) -> None:
+def write_packed_folder(model, tokenizer, folder: Path, layer_tensors, quantization_config: dict, dtype=None, rename=None) -> None:
     """An HF folder whose quantized layers hold the tensors `layer_tensors(name, layer)` returns in
-    place of signround's own buffers; everything else in `dtype` (fp16 by default), which config.json names when given."""
+    place of signround's own buffers; everything else in `dtype` (fp16 by default), which config.json names when given.
+    `rename(key)` gives a tensor's name on disk where the consumer reads another than the module tree's."""
     import torch
 
     from ..checkpoint import state_for_saving, write_hf_folder
@@ -184,13 +195,19 @@ def write_packed_folder(model, tokenizer, folder: Path, layer_tensors, quantizat
             if key != "bias":
                 del state[f"{name}.{key}"]
         state.update({f"{name}.{k}": v.contiguous() for k, v in layer_tensors(name, layer).items()})
+    if rename:
+        state = {rename(key): tensor for key, tensor in state.items()}
     write_hf_folder(folder, model, tokenizer, state, quantization_config, dtype=dtype)
 
 
 def unquantized_block_linears(model) -> list[str]:
-    """Linear layers inside the decoder blocks that were kept in 16 bit (by overrides or skips)."""
+    """Layers inside the decoder blocks that were kept in 16 bit (by overrides or skips), and routers that
+    consumers run as linear layers once they split stacked experts into per-expert ones."""
+    from ..experts import routers_outside_linears
+
     blocks_name, blocks = find_blocks(model)
-    return [f"{blocks_name}.{i}.{n}" for i, block in enumerate(blocks) for n, m in find_linears(block).items() if not isinstance(m, QuantLinear)]
+    return [f"{blocks_name}.{i}.{n}" for i, block in enumerate(blocks)
+            for n in [*(n for n, m in find_linears(block).items() if not isinstance(m, QuantLinear)), *routers_outside_linears(block)]]
 
 
 def partial_group(scheme: WeightScheme, in_features: int, wider_ok: bool = False) -> str | None:

@@ -7,6 +7,10 @@ along the input dimension; `weight_scale` (out, groups); `weight_shape`; and for
 2**(bits-1)) but packed with that offset added back, so the stored bits are signround's unsigned
 codes and zero points unchanged. Its group strategy needs the group size to divide the layer's width.
 
+Stacked experts are written per expert, under the names transformers' checkpoint conversion merges back
+into the stacked tensors (`experts.3.gate_proj`, Mixtral's `experts.3.w1`); transformers loads them through
+that conversion, decompressed to 16 bit, which reads symmetric integer weights only.
+
 Floating-point layers take compressed-tensors' own formats, whose layouts are signround's: `nvfp4-pack-quantized`
 (`weight_packed` two E2M1 codes a byte, `weight_scale` float8_e4m3fn per 16, `weight_global_scale`, the same
 divisor), `mxfp4-pack-quantized` (E8M0 exponent bytes per 32), `mxfp8-quantized` (`weight` as float8_e4m3fn,
@@ -20,8 +24,9 @@ import re
 
 import torch
 
+from ..experts import stacked_matrix_names, transformers_part_names
 from ..quant.packing import pack_rows
-from . import Format, partial_group, quantized_layers, register_format, unquantized_block_linears, write_packed_folder
+from . import Format, has_experts, partial_group, quantized_layers, register_format, unquantized_block_linears, write_packed_folder
 
 
 def _dense(values: torch.Tensor, bits: int) -> torch.Tensor:
@@ -75,6 +80,19 @@ def _fp_tensors(layer) -> dict[str, torch.Tensor]:
     return out
 
 
+def _expert_names(model):
+    """A layer's name on disk: per-expert matrices under the names transformers' conversion merges (Mixtral's w1/w3/w2)."""
+    stacked = stacked_matrix_names(model) if has_experts(model) else set()
+    parts = transformers_part_names(model.config.model_type) if stacked else None
+
+    def stored(name: str) -> str:
+        if name not in stacked:
+            return name
+        head, part = name.rsplit(".", 1)
+        return f"{head}.{parts[part.removesuffix('_proj')]}"
+    return stored
+
+
 @register_format
 class CompressedTensorsFormat(Format):
     name = "compressed-tensors"
@@ -82,12 +100,26 @@ class CompressedTensorsFormat(Format):
             "FP8, MXFP8, MXFP4 with quantized inputs), whose group size divides every layer's width (or -1)")
     kinds = ("int", "fp")
     holds_activations = True
+    holds_experts = True
 
     def refusal(self, scheme, in_features):
         return partial_group(scheme, in_features, wider_ok=True)
 
+    def model_refusal(self, model):
+        if has_experts(model) and transformers_part_names(model.config.model_type) is None:
+            return (f"transformers reads {model.config.model_type}'s experts only as stacked tensors, which compressed-tensors does not "
+                    f"pack; export it as auto_round or gptq (or signround's own folder)")
+        return None
+
+    def expert_refusal(self, scheme):
+        if scheme.kind != "int" or not scheme.sym or scheme.act:
+            return ("transformers loads compressed-tensors experts through its stacked-tensor conversion, which reads symmetric integer "
+                    "weights only; quantize the experts with one (e.g. --layer 'experts=W4A16'), or export as auto_round or gptq")
+        return None
+
     def write(self, model, tokenizer, folder):
         layers = quantized_layers(model)
+        stored_name = _expert_names(model)
 
         def tensors(name, layer):
             if layer.scheme.fp:
@@ -106,7 +138,7 @@ class CompressedTensorsFormat(Format):
             s = layer.scheme
             # an integer group as wide as the layer is written per channel; a float format's group is its own
             group = None if s.group_size == -1 or (s.group_size >= layer.in_features and not s.fp) else s.group_size
-            groups.setdefault(((s.bits, s.sym, group, s.fp), s.act), (_format_of(s), []))[1].append(f"re:^{re.escape(name)}$")
+            groups.setdefault(((s.bits, s.sym, group, s.fp), s.act), (_format_of(s), []))[1].append(f"re:^{re.escape(stored_name(name))}$")
         formats = {fmt for fmt, _ in groups.values()}
         config = {
             "quant_method": "compressed-tensors",
@@ -121,4 +153,5 @@ class CompressedTensorsFormat(Format):
         }
         # compressed-tensors decompresses float layers to bf16 weights: the folder runs in bf16 so that they meet bf16 inputs
         floats = any(layer.scheme.fp for layer in layers.values())
-        write_packed_folder(model, tokenizer, folder, tensors, config, dtype=torch.bfloat16 if floats else None)
+        write_packed_folder(model, tokenizer, folder, tensors, config, dtype=torch.bfloat16 if floats else None,
+                            rename=lambda key: ".".join([stored_name(key.rsplit(".", 1)[0]), key.rsplit(".", 1)[1]]))

@@ -19,6 +19,7 @@ from . import GPTQLayout, default_scheme, quantized_layers, register_format, unq
 
 @register_format
 class GPTQFormat(GPTQLayout):
+    holds_experts = True  # written per expert (`experts.3.gate_proj.qweight`): auto-round's loader splits stacked experts into such layers
     name = "gptq"
 
     def write(self, model, tokenizer, folder):
