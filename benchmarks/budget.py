@@ -61,9 +61,10 @@ def rows_of(args) -> dict[str, dict]:
     return rows
 
 
-def autoscheme_plan(model_spec: str, target_bits: float, calibration) -> tuple[dict, float, str]:
-    """auto-round's AutoScheme plan (layer -> one of our default options) at `target_bits`, its search seconds, and
-    a count of its choices. Its score cache goes to a fresh folder, so the time is a search, not a cache hit."""
+def autoscheme_plans(model_spec: str, budgets: list[float], calibration) -> tuple[dict, float]:
+    """auto-round's AutoScheme plans (budget -> layer -> one of our default options) and its search seconds. One
+    call scores every option once and solves each budget from those scores, as auto-round does for a list of
+    `avg_bits`; its score cache goes to a fresh folder, so the time is a search, not a cache hit."""
     from auto_round.auto_scheme import AutoScheme, delta_loss
     from auto_round.auto_scheme.gen_auto_scheme import GenScheme
     from auto_round.schemes import QuantizationScheme
@@ -75,8 +76,9 @@ def autoscheme_plan(model_spec: str, target_bits: float, calibration) -> tuple[d
     rows = [{"input_ids": row.unsqueeze(0), "attention_mask": torch.ones_like(row).unsqueeze(0)} for row in calibration[:SEARCH_ROWS]]
     delta_loss.get_dataloader = lambda *a, **k: rows  # the benchmark's ids: auto-round would download pile-10k
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
-    scheme = AutoScheme(avg_bits=target_bits, options=options, shared_layers=[["q_proj", "k_proj", "v_proj"], ["gate_proj", "up_proj"]],
-                        nsamples=len(rows), seqlen=calibration.shape[1], device_map="cpu", enable_torch_compile=False)
+    scheme = AutoScheme(avg_bits=list(budgets), options=options, shared_layers=[["q_proj", "k_proj", "v_proj"], ["gate_proj", "up_proj"]],
+                        nsamples=len(rows), seqlen=calibration.shape[1], device_map="cpu", enable_torch_compile=False,
+                        low_cpu_mem_usage=False)  # its offload would re-read weights from safetensors files a GGUF-born model lacks
     with tempfile.TemporaryDirectory() as cache:
         os.environ["AR_AUTO_SCHEME_CACHE"] = cache
         start = time.perf_counter()
@@ -84,14 +86,33 @@ def autoscheme_plan(model_spec: str, target_bits: float, calibration) -> tuple[d
                            enable_torch_compile=False).get_layer_config()
         seconds = time.perf_counter() - start
     by_fields = {(s.bits, s.group_size, s.sym): name for name, s in ours.items()}
-    plan = {n: None if chosen[n]["bits"] >= 16 else by_fields[(chosen[n]["bits"], chosen[n]["group_size"], chosen[n]["sym"])] for n in names}
-    weights = {n: dict(model.named_modules())[n].weight.numel() for n in names}
+    return {str(b): {n: None if c[n]["bits"] >= 16 else by_fields[(c[n]["bits"], c[n]["group_size"], c[n]["sym"])] for n in names}
+            for b, c in chosen.items()}, seconds
+
+
+def plan_summary(plan: dict, model, title: str) -> str:
+    """Per option: layers and share of the weights, as our plan table prints them."""
+    sizes = {n: model.get_submodule(n).weight.numel() for n in plan}
     share = Counter()
-    for n, option in plan.items():
-        share[option or "fp16"] += weights[n]
-    summary = "\n".join(f"  {o:<10} {sum(1 for v in plan.values() if (v or 'fp16') == o):>5} layers  {w / sum(weights.values()):6.1%} of the weights"
-                        for o, w in sorted(share.items()))
-    return plan, seconds, f"auto-round AutoScheme plan (target {target_bits:g}), searched in {seconds:.1f} s\n{summary}"
+    for name, option in plan.items():
+        share[option or "fp16"] += sizes[name]
+    return title + "".join(f"\n  {o:<10} {sum(1 for v in plan.values() if (v or 'fp16') == o):>5} layers  {w / sum(sizes.values()):6.1%} of "
+                           f"the weights" for o, w in sorted(share.items()))
+
+
+def autoscheme_plan(args, target_bits: float, calibration) -> tuple[dict, float, str]:
+    """The plan for one AutoScheme row, from the plans searched once for all of `--autoscheme` (kept beside the results)."""
+    cache = RESULTS / "work" / f"autoscheme-{args.model}.json"
+    saved = json.loads(cache.read_text()) if cache.exists() else {}
+    if str(target_bits) not in saved.get("plans", {}):
+        plans, seconds = autoscheme_plans(args.model, args.autoscheme, calibration)
+        saved = {"plans": plans, "seconds": seconds, "budgets": args.autoscheme}
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(saved))
+    plan = saved["plans"][str(target_bits)]
+    title = (f"auto-round AutoScheme plan (target {target_bits:g}); one search for the budgets {saved['budgets']} took "
+             f"{saved['seconds']:.1f} s")
+    return plan, saved["seconds"], plan_summary(plan, signround.load_model(args.model)[0], title)
 
 
 def run_row(key: str, settings: dict, args, store: Path) -> dict:
@@ -104,7 +125,7 @@ def run_row(key: str, settings: dict, args, store: Path) -> dict:
     calibration = protocol.gutenberg_calibration(tokenizer, 128, 512)
     plan = search_s = summary = None
     if settings.get("autoscheme"):
-        plan, search_s, summary = autoscheme_plan(args.model, settings["autoscheme"], calibration)
+        plan, search_s, summary = autoscheme_plan(args, settings["autoscheme"], calibration)
         target = settings["autoscheme"]
     config = signround.QuantConfig(scheme=settings["scheme"], method=args.method, recipe=args.recipe, nsamples=128, seqlen=512,
                                    seed=args.seed, target_bits=None if plan else target, options=settings.get("options"), plan=plan)
