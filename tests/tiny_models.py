@@ -54,9 +54,12 @@ MOE_CONFIGS = {
 }
 
 
-def make_moe(arch: str, seed: int = 0):
+def make_moe(arch: str, seed: int = 0, **overrides):
     torch.manual_seed(seed)
-    model = tf.AutoModelForCausalLM.from_config(MOE_CONFIGS[arch]())
+    config = MOE_CONFIGS[arch]()
+    for k, v in overrides.items():
+        setattr(config, k, v)
+    model = tf.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # gpt-oss starts its expert biases at zero: values, so that a bias read from the wrong place shows
         for name, p in model.named_parameters():
             if "experts" in name and name.endswith("_bias"):

@@ -1,5 +1,5 @@
-"""llama.cpp's GGUF file (`OUT/model.gguf`) for LLaMA-architecture models, with the tuned codes
-written into the block types that hold them exactly:
+"""llama.cpp's GGUF file (`OUT/model.gguf`) for LLaMA, Mistral, Qwen2, Qwen3 and Qwen3-MoE models, with the
+tuned codes written into the block types that hold them exactly:
 
     4-bit sym  -> Q4_0  (q - 8) * d          4-bit asym -> Q4_1  q * d + m   (m = -zero * scale, in fp16)
     5-bit sym  -> Q5_0  (q - 16) * d         5-bit asym -> Q5_1  q * d + m
@@ -8,8 +8,9 @@ written into the block types that hold them exactly:
 
 Every legacy block is 32 weights along the input dimension with its own fp16 scale, so only group-32
 integer schemes fit; K-quant schemes were tuned with their scales already quantized as the K types
-store them. Query and key rows are reordered as llama.cpp's converter does (its rotary layout); rows carry
-their groups along, so the codes move unchanged. Embeddings and the untied output layer are written
+store them. For the llama architecture, query and key rows are reordered as llama.cpp's converter does
+(its rotary layout); rows carry their groups along, so the codes move unchanged. Stacked experts are
+written as llama.cpp's `ffn_{gate,up,down}_exps` tensors, expert by expert, all in one block type. Embeddings and the untied output layer are written
 in F16, norms in F32, and the tokenizer (vocabulary, merges, special tokens, chat template) is carried
 over so that llama.cpp and transformers' GGUF loader rebuild it.
 
@@ -35,7 +36,9 @@ from . import Format, quantized_layers, register_format
 from .gguf_blocks import encode_k_blocks, encode_mxfp4_blocks
 
 FILE_NAME = "model.gguf"
-_ARCHITECTURES = ("llama", "mistral")
+# model_type -> (llama.cpp's architecture, whether its converter reorders q/k rows for its rotary layout)
+_ARCHITECTURES = {"llama": ("LLAMA", True), "mistral": ("LLAMA", True), "qwen2": ("QWEN2", False), "qwen3": ("QWEN3", False),
+                  "qwen3_moe": ("QWEN3MOE", False)}
 
 
 def _types():
@@ -147,8 +150,9 @@ def llama3_rope_factors(params: dict, dim: int) -> np.ndarray:
 class GGUFFormat(Format):
     name = "gguf"
     fits = ("group-32 schemes of 4 bit (Q4_0 sym, Q4_1 asym), 5 bit (Q5_0, Q5_1) or 8 bit sym (Q8_0), and the K-quant schemes "
-            "Q2_K .. Q6_K, and MXFP4A16, on LLaMA-architecture models")
+            "Q2_K .. Q6_K, and MXFP4A16, on LLaMA, Mistral, Qwen2, Qwen3 and Qwen3-MoE models")
     kinds = ("int", "kquant", "fp")
+    holds_experts = True  # as llama.cpp's stacked ffn_*_exps tensors, for the MoE architectures it names
 
     def refusal(self, scheme, in_features):
         if scheme.fp:
@@ -167,7 +171,12 @@ class GGUFFormat(Format):
 
     def model_refusal(self, model) -> str | None:
         if model.config.model_type not in _ARCHITECTURES:
-            return f"the GGUF export writes LLaMA-architecture models ({', '.join(_ARCHITECTURES)}), not {model.config.model_type!r}"
+            return f"the GGUF export writes {', '.join(_ARCHITECTURES)} models, not {model.config.model_type!r}"
+        if model.config.model_type == "qwen3_moe" and not model.config.norm_topk_prob:
+            return ("llama.cpp's qwen3moe renormalises the chosen experts' routing weights, which this model does not (norm_topk_prob "
+                    "false); export with --format signround, auto_round or gptq")
+        if _ARCHITECTURES[model.config.model_type][0] != "LLAMA" and rope_parameters(model.config)["rope_type"] != "default":
+            return f"signround writes rotary scaling for llama.cpp's llama architecture only; export with {_FORMATS_KEEPING_ROPE}"
         return rope_refusal(model.config)
 
     def write(self, model, tokenizer, folder):
@@ -179,7 +188,8 @@ class GGUFFormat(Format):
         blocks_name, blocks = find_blocks(model)
         heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        writer = gguf.GGUFWriter(folder / FILE_NAME, "llama")
+        arch, reordered = _ARCHITECTURES[cfg.model_type]
+        writer = gguf.GGUFWriter(folder / FILE_NAME, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch]])
         writer.add_name(Path(str(getattr(cfg, "_name_or_path", "") or "model")).name)
         writer.add_context_length(cfg.max_position_embeddings)
         writer.add_embedding_length(cfg.hidden_size)
@@ -188,6 +198,13 @@ class GGUFFormat(Format):
         writer.add_head_count(heads)
         writer.add_head_count_kv(kv_heads)
         writer.add_rope_dimension_count(head_dim)
+        if head_dim != cfg.hidden_size // heads or arch != "LLAMA":
+            writer.add_key_length(head_dim)
+            writer.add_value_length(head_dim)
+        if getattr(cfg, "num_experts", None):
+            writer.add_expert_count(cfg.num_experts)
+            writer.add_expert_used_count(cfg.num_experts_per_tok)
+            writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
         rope = rope_parameters(cfg)
         writer.add_rope_freq_base(rope["rope_theta"])
         if rope["rope_type"] == "linear":
@@ -203,26 +220,26 @@ class GGUFFormat(Format):
 
         if rope["rope_type"] == "llama3":
             writer.add_tensor(f"{gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS]}.weight", llama3_rope_factors(rope, head_dim))
-        names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, len(blocks))
+        names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch], len(blocks))
         for hf_name, tensor in _tensors(model, layers):
             base, _, suffix = hf_name.rpartition(".")
             gguf_name = names.get_name(base)
             if gguf_name is None:
-                raise ValueError(f"no GGUF tensor name for {hf_name}: the GGUF export writes LLaMA-architecture models")
-            heads_here = heads if gguf_name.endswith("attn_q") else kv_heads if gguf_name.endswith("attn_k") else None
-            if base in layers:
-                layer = layers[base]
-                qw = layer.quantized_weight()
-                if heads_here:  # rows carry their groups and super-blocks along
-                    order = llama_row_order(layer.out_features, heads_here)
-                    qw = qw._replace(**{k: v[order] for k, v in qw._asdict().items() if isinstance(v, torch.Tensor)})
-                if layer.scheme.fp:
-                    data = encode_mxfp4_blocks(qw.codes, qw.scale)
-                elif layer.scheme.kquant:
-                    data = encode_k_blocks(qw)
+                raise ValueError(f"no GGUF tensor name for {hf_name} in llama.cpp's {arch.lower()} architecture")
+            heads_here = (heads if gguf_name.endswith("attn_q") else kv_heads if gguf_name.endswith("attn_k") else None) if reordered else None
+            if isinstance(tensor, list):  # one projection of stacked experts: each expert's layer, or its 16-bit matrix
+                packed = [layer for layer in tensor if not isinstance(layer, torch.Tensor)]
+                if packed and (len(packed) < len(tensor) or len({layer.scheme for layer in packed}) > 1):
+                    raise ValueError(f"{base}: llama.cpp stores one block type per stacked expert tensor, and these experts differ "
+                                     f"({sorted({layer.scheme.name() for layer in packed})}); give all of them one scheme")
+                if packed:
+                    writer.add_tensor(f"{gguf_name}.weight", np.stack([_encode(layer, None) for layer in packed]), raw_dtype=ggml_type(packed[0].scheme))
                 else:
-                    data = encode_blocks(qw.codes, qw.scale, qw.zero, layer.scheme.bits, layer.scheme.sym)
-                writer.add_tensor(f"{gguf_name}.weight", data, raw_dtype=ggml_type(layer.scheme))
+                    writer.add_tensor(f"{gguf_name}.weight", torch.stack(tensor).float().numpy().astype(np.float16))
+                continue
+            if base in layers and suffix == "weight":
+                layer = layers[base]
+                writer.add_tensor(f"{gguf_name}.weight", _encode(layer, heads_here), raw_dtype=ggml_type(layer.scheme))
                 continue
             if heads_here and tensor.dim() == 2:
                 tensor = tensor[llama_row_order(tensor.shape[0], heads_here)]
@@ -234,19 +251,51 @@ class GGUFFormat(Format):
         writer.close()
 
 
+def _encode(layer, heads: int | None) -> np.ndarray:
+    """A packed layer's GGUF blocks, its rows in llama.cpp's rotary order where `heads` is given."""
+    qw = layer.quantized_weight()
+    if heads:  # rows carry their groups and super-blocks along
+        order = llama_row_order(layer.out_features, heads)
+        qw = qw._replace(**{k: v[order] for k, v in qw._asdict().items() if isinstance(v, torch.Tensor)})
+    if layer.scheme.fp:
+        return encode_mxfp4_blocks(qw.codes, qw.scale)
+    if layer.scheme.kquant:
+        return encode_k_blocks(qw)
+    return encode_blocks(qw.codes, qw.scale, qw.zero, layer.scheme.bits, layer.scheme.sym)
+
+
 def _tensors(model, layers):
-    """Every tensor to write, by Hugging Face name: packed layers once (by layer name), tied weights once."""
+    """Every tensor to write, by Hugging Face name: packed layers once (by layer name, a None tensor), tied weights
+    once, and stacked experts per projection (`mlp.experts.gate_proj.weight`) as the list of their experts' layers
+    (packed, or 16-bit matrices)."""
+    from ..experts import QuantExperts, expert_matrices_of, is_experts, read
+
+    stacks = {}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantExperts):
+            for part in ("gate", "up", "down") if m.layout.has_gate else ("up", "down"):
+                held = [getattr(m.expert(e), f"{part}_proj") for e in range(m.experts)]
+                stacks[f"{name}.{part}_proj.weight"] = [x.weight if isinstance(x, torch.nn.Linear) else x for x in held]
+        elif is_experts(m):
+            for entry in expert_matrices_of(m, name):
+                stacks.setdefault(f"{name}.{entry.part}_proj.weight", []).append(read(m, entry))
+    owners = tuple(name.rsplit(".", 2)[0] + "." for name in stacks)
     seen = set()
     for name, tensor in model.state_dict().items():
         base = name.rpartition(".")[0]
+        if owners and name.startswith(owners):
+            continue
         if base in layers:
             if base not in seen and name.endswith(".qweight"):
                 seen.add(base)
-                yield name.replace(".qweight", ".weight"), None
+                yield f"{base}.weight", None
+            elif name.endswith(".bias"):
+                yield name, tensor
             continue
         if name == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False):
             continue
         yield name, tensor
+    yield from stacks.items()
 
 
 def _plain_byte_level_decoder(path: Path) -> None:

@@ -7,7 +7,7 @@ import torch
 import transformers as tf
 from gguf import GGUFReader
 from gguf.quants import dequantize
-from tiny_models import make
+from tiny_models import make, make_moe
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 import signround
@@ -86,9 +86,37 @@ def test_unrepresentable_scheme_is_refused(scheme, reason):
         check_formats(["gguf"], make("llama"), signround.QuantConfig(scheme=parse_scheme(scheme)))
 
 
+def test_qwen3_moe_without_normalised_routing_is_refused():
+    with pytest.raises(FormatError, match="norm_topk_prob"):
+        check_formats(["gguf"], make_moe("qwen3_moe"), signround.QuantConfig(scheme="W4A16G32"))
+
+
 def test_other_architectures_are_refused():
-    with pytest.raises(FormatError, match="writes LLaMA-architecture models"):
+    with pytest.raises(FormatError, match="writes llama, mistral, qwen2, qwen3, qwen3_moe models, not 'gpt2'"):
         check_formats(["gguf"], make("gpt2"), signround.QuantConfig(scheme="W4A16G32"))
+
+
+@pytest.mark.parametrize("scheme", ["bits=4,group_size=32,sym=true", "Q4_K"])
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "qwen3_moe"])
+def test_qwen_architectures_load_in_transformers_with_our_logits(tmp_path, tokenizer, arch, scheme):
+    """llama.cpp's qwen2 / qwen3 / qwen3moe tensors and metadata (no rotary row reordering; Qwen2's biases,
+    Qwen3's q/k norms, Qwen3-MoE's stacked `ffn_*_exps` experts and router), read back by transformers."""
+    wide = K_WIDE if scheme == "Q4_K" else {}
+    if arch == "qwen3_moe":
+        # transformers' GGUF loader reads no expert width (it takes Qwen3-MoE's 768); llama.cpp normalises the top-k weights
+        model = make_moe(arch, vocab_size=len(tokenizer), **wide, moe_intermediate_size=768, norm_topk_prob=True)
+    else:  # transformers' GGUF loader reads no head_dim for qwen3 and takes Qwen3's 128 (llama.cpp reads key_length)
+        model = make(arch, vocab_size=len(tokenizer), **{**wide, **({"head_dim": 128} if arch == "qwen3" else {})})
+    signround.quantize(model, signround.QuantConfig(scheme=parse_scheme(scheme), method="rtn"))
+    export(model, tokenizer, tmp_path / "out", "gguf")
+    theirs = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out", gguf_file=FILE_NAME).eval()
+    assert type(theirs) is type(model)
+    ids = torch.randint(0, len(tokenizer), (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits.float(), model(ids).logits.float(), atol=3e-3, rtol=3e-3)
+    kinds = {t.name: t.tensor_type.name for t in GGUFReader(tmp_path / "out" / FILE_NAME).tensors}
+    quantized = kinds["blk.1.ffn_down_exps.weight" if arch == "qwen3_moe" else "blk.1.ffn_down.weight"]
+    assert quantized == ("Q4_K" if scheme == "Q4_K" else "Q4_0")
 
 
 @pytest.mark.parametrize("name", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
