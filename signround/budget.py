@@ -45,13 +45,14 @@ def group_layers(names, fuse: bool = True) -> dict[str, list[str]]:
     return groups
 
 
-def solve(costs: list[list[float]], losses: list[list[float]], budget: float, resolution: int = 20000) -> list[int]:
+def solve(costs: list[list[float]], losses: list[list[float]], budget: float, resolution: int = 200_000) -> list[int]:
     """For each group g one option j, so that sum costs[g][j] <= budget and sum losses[g][j] is least.
 
     Dynamic programming over the budget cut into `resolution` steps, each cost rounded up to whole steps:
     the result never exceeds the budget, and it is the exact optimum whenever the costs are whole multiples
     of budget / resolution (the tests' integer cases); otherwise rounding up can leave at most one step per
-    group unused. Infinite costs mark options a group cannot take."""
+    group unused (with 120 groups, 0.06% of the budget at the default resolution; at 20000 steps SmolLM2's
+    plans left 0.3% unspent). Infinite costs mark options a group cannot take."""
     if len(costs) != len(losses) or any(len(c) != len(v) for c, v in zip(costs, losses)):
         raise ValueError("costs and losses must have one entry per group and option")
     least = sum(min(c) for c in costs)
@@ -71,7 +72,7 @@ def solve(costs: list[list[float]], losses: list[list[float]], budget: float, re
             if k <= steps:
                 candidates[j, k:] = best[: steps + 1 - k] + value
         best, chosen = candidates.min(dim=0)
-        choices.append(chosen)
+        choices.append(chosen.to(torch.int16))  # one small index per step: the table for hundreds of groups stays small
     if math.isinf(best[steps]):  # the cheapest choice fit, but not once its costs were rounded up
         raise BudgetError(f"the budget {budget:.6g} is too tight to split over {len(costs)} groups at resolution {resolution}")
     picked, r = [], steps
