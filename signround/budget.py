@@ -72,7 +72,7 @@ def solve(costs: list[list[float]], losses: list[list[float]], budget: float, re
             if k <= steps:
                 candidates[j, k:] = best[: steps + 1 - k] + value
         best, chosen = candidates.min(dim=0)
-        choices.append(chosen.to(torch.int16))  # one small index per step: the table for hundreds of groups stays small
+        choices.append(chosen.to(torch.int8))  # an option index per step (options are few): 200 kB a group
     if math.isinf(best[steps]):  # the cheapest choice fit, but not once its costs were rounded up
         raise BudgetError(f"the budget {budget:.6g} is too tight to split over {len(costs)} groups at resolution {resolution}")
     picked, r = [], steps

@@ -41,10 +41,12 @@ class Format:
         """Why this model cannot be written at all (e.g. an architecture the format has no names for), or None."""
         return None
 
-    def expert_refusal(self, scheme: WeightScheme) -> str | None:
-        """Why one matrix of stacked experts cannot be written with this scheme (where the consumer loads experts
-        by another path than its linear layers), or None."""
+    def expert_refusal(self, scheme: WeightScheme | None) -> str | None:
+        """Why one matrix of stacked experts cannot be written with this scheme (None: kept 16-bit), where the
+        consumer loads experts by another path than its linear layers, or None."""
         return None
+
+    one_scheme_per_stack = False  # whether each projection of an experts module is one tensor of one type on disk
 
     def write(self, model, tokenizer, folder: Path) -> None:
         """Write the whole model into the (empty, temporary) `folder`."""
@@ -104,9 +106,28 @@ def _refuse(fmt: Format, model, layers: dict[str, tuple[WeightScheme, int]]) -> 
         reason = _layer_refusal(fmt, scheme, in_features) or (fmt.expert_refusal(scheme) if layer_name.split(" (")[0] in stacked else None)
         if reason:
             raise FormatError(f"format {fmt.name} cannot hold {layer_name} as {scheme.name()}: {reason}")
+    kept = sorted(stacked - {name.split(" (")[0] for name in layers})
+    reason = fmt.expert_refusal(None) if kept else None
+    if reason:
+        raise FormatError(f"format {fmt.name} cannot hold {kept[0]} kept 16-bit: {reason}")
+    if fmt.one_scheme_per_stack:
+        _refuse_mixed_stacks(fmt, stacked, layers)
     reason = fmt.schemes_refusal({scheme for scheme, _ in layers.values()})
     if reason:
         raise FormatError(f"format {fmt.name} cannot hold this model: {reason}; {fmt.name} takes {fmt.fits}")
+
+
+def _refuse_mixed_stacks(fmt: Format, stacked: set[str], layers: dict) -> None:
+    """Experts of one projection (`mlp.experts.*.gate_proj`) given different schemes, where the format stores them as one tensor."""
+    by_stack: dict[str, set] = {}
+    for name in stacked:
+        module, _, part = name.rpartition(".")
+        by_stack.setdefault(f"{module.rpartition('.')[0]}.*.{part}", set()).add(layers[name][0] if name in layers else None)
+    for stack, schemes in sorted(by_stack.items()):
+        if len(schemes) > 1:
+            named = sorted("16-bit" if s is None else s.name() for s in schemes)
+            raise FormatError(f"format {fmt.name} cannot hold {stack} as {', '.join(named)}: it stores each projection of an experts "
+                              f"module as one tensor of one type; give all its experts one scheme (a --layer override, no --split-fused)")
 
 
 def _layer_refusal(fmt: Format, scheme: WeightScheme, in_features: int) -> str | None:
@@ -157,6 +178,10 @@ def check_formats(names: list[str], model, config: QuantConfig, planned: dict | 
     planned = planned if planned is not None else planned_layers(model, config)
     layers = {name: (task.scheme, task.weight().shape[1]) for name, task in planned.items()}
     if config.target_bits is not None and config.plan is None:  # any option may be chosen for any layer
+        stacking = [name for name in names if name != NATIVE and get_format(name).one_scheme_per_stack]
+        if stacking and not config.fuse_groups and has_experts(model):
+            raise FormatError(f"format {stacking[0]} stores each projection of an experts module as one tensor of one type, which "
+                              f"--split-fused would let the search split; drop --split-fused")
         for option in filter(None, option_schemes(config)):
             chosen = _option_layers(model, config, option)
             layers.update({f"{name} ({option.name()})": (task.scheme, task.weight().shape[1]) for name, task in chosen.items()})
@@ -225,6 +250,12 @@ class GPTQLayout(Format):
     """What formats built on GPTQ's int32 layout (gptq, auto_round) accept: 2/3/4/8 bits, whole groups."""
 
     fits = "integer schemes of 2, 3, 4 or 8 bits whose group size divides every layer's width (or -1)"
+
+    def expert_refusal(self, scheme):
+        if scheme is None:
+            return ("auto-round's loader rebuilds every expert as a quantized layer, so 16-bit experts have no place; quantize them, "
+                    "or save signround's own folder (format signround)")
+        return None
 
     def refusal(self, scheme: WeightScheme, in_features: int) -> str | None:
         if scheme.bits not in (2, 3, 4, 8):

@@ -112,6 +112,8 @@ class CompressedTensorsFormat(Format):
         return None
 
     def expert_refusal(self, scheme):
+        if scheme is None:
+            return "its config has no place for 16-bit experts beside packed ones; quantize them, or export as signround"
         if scheme.kind != "int" or not scheme.sym or scheme.act:
             return ("transformers loads compressed-tensors experts through its stacked-tensor conversion, which reads symmetric integer "
                     "weights only; quantize the experts with one (e.g. --layer 'experts=W4A16'), or export as auto_round or gptq")
@@ -147,7 +149,7 @@ class CompressedTensorsFormat(Format):
             "config_groups": {f"group_{i}": {"targets": targets, "weights": _weights_args(*weights), "input_activations": _act_args(act),
                                              "output_activations": None, "format": fmt}
                               for i, ((weights, act), (fmt, targets)) in enumerate(groups.items())},
-            "ignore": sorted({"lm_head", *unquantized_block_linears(model)} - set(layers)),
+            "ignore": sorted({"lm_head", *map(stored_name, unquantized_block_linears(model))} - {stored_name(n) for n in layers}),
             "kv_cache_scheme": None,
             "provider": "signround",
         }

@@ -153,6 +153,7 @@ class GGUFFormat(Format):
             "Q2_K .. Q6_K, and MXFP4A16, on LLaMA, Mistral, Qwen2, Qwen3 and Qwen3-MoE models")
     kinds = ("int", "kquant", "fp")
     holds_experts = True  # as llama.cpp's stacked ffn_*_exps tensors, for the MoE architectures it names
+    one_scheme_per_stack = True
 
     def refusal(self, scheme, in_features):
         if scheme.fp:
@@ -172,6 +173,9 @@ class GGUFFormat(Format):
     def model_refusal(self, model) -> str | None:
         if model.config.model_type not in _ARCHITECTURES:
             return f"the GGUF export writes {', '.join(_ARCHITECTURES)} models, not {model.config.model_type!r}"
+        if model.config.model_type == "qwen3_moe" and (model.config.mlp_only_layers or model.config.decoder_sparse_step != 1):
+            return ("llama.cpp's qwen3moe has experts in every block, and this model has dense ones (mlp_only_layers, decoder_sparse_step); "
+                    "export with --format signround, auto_round or gptq")
         if model.config.model_type == "qwen3_moe" and not model.config.norm_topk_prob:
             return ("llama.cpp's qwen3moe renormalises the chosen experts' routing weights, which this model does not (norm_topk_prob "
                     "false); export with --format signround, auto_round or gptq")
@@ -235,13 +239,13 @@ class GGUFFormat(Format):
                 if packed:
                     writer.add_tensor(f"{gguf_name}.weight", np.stack([_encode(layer, None) for layer in packed]), raw_dtype=ggml_type(packed[0].scheme))
                 else:
-                    writer.add_tensor(f"{gguf_name}.weight", torch.stack(tensor).float().numpy().astype(np.float16))
+                    writer.add_tensor(f"{gguf_name}.weight", torch.stack([t.detach() for t in tensor]).float().numpy().astype(np.float16))
                 continue
             if base in layers and suffix == "weight":
                 layer = layers[base]
                 writer.add_tensor(f"{gguf_name}.weight", _encode(layer, heads_here), raw_dtype=ggml_type(layer.scheme))
                 continue
-            if heads_here and tensor.dim() == 2:
+            if heads_here:  # a 16-bit q/k weight, or a packed one's bias
                 tensor = tensor[llama_row_order(tensor.shape[0], heads_here)]
             dtype = np.float32 if tensor.dim() == 1 else np.float16
             writer.add_tensor(f"{gguf_name}.{suffix}", tensor.detach().float().numpy().astype(dtype))

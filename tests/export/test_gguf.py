@@ -86,6 +86,35 @@ def test_unrepresentable_scheme_is_refused(scheme, reason):
         check_formats(["gguf"], make("llama"), signround.QuantConfig(scheme=parse_scheme(scheme)))
 
 
+def test_qwen3_moe_experts_kept_16_bit_are_written_as_f16_stacks(tmp_path, tokenizer):
+    model = make_moe("qwen3_moe", vocab_size=len(tokenizer), moe_intermediate_size=768, norm_topk_prob=True)
+    signround.quantize(model, signround.QuantConfig(scheme=parse_scheme("bits=4,group_size=32,sym=true"), method="rtn",
+                                                    layer_overrides={"experts": "fp16"}))
+    export(model, tokenizer, tmp_path / "out", "gguf")
+    kinds = {t.name: t.tensor_type.name for t in GGUFReader(tmp_path / "out" / FILE_NAME).tensors}
+    assert kinds["blk.0.ffn_up_exps.weight"] == "F16" and kinds["blk.0.attn_q.weight"] == "Q4_0"
+    theirs = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out", gguf_file=FILE_NAME).eval()
+    ids = torch.randint(0, len(tokenizer), (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits.float(), model(ids).logits.float(), atol=3e-3, rtol=3e-3)
+
+
+@pytest.mark.parametrize("config, message", [
+    (dict(scheme=parse_scheme("bits=4,group_size=32,sym=true"), layer_overrides={r"experts\.3\.": "bits=8,group_size=32,sym=true"}),
+     r"experts\.\*\.down_proj as .*one tensor of one type"),
+    (dict(scheme="W4A16G32", target_bits=4.5, options=("bits=4,group_size=32,sym=true", "bits=8,group_size=32,sym=true"), fuse_groups=False),
+     "drop --split-fused"),
+])
+def test_experts_that_one_stacked_tensor_cannot_hold_are_refused_before_tuning(config, message):
+    with pytest.raises(FormatError, match=message):
+        check_formats(["gguf"], make_moe("qwen3_moe", norm_topk_prob=True), signround.QuantConfig(**config))
+
+
+def test_qwen3_moe_with_dense_blocks_is_refused():
+    with pytest.raises(FormatError, match="dense ones"):
+        check_formats(["gguf"], make_moe("qwen3_moe", norm_topk_prob=True, mlp_only_layers=[0]), signround.QuantConfig(scheme="Q4_K"))
+
+
 def test_qwen3_moe_without_normalised_routing_is_refused():
     with pytest.raises(FormatError, match="norm_topk_prob"):
         check_formats(["gguf"], make_moe("qwen3_moe"), signround.QuantConfig(scheme="W4A16G32"))

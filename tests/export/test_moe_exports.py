@@ -75,3 +75,9 @@ def test_compressed_tensors_takes_symmetric_integer_experts_only():
         check_formats(["compressed-tensors"], model, signround.QuantConfig(scheme="W2A16G32"))
     check_formats(["auto_round"], model, signround.QuantConfig(scheme="W2A16G32"))
     check_formats(["compressed-tensors"], model, signround.QuantConfig(scheme="W2A16G32", layer_overrides={"experts": "W4A16G32"}))
+
+
+@pytest.mark.parametrize("fmt", list(STORED))
+def test_experts_kept_16_bit_are_refused_where_the_consumer_would_build_them_packed(fmt):
+    with pytest.raises(FormatError, match="kept 16-bit"):
+        check_formats([fmt], make_moe("qwen3_moe"), signround.QuantConfig(scheme="W4A16G32", layer_overrides={"experts": "fp16"}))
