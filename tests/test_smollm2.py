@@ -92,3 +92,13 @@ def test_tasks_above_chance_and_lm_eval_agrees_on_quantized(smollm2, shared_data
     theirs = evaluate_with_lm_eval(quantized, tokenizer, [str(path)])["signround_bigbench_general_knowledge"]
     assert theirs["acc"] == pytest.approx(ours.acc, abs=0.01)
     assert quantized.config.quantization_config["quant_method"] == "signround"  # put back after lm-eval
+
+
+@pytest.mark.slow
+def test_upcycled_smollm2_keeps_its_perplexity(smollm2, wt2_4k):
+    """The real-weights MoE of issue 29: SmolLM2 upcycled to 8 experts, top-2, within 1% of the dense perplexity."""
+    from signround.upcycle import upcycle
+
+    model, _ = smollm2
+    fp = perplexity(model, wt2_4k)
+    assert perplexity(upcycle(model, experts=8, top_k=2), wt2_4k) == pytest.approx(fp, rel=0.01)
