@@ -119,7 +119,7 @@ def run_row(key: str, settings: dict, args, store: Path) -> dict:
     """Quantize, save (and export), score; the row's numbers."""
     results = json.loads(store.read_text()) if store.exists() else {}
     target = settings.get("target_bits")
-    if isinstance(target, list):  # a mixture's size, measured by its own row
+    if isinstance(target, (list, tuple)):  # a mixture's size, measured by its own row
         target = results[target[1]]["bits_per_weight"]
     tokenizer = protocol.tokenizer_of(args.model)
     calibration = protocol.gutenberg_calibration(tokenizer, 128, 512)

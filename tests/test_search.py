@@ -215,3 +215,15 @@ def test_default_options_are_narrowed_to_what_the_formats_store(tiny_model_dir):
     assert held_options(["gptq"], model, config, search.DEFAULT_OPTIONS) == ("W2A16G64",)
     assert held_options(["gptq"], model, config, ("W3A16G32", "W5A16G32", "W8A16G64", "fp16")) == ("W3A16G32", "W8A16G64", "fp16")
     assert held_options(["gguf"], model, config, search.GGUF_OPTIONS) == search.GGUF_OPTIONS
+
+
+def test_a_gguf_search_is_not_refused_for_its_placeholder_scheme():
+    """`--target-bits` with `--format gguf`: the base scheme (W4A16, group 128) is no layer's once the search
+    chooses among K types, so it must not be checked against GGUF's group-32 blocks."""
+    from signround.export import check_formats
+
+    model = make("llama", num_hidden_layers=2)
+    check_formats(["gguf"], model, QuantConfig(scheme="W4A16", target_bits=4.5, options=search.GGUF_OPTIONS))
+    with pytest.raises(signround.export.FormatError, match="groups of 128"):  # an override the search keeps is still checked
+        check_formats(["gguf"], model, QuantConfig(scheme="W4A16", target_bits=4.5, options=search.GGUF_OPTIONS,
+                                                   layer_overrides={"down_proj": "W4A16"}))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from pathlib import Path
 
 from ..blocks import find_blocks, find_linears
@@ -178,6 +179,9 @@ def check_formats(names: list[str], model, config: QuantConfig, planned: dict | 
     planned = planned if planned is not None else planned_layers(model, config)
     layers = {name: (task.scheme, task.weight().shape[1]) for name, task in planned.items()}
     if config.target_bits is not None and config.plan is None:  # any option may be chosen for any layer
+        # and the search decides every block layer but those a --layer override fixes: the base scheme is no block's
+        blocks_name = find_blocks(model)[0]
+        layers = {n: v for n, v in layers.items() if not n.startswith(f"{blocks_name}.") or any(re.search(p, n) for p in config.layer_overrides)}
         stacking = [name for name in names if name != NATIVE and get_format(name).one_scheme_per_stack]
         if stacking and not config.fuse_groups and has_experts(model):
             raise FormatError(f"format {stacking[0]} stores each projection of an experts module as one tensor of one type, which "
