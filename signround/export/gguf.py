@@ -232,10 +232,7 @@ class GGUFFormat(Format):
                 raise ValueError(f"no GGUF tensor name for {hf_name} in llama.cpp's {arch.lower()} architecture")
             heads_here = (heads if gguf_name.endswith("attn_q") else kv_heads if gguf_name.endswith("attn_k") else None) if reordered else None
             if isinstance(tensor, list):  # one projection of stacked experts: each expert's layer, or its 16-bit matrix
-                packed = [layer for layer in tensor if not isinstance(layer, torch.Tensor)]
-                if packed and (len(packed) < len(tensor) or len({layer.scheme for layer in packed}) > 1):
-                    raise ValueError(f"{base}: llama.cpp stores one block type per stacked expert tensor, and these experts differ "
-                                     f"({sorted({layer.scheme.name() for layer in packed})}); give all of them one scheme")
+                packed = [layer for layer in tensor if not isinstance(layer, torch.Tensor)]  # all or none, of one scheme: export() refused the rest
                 if packed:
                     writer.add_tensor(f"{gguf_name}.weight", np.stack([_encode(layer, None) for layer in packed]), raw_dtype=ggml_type(packed[0].scheme))
                 else:
