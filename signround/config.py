@@ -384,13 +384,17 @@ class QuantConfig:
                 chosen = scheme
         return chosen
 
+    def overridden(self, layer_name: str) -> bool:
+        """Whether a `layer_overrides` pattern names this layer (its scheme is the user's, fixed)."""
+        return any(re.search(p, layer_name) for p in self.layer_overrides)
+
     def keeps_router(self, layer_name: str) -> bool:
         """Whether this layer is a router kept 16-bit by default (a layer override still decides)."""
         return not self.quantize_routers and ROUTER.search(layer_name) is not None
 
     def kept_reason(self, layer_name: str) -> str:
         """Why `scheme_for` keeps this layer 16-bit."""
-        overridden = any(re.search(p, layer_name) for p in self.layer_overrides)
+        overridden = self.overridden(layer_name)
         if self.keeps_router(layer_name) and not overridden and layer_name not in (self.plan or {}):
             return "a router: kept 16-bit (quantize_routers quantizes it)"
         return "kept 16-bit by a layer override" if overridden else "kept 16-bit by the bit-budget plan"

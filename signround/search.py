@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import time
 from dataclasses import dataclass
 
@@ -123,7 +122,7 @@ def candidates(model, blocks_name: str, blocks, config: QuantConfig) -> Candidat
     for i, block_tasks in enumerate(tasks):
         for k, task in enumerate(block_tasks):
             name = f"{blocks_name}.{i}.{task.name}"
-            if _overridden(config, name):  # fixed by the user: counted at its scheme
+            if config.overridden(name):  # fixed by the user: counted at its scheme
                 out, inp = task.weight().shape
                 found.fixed_bits += out * inp * layer_bits(task.scheme, inp, config.pad_groups)[1]
                 found.fixed_numel += out * inp
@@ -165,10 +164,6 @@ def _searchable(config: QuantConfig) -> QuantConfig:
     """The config under which every layer the search may choose for is planned: options are checked per layer,
     so the default scheme's fit must not drop a layer the options could take."""
     return dataclasses.replace(config, scheme=WeightScheme(8, -1), mixture=None, target_bits=None, plan=None, smooth=None)
-
-
-def _overridden(config: QuantConfig, name: str) -> bool:
-    return any(re.search(p, name) for p in config.layer_overrides)
 
 
 def _numel(model, name: str) -> int:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from pathlib import Path
 
 from ..blocks import find_blocks, find_linears
@@ -181,7 +180,7 @@ def check_formats(names: list[str], model, config: QuantConfig, planned: dict | 
     if config.target_bits is not None and config.plan is None:  # any option may be chosen for any layer
         # and the search decides every block layer but those a --layer override fixes: the base scheme is no block's
         blocks_name = find_blocks(model)[0]
-        layers = {n: v for n, v in layers.items() if not n.startswith(f"{blocks_name}.") or any(re.search(p, n) for p in config.layer_overrides)}
+        layers = {n: v for n, v in layers.items() if not n.startswith(f"{blocks_name}.") or config.overridden(n)}
         stacking = [name for name in names if name != NATIVE and get_format(name).one_scheme_per_stack]
         if stacking and not config.fuse_groups and has_experts(model):
             raise FormatError(f"format {stacking[0]} stores each projection of an experts module as one tensor of one type, which "
