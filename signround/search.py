@@ -360,6 +360,7 @@ def _weight_param(task) -> torch.nn.Parameter:
     return getattr(task.module, task.expert.param) if task.expert else task.module.weight
 
 
+SINK_POSITIONS = 4  # positions at each row's start that the per-token Fisher leaves out (`token_fisher`)
 ROWS_PER_PASS = 4  # rows per recomputed forward and backward where no experts need per-row gradients
 
 
@@ -368,7 +369,7 @@ def _block_fisher(block, tasks, inputs, grads_out, call, device, amp_dtype):
     loss w.r.t. the block's inputs), from a recomputed forward and backward of the block.
 
     A linear layer's is per token, sum_t (d_t x_t)^2 = (d^2)^T (x^2), from its input x and output gradient d
-    (hooks; no weight gradient is formed). A stacked experts tensor, whose tokens are routed inside one opaque
+    (hooks; no weight gradient is formed), each row's attention sinks left out (`token_fisher`). A stacked experts tensor, whose tokens are routed inside one opaque
     forward, has the squared gradient of each row (one pass per row): where the tokens' gradients are independent
     its expectation is the same sum over tokens."""
     linears = [t for t in tasks if t.expert is None]
@@ -378,12 +379,13 @@ def _block_fisher(block, tasks, inputs, grads_out, call, device, amp_dtype):
         p.requires_grad_(id(p) in wanted)
     fisher = {t.name: torch.zeros(t.weight().shape, dtype=torch.float32, device=device) for t in linears}
     squares = {id(p): torch.zeros_like(p, dtype=torch.float32) for p in params}
+    positions = inputs.shape[1]
 
     def recorder(name):
         def hook(module, args, output):
-            x = args[0].detach().float().square().flatten(0, -2)
+            x = args[0].detach()
             def accumulate(grad):  # returns None: the gradient flows on unchanged
-                fisher[name].add_(grad.float().square().flatten(0, -2).T @ x)
+                fisher[name].add_(token_fisher(grad, x, positions))
 
             output.register_hook(accumulate)
         return hook
@@ -409,6 +411,18 @@ def _block_fisher(block, tasks, inputs, grads_out, call, device, amp_dtype):
             p.requires_grad_(False)
     fisher.update({t.name: _as_matrix(t, squares[id(_weight_param(t))]) for t in tasks if t.expert})
     return fisher, grads_in
+
+
+def token_fisher(grad: torch.Tensor, x: torch.Tensor, positions: int) -> torch.Tensor:
+    """sum_t (d_t x_t)^2 = (d^2)^T (x^2) over a linear layer's tokens (rows of `positions` tokens, flattened or
+    not; OPT's MLP sees them flattened), (out, in), leaving out each row's first
+    `SINK_POSITIONS` positions. Those carry little context and become attention sinks: every later token's loss
+    reaches them, so their squared output gradient is the square of a sum of hundreds of losses' gradients, not
+    a sum of squares. Counted, they put a few layers (SmolLM2: blocks 0-1, the down_proj writing the sink's
+    massive activation) 10-300x above the loss increase measured when that layer alone is quantized."""
+    if positions > SINK_POSITIONS:
+        grad, x = (t.reshape(-1, positions, t.shape[-1])[:, SINK_POSITIONS:] for t in (grad, x))
+    return grad.float().square().flatten(0, -2).T @ x.float().square().flatten(0, -2)
 
 
 def _as_matrix(task, tensor: torch.Tensor) -> torch.Tensor:

@@ -37,9 +37,10 @@ def direct_losses(model, tasks, config, ids):
 
     def recorder(name):
         def hook(module, args, output):
-            x = args[0].detach().square().flatten(0, -2)
+            skip = search.SINK_POSITIONS  # each row's first positions are left out (attention sinks)
+            x = args[0].detach().reshape(1, ids.shape[1], -1)[:, skip:].square().flatten(0, -2)  # OPT's MLP: flattened
             def accumulate(grad):
-                fisher[name].add_(grad.square().flatten(0, -2).T @ x)
+                fisher[name].add_(grad.reshape(1, ids.shape[1], -1)[:, skip:].square().flatten(0, -2).T @ x)
 
             output.register_hook(accumulate)
         return hook
@@ -69,6 +70,16 @@ def test_streamed_fisher_equals_the_whole_models_gradients(arch):
     for name in tasks:
         assert streamed[name] == pytest.approx(direct[name], rel=2e-3, abs=1e-12), name
     assert all(streamed[n][0] > streamed[n][1] > streamed[n][2] > 0 for n in tasks)  # fewer bits, larger predicted loss
+
+
+def test_token_fisher_leaves_out_each_rows_first_positions():
+    skip = search.SINK_POSITIONS
+    grad, x = torch.randn(2, skip + 5, 3), torch.randn(2, skip + 5, 4)
+    expected = sum(torch.outer(grad[r, t], x[r, t]).square() for r in range(2) for t in range(skip, skip + 5))
+    assert torch.allclose(search.token_fisher(grad, x, skip + 5), expected, atol=1e-5)
+    assert torch.allclose(search.token_fisher(grad.flatten(0, 1), x.flatten(0, 1), skip + 5), expected, atol=1e-5)  # flattened rows
+    grad[:, :skip] *= 1000  # a sink's gradient changes nothing
+    assert torch.allclose(search.token_fisher(grad, x, skip + 5), expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("blocks", [1, 7, 10])
