@@ -2,7 +2,8 @@
 
 Sensitivity is second order, from one pass over a few calibration rows: the diagonal Fisher F of the final
 language-model loss (per token for a linear layer, per row for stacked experts) predicts the loss increase
-of replacing a matrix W by its quantized Q(W) as 1/2 sum F (Q(W) - W)^2, for every option at once
+of replacing a matrix W by its quantized Q(W) as 1/2 sum F (Q(W) - W)^2 (each row's attention sinks left out,
+`token_fisher`), for every option at once
 (HAWQ/SqueezeLLM-style, rather than one fake-quantized backward pass per option as auto-round's AutoScheme).
 Because quantization errors compound far beyond that quadratic estimate at low bits, the same forward pass
 also measures the loss with every layer at each option and scales that option's estimates to it. The pass
@@ -369,9 +370,9 @@ def _block_fisher(block, tasks, inputs, grads_out, call, device, amp_dtype):
     loss w.r.t. the block's inputs), from a recomputed forward and backward of the block.
 
     A linear layer's is per token, sum_t (d_t x_t)^2 = (d^2)^T (x^2), from its input x and output gradient d
-    (hooks; no weight gradient is formed), each row's attention sinks left out (`token_fisher`). A stacked experts tensor, whose tokens are routed inside one opaque
-    forward, has the squared gradient of each row (one pass per row): where the tokens' gradients are independent
-    its expectation is the same sum over tokens."""
+    (hooks; no weight gradient is formed), each row's attention sinks left out (`token_fisher`). A stacked
+    experts tensor, whose tokens are routed inside one opaque forward, has the squared gradient of each row
+    (one pass per row): where the tokens' gradients are independent its expectation is the same sum over tokens."""
     linears = [t for t in tasks if t.expert is None]
     params = list({id(p): p for p in (_weight_param(t) for t in tasks if t.expert)}.values())
     wanted = {id(p) for p in params}
@@ -379,13 +380,14 @@ def _block_fisher(block, tasks, inputs, grads_out, call, device, amp_dtype):
         p.requires_grad_(id(p) in wanted)
     fisher = {t.name: torch.zeros(t.weight().shape, dtype=torch.float32, device=device) for t in linears}
     squares = {id(p): torch.zeros_like(p, dtype=torch.float32) for p in params}
-    positions = inputs.shape[1]
+    positions, chunk_tokens = inputs.shape[1], [0]
 
     def recorder(name):
         def hook(module, args, output):
             x = args[0].detach()
+            whole_rows = x.shape[:-1].numel() == chunk_tokens[0]  # not a subset routed to an expert
             def accumulate(grad):  # returns None: the gradient flows on unchanged
-                fisher[name].add_(token_fisher(grad, x, positions))
+                fisher[name].add_(token_fisher(grad, x, positions if whole_rows else None))
 
             output.register_hook(accumulate)
         return hook
@@ -396,6 +398,7 @@ def _block_fisher(block, tasks, inputs, grads_out, call, device, amp_dtype):
     try:
         for start in range(0, inputs.shape[0], step):
             rows = slice(start, min(start + step, inputs.shape[0]))
+            chunk_tokens[0] = (rows.stop - rows.start) * positions
             x = inputs.rows(rows).to(device).requires_grad_(True)
             with autocast(device, amp_dtype):
                 out = block_output(block(x, *call.args, **call.kwargs))
@@ -413,14 +416,14 @@ def _block_fisher(block, tasks, inputs, grads_out, call, device, amp_dtype):
     return fisher, grads_in
 
 
-def token_fisher(grad: torch.Tensor, x: torch.Tensor, positions: int) -> torch.Tensor:
-    """sum_t (d_t x_t)^2 = (d^2)^T (x^2) over a linear layer's tokens (rows of `positions` tokens, flattened or
-    not; OPT's MLP sees them flattened), (out, in), leaving out each row's first
-    `SINK_POSITIONS` positions. Those carry little context and become attention sinks: every later token's loss
+def token_fisher(grad: torch.Tensor, x: torch.Tensor, positions: int | None) -> torch.Tensor:
+    """sum_t (d_t x_t)^2 = (d^2)^T (x^2), (out, in), over a linear layer's tokens, rows of `positions` tokens
+    (flattened or not: OPT's MLP sees them flattened; None: tokens routed to an expert, all counted), leaving out
+    each row's first `SINK_POSITIONS` positions. Those carry little context and become attention sinks: every later token's loss
     reaches them, so their squared output gradient is the square of a sum of hundreds of losses' gradients, not
     a sum of squares. Counted, they put a few layers (SmolLM2: blocks 0-1, the down_proj writing the sink's
     massive activation) 10-300x above the loss increase measured when that layer alone is quantized."""
-    if positions > SINK_POSITIONS:
+    if positions is not None and positions > SINK_POSITIONS:
         grad, x = (t.reshape(-1, positions, t.shape[-1])[:, SINK_POSITIONS:] for t in (grad, x))
     return grad.float().square().flatten(0, -2).T @ x.float().square().flatten(0, -2)
 

@@ -80,6 +80,8 @@ def test_token_fisher_leaves_out_each_rows_first_positions():
     assert torch.allclose(search.token_fisher(grad.flatten(0, 1), x.flatten(0, 1), skip + 5), expected, atol=1e-5)  # flattened rows
     grad[:, :skip] *= 1000  # a sink's gradient changes nothing
     assert torch.allclose(search.token_fisher(grad, x, skip + 5), expected, atol=1e-5)
+    everything = sum(torch.outer(g, v).square() for g, v in zip(grad.flatten(0, 1), x.flatten(0, 1)))
+    assert torch.allclose(search.token_fisher(grad.flatten(0, 1), x.flatten(0, 1), None), everything, rtol=1e-5)  # routed tokens
 
 
 @pytest.mark.parametrize("blocks", [1, 7, 10])
