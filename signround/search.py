@@ -419,10 +419,10 @@ def _block_fisher(block, tasks, inputs, grads_out, call, device, amp_dtype):
 def token_fisher(grad: torch.Tensor, x: torch.Tensor, positions: int | None) -> torch.Tensor:
     """sum_t (d_t x_t)^2 = (d^2)^T (x^2), (out, in), over a linear layer's tokens, rows of `positions` tokens
     (flattened or not: OPT's MLP sees them flattened; None: tokens routed to an expert, all counted), leaving out
-    each row's first `SINK_POSITIONS` positions. Those carry little context and become attention sinks: every later token's loss
-    reaches them, so their squared output gradient is the square of a sum of hundreds of losses' gradients, not
-    a sum of squares. Counted, they put a few layers (SmolLM2: blocks 0-1, the down_proj writing the sink's
-    massive activation) 10-300x above the loss increase measured when that layer alone is quantized."""
+    each row's first `SINK_POSITIONS` positions. Those carry little context and become attention sinks: every
+    later token's loss reaches them, so their squared output gradient is the square of a sum of hundreds of
+    losses' gradients, not a sum of squares. Counted, they put a few layers (SmolLM2: blocks 0-1, the down_proj
+    writing the sink's massive activation) 10-300x above the loss increase measured with that layer alone quantized."""
     if positions is not None and positions > SINK_POSITIONS:
         grad, x = (t.reshape(-1, positions, t.shape[-1])[:, SINK_POSITIONS:] for t in (grad, x))
     return grad.float().square().flatten(0, -2).T @ x.float().square().flatten(0, -2)
