@@ -120,7 +120,7 @@ def run_row(key: str, settings: dict, args, store: Path) -> dict:
     results = json.loads(store.read_text()) if store.exists() else {}
     target = settings.get("target_bits")
     if isinstance(target, (list, tuple)):  # a mixture's size, measured by its own row
-        target = results[target[1]]["bits_per_weight"]
+        target = results[target[1]].get("gguf_bits_per_weight", results[target[1]]["bits_per_weight"])  # as its GGUF file stores it
     tokenizer = protocol.tokenizer_of(args.model)
     calibration = protocol.gutenberg_calibration(tokenizer, 128, 512)
     plan = search_s = summary = None

@@ -21,6 +21,7 @@ _FUSED = (
     (re.compile(r"^(.*)\.(q_proj|k_proj|v_proj)$"), "qkv"),
     (re.compile(r"^(.*)\.(gate_proj|up_proj|w1|w3)$"), "gate_up"),
 )
+FUSED_KINDS = tuple(tag for _, tag in _FUSED)
 KEEP = "fp16"  # the option that keeps a layer 16-bit
 
 
@@ -28,20 +29,27 @@ class BudgetError(ValueError):
     """No choice of the options fits the budget."""
 
 
-def fused_key(name: str) -> str:
-    """The group a layer shares its scheme with: the name of the fused matrix it is part of, or itself."""
+def fuse_kinds(fuse: bool | tuple[str, ...]) -> tuple[str, ...]:
+    """The kinds of fused matrices kept together: all (True), none (False) or those named."""
+    return FUSED_KINDS if fuse is True else () if fuse is False else tuple(fuse)
+
+
+def fused_key(name: str, fuse: bool | tuple[str, ...] = True) -> str:
+    """The group a layer shares its scheme with: the name of the fused matrix it is part of (of the kinds
+    `fuse` keeps together), or itself."""
+    kinds = fuse_kinds(fuse)
     for pattern, tag in _FUSED:
         m = pattern.match(name)
         if m:
-            return f"{m.group(1)}.{{{tag}}}"
+            return f"{m.group(1)}.{{{tag}}}" if tag in kinds else name
     return name
 
 
-def group_layers(names, fuse: bool = True) -> dict[str, list[str]]:
-    """Layers by the group that gets one scheme (each layer alone when `fuse` is off), in first-seen order."""
+def group_layers(names, fuse: bool | tuple[str, ...] = True) -> dict[str, list[str]]:
+    """Layers by the group that gets one scheme (`fuse`: which fused kinds stay together), in first-seen order."""
     groups: dict[str, list[str]] = {}
     for name in names:
-        groups.setdefault(fused_key(name) if fuse else name, []).append(name)
+        groups.setdefault(fused_key(name, fuse), []).append(name)
     return groups
 
 
@@ -95,7 +103,7 @@ class Layer:
 
 
 def choose(layers: list[Layer], options: list[str], target_bits: float, fixed_bits: float = 0.0, fixed_numel: int = 0,
-           fuse: bool = True) -> dict[str, str]:
+           fuse: bool | tuple[str, ...] = True) -> dict[str, str]:
     """The option (by name) of every layer so that the average stored bits per weight over the layers and
     the `fixed` ones (layers outside the search: their total bits and weights) is at most `target_bits`."""
     groups = group_layers([layer.name for layer in layers], fuse)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from . import mixtures
+from . import budget, mixtures
 from .hardware import can_compile
 from .quant import formats, fp, kquant
 from .quant.integer import num_groups
@@ -105,6 +105,11 @@ class WeightScheme:
     def fallback(self) -> WeightScheme | None:
         """The legacy scheme llama.cpp uses instead of this K-quant where a row is no whole number of super-blocks."""
         return WeightScheme(*_K_FALLBACK[self.ktype.name]) if self.kquant else None
+
+    def legacy_bits_per_weight(self) -> float:
+        """What llama.cpp's legacy block of this (fallback) scheme stores per weight: the codes, an fp16 scale and,
+        asymmetric, an fp16 minimum (Q4_0 4.5, Q5_0 5.5, Q5_1 6.0, Q8_0 8.5), no packed zero point as GPTQ's."""
+        return self.bits + (16 if self.sym else 32) / self.group_size
 
     def quantize(self, w, offset=None, min_scale=None, max_scale=None):
         """Final codes and scales of an (out, in) weight, in the format's stored form."""
@@ -271,11 +276,13 @@ class QuantConfig:
     smooth: float | None = None      # SmoothQuant's alpha for layers with quantized inputs (W8A8 ...); None: no smoothing
     # mixed precision under a bit budget (search.py): each searched layer gets one of `options` so that the
     # average stored bits per weight is at most `target_bits`; `plan` (layer -> scheme, None: 16-bit) is a
-    # search's result, given to skip the search; `fuse_groups`: layers runtimes fuse (q/k/v, gate/up, experts) share one
+    # search's result, given to skip the search; `fuse_groups`: layers runtimes fuse share one scheme (True: q/k/v,
+    # gate/up and one block's experts; `signround.run` narrows it to what its output formats' runtimes fuse, e.g.
+    # ("experts",) for GGUF alone, where llama.cpp runs q/k/v as three matrices; False: none; or the kinds by name)
     target_bits: float | None = None
     options: tuple[str, ...] | None = None  # None: the integer presets, or the K types with GGUF output (search.default_options)
     plan: dict[str, WeightScheme | None] | None = None
-    fuse_groups: bool = True
+    fuse_groups: bool | tuple[str, ...] = True
 
     def __post_init__(self):
         if self.recipe not in RECIPES:
@@ -324,6 +331,13 @@ class QuantConfig:
                 parse_scheme(option)  # a ConfigError naming the bad one
             if not self.options:
                 raise ConfigError("options is empty: list the schemes the bit-budget search may choose from, e.g. W2A16G64,W3A16,W4A16")
+        if isinstance(self.fuse_groups, str):
+            self.fuse_groups = self.fuse_groups.split(",")
+        if not isinstance(self.fuse_groups, bool):
+            self.fuse_groups = tuple(str(k).strip() for k in self.fuse_groups)
+            unknown = [k for k in self.fuse_groups if k not in budget.FUSED_KINDS]
+            if unknown:
+                raise ConfigError(f"fuse_groups names {', '.join(map(str, unknown))}: use True, False or kinds of {', '.join(budget.FUSED_KINDS)}")
         if self.target_bits is None:
             return
         if not isinstance(self.target_bits, (int, float)) or not 1 <= self.target_bits <= 16:
@@ -406,6 +420,7 @@ class QuantConfig:
         if self.plan is not None:
             d["plan"] = {n: None if s is None else s.to_dict() for n, s in self.plan.items()}
         d["options"] = list(self.options) if self.options is not None else None
+        d["fuse_groups"] = self.fuse_groups if isinstance(self.fuse_groups, bool) else list(self.fuse_groups)
         return d
 
     @classmethod

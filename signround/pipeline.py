@@ -549,7 +549,8 @@ def quantize(model, config: QuantConfig | None = None, run: RunConfig | None = N
     sizes = {}
     for name, scheme in report.quantized.items():
         module = model.get_submodule(name)
-        sizes[name] = (module.in_features * module.out_features, scheme.bits_per_weight(module.in_features))
+        bits = scheme.legacy_bits_per_weight() if name in report.fallbacks else scheme.bits_per_weight(module.in_features)  # as GGUF stores it
+        sizes[name] = (module.in_features * module.out_features, bits)
     total = sum(n for n, _ in sizes.values())
     report.bits_per_weight = sum(n * b for n, b in sizes.values()) / total
     computed = {"device": str(device), "amp": str(amp_dtype).removeprefix("torch.") if amp_dtype else "off",

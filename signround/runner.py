@@ -22,7 +22,7 @@ from .algorithms import get_algorithm
 from .calibration import DataError, check_hub_dataset, check_source, documents_from, is_hub_name
 from .config import ConfigError, QuantConfig, RunConfig
 from .evaluate import check_eval_text, perplexity, text_token_ids, use_bos
-from .export import NATIVE, check_formats, export, get_format, held_options
+from .export import NATIVE, check_formats, export, fused_by, get_format, held_options
 from .pipeline import QuantizeReport, calibration_seqlen, planned_layers, quantize
 from .resume import default_work_dir, describe, finished_blocks
 from .search import default_options
@@ -61,6 +61,8 @@ def run(model, output: str | os.PathLike, config: QuantConfig | None = None, run
     model, tokenizer, weights = _open(model, tokenizer, lazy, trust_remote_code, allow_pickle)
     if config.target_bits is not None and config.options is None:  # llama.cpp's types for GGUF; what the formats asked for can store
         config = dataclasses.replace(config, options=held_options(formats, model, config, default_options(formats)))
+    if config.target_bits is not None and config.fuse_groups is True:  # only what the outputs' runtimes run as one
+        config = dataclasses.replace(config, fuse_groups=fused_by(formats))
     planned = planned_layers(model, config)
     check_formats(formats, model, config, planned)
     work = Path(run_config.work_dir) if run_config.work_dir else default_work_dir(output)

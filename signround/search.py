@@ -90,11 +90,13 @@ def option_schemes(config: QuantConfig) -> list[WeightScheme | None]:
 
 def layer_bits(scheme: WeightScheme | None, in_features: int, pad_groups: bool) -> tuple[WeightScheme | None, float]:
     """(the scheme a layer of this width is stored in, its bits per weight): llama.cpp's fallback for a K type
-    on rows of no whole super-block, 16 for a kept layer, inf where the scheme cannot take the layer."""
+    on rows of no whole super-block (at its legacy block's size), 16 for a kept layer, inf where the scheme
+    cannot take the layer."""
     if scheme is None:
         return None, 16.0
     if not scheme.fits(in_features) and scheme.fallback() is not None:
-        scheme = scheme.fallback()
+        legacy = scheme.fallback()
+        return legacy, legacy.legacy_bits_per_weight() if legacy.fits(in_features, pad_groups) else math.inf
     if not scheme.fits(in_features, pad_groups):
         return scheme, math.inf
     return scheme, scheme.bits_per_weight(in_features)

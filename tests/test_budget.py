@@ -98,3 +98,7 @@ def test_fused_keys():
     assert budget.fused_key("model.layers.3.mlp.experts.7.up_proj") == "model.layers.3.mlp.experts.{experts}"
     assert budget.fused_key("model.layers.3.mlp.down_proj") == "model.layers.3.mlp.down_proj"
     assert budget.fused_key("model.layers.3.self_attn.o_proj") == "model.layers.3.self_attn.o_proj"
+    # only the kinds a runtime fuses stay together: GGUF's experts are one tensor, its q/k/v three
+    assert budget.fused_key("model.layers.3.self_attn.k_proj", ("experts",)) == "model.layers.3.self_attn.k_proj"
+    assert budget.fused_key("model.layers.3.mlp.experts.7.up_proj", ("experts",)) == "model.layers.3.mlp.experts.{experts}"
+    assert budget.fused_key("model.layers.3.mlp.experts.7.up_proj", False) == "model.layers.3.mlp.experts.7.up_proj"

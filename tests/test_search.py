@@ -141,11 +141,19 @@ def test_a_saved_plan_reproduces_the_schemes(tmp_path):
     assert replay.search_seconds == 0 and report.search_seconds > 0
 
 
-def test_the_split_option_lets_fused_layers_differ():
-    _, fused = quantized_tiny(3.0)
-    _, split = quantized_tiny(3.0, fuse_groups=False)
+@pytest.mark.parametrize("fuse", [False, ("gate_up",), "experts"])
+def test_the_split_option_lets_fused_layers_differ(fuse):
+    _, split = quantized_tiny(3.0, fuse_groups=fuse)
     assert len(set(budget.group_layers(split.quantized))) < len(split.quantized)
-    assert any(len({split.quantized[n] for n in g}) > 1 for g in budget.group_layers(split.quantized).values())
+    qkv = [g for key, g in budget.group_layers(split.quantized).items() if key.endswith("{qkv}")]
+    assert any(len({split.quantized[n] for n in g}) > 1 for g in qkv)
+    for group in budget.group_layers(split.quantized, fuse).values():  # the kinds still fused share one scheme
+        assert len({split.quantized[n] for n in group}) == 1
+
+
+def test_unknown_fused_kinds_are_refused():
+    with pytest.raises(ConfigError, match="fuse_groups names qkvo"):
+        QuantConfig(target_bits=4, fuse_groups=("qkvo",))
 
 
 def test_overrides_are_fixed_and_counted():
@@ -205,6 +213,17 @@ def test_streamed_and_whole_runs_choose_the_same_plan(tmp_path, tiny_model_dir):
         plans.append(json.loads((out / "config.json").read_text())["quantization_config"]["plan"])
     assert plans[0] == plans[1]
     assert not math.isnan(len(plans[0]))
+
+
+@pytest.mark.parametrize("formats, fused", [(["signround"], True), (["signround", "gguf"], ["experts"]), (["signround", "gptq"], True)])
+def test_a_run_fuses_only_what_its_outputs_runtimes_fuse(tmp_path, tiny_model_dir, formats, fused):
+    """llama.cpp runs q/k/v and gate/up as separate matrices (its K mixtures give v its own type); vLLM, which
+    loads the other formats, fuses them; signround's own folder alone keeps them fused for a later export."""
+    config = QuantConfig(target_bits=6, options=("W4A16G32", "W8A16G32"), method="rtn", nsamples=4, seqlen=16)
+    out = tmp_path / "out"
+    signround.run(str(tiny_model_dir), out, config, signround.RunConfig(progress=False), formats=formats, calibration=calib_ids(4, 16))
+    folder = out / "signround" if len(formats) > 1 else out
+    assert json.loads((folder / "config.json").read_text())["quantization_config"]["tuning"]["fuse_groups"] == fused
 
 
 def test_offloaded_search_caches_choose_the_same_plan(tmp_path):

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from ..blocks import find_blocks, find_linears
+from ..budget import FUSED_KINDS, fuse_kinds
 from ..config import ConfigError, QuantConfig, WeightScheme
 from ..qlinear import QuantLinear
 
@@ -28,6 +29,7 @@ class Format:
     kinds = ("int",)  # the number formats (WeightScheme.kind) it stores: K-quant scales have a place only in GGUF
     holds_activations = False  # whether its config can say that a layer's inputs are quantized (W8A8, MXFP4 ...)
     holds_experts = False  # stacked mixture-of-experts tensors: written only where the consumer's loading of them is tested
+    fuses = FUSED_KINDS  # the matrices its runtime executes as one (vLLM's fused q/k/v, gate/up, experts), so one scheme each
 
     def refusal(self, scheme: WeightScheme, in_features: int) -> str | None:
         """Why a layer with this scheme and input width cannot be written, or None."""
@@ -169,6 +171,13 @@ def held_options(names: list[str], model, config: QuantConfig, options) -> tuple
     return tuple(kept)
 
 
+def fused_by(names: list[str]) -> bool | tuple[str, ...]:
+    """The kinds of fused matrices (`QuantConfig.fuse_groups`) the runtimes of these formats need at one scheme:
+    all (True) for signround's own folder alone, which a later `signround export` may write for any runtime."""
+    kinds = {kind for name in names if name != NATIVE for kind in get_format(name).fuses}
+    return True if not kinds or kinds == set(FUSED_KINDS) else tuple(k for k in FUSED_KINDS if k in kinds)
+
+
 def check_formats(names: list[str], model, config: QuantConfig, planned: dict | None = None) -> None:
     """Refuse, before tuning, a format that cannot represent the scheme some layer will get
     (`planned`: `pipeline.planned_layers(model, config)` when the caller has it already)."""
@@ -182,7 +191,7 @@ def check_formats(names: list[str], model, config: QuantConfig, planned: dict | 
         blocks_name = find_blocks(model)[0]
         layers = {n: v for n, v in layers.items() if not n.startswith(f"{blocks_name}.") or config.overridden(n)}
         stacking = [name for name in names if name != NATIVE and get_format(name).one_scheme_per_stack]
-        if stacking and not config.fuse_groups and has_experts(model):
+        if stacking and "experts" not in fuse_kinds(config.fuse_groups) and has_experts(model):
             raise FormatError(f"format {stacking[0]} stores each projection of an experts module as one tensor of one type, which "
                               f"--split-fused would let the search split; drop --split-fused")
         for option in filter(None, option_schemes(config)):

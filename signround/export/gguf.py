@@ -154,6 +154,7 @@ class GGUFFormat(Format):
     kinds = ("int", "kquant", "fp")
     holds_experts = True  # as llama.cpp's stacked ffn_*_exps tensors, for the MoE architectures it names
     one_scheme_per_stack = True
+    fuses = ("experts",)  # llama.cpp runs q/k/v and gate/up as separate matrices (its K mixtures give v its own type)
 
     def refusal(self, scheme, in_features):
         if scheme.fp:
