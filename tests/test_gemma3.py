@@ -43,9 +43,27 @@ def test_rtn_w4a16_bound_reload_and_exports(gemma, wt2, tmp_path):
     assert fp < ppl < fp * 2.5, (fp, ppl)  # plain RTN at g128: ~2.1x on this slice (fp 35.4, RTN 74.7)
     reloaded = signround.load(signround.save(quantized, tmp_path / "w4", tokenizer))
     assert _ppl(reloaded, wt2, tokenizer) == pytest.approx(ppl, rel=5e-3)
-    for fmt in ("gptq", "compressed-tensors"):  # GGUF export writes LLaMA-architecture models only
+    for fmt in ("gptq", "compressed-tensors"):  # GGUF (group-32 blocks only): test_gguf_export_loads_with_our_perplexity_and_tokens
         folder = export(quantized, tokenizer, tmp_path / fmt, fmt)
         assert _ppl(consumer_load(folder, fmt), wt2[:2047], tokenizer) == pytest.approx(_ppl(quantized, wt2[:2047], tokenizer), rel=5e-3), fmt
+
+
+def test_gguf_export_loads_with_our_perplexity_and_tokens(gemma, wt2, tmp_path):
+    """Gemma back into llama.cpp's gemma3 (norms as 1 + w, five sliding layers to one global, its 262k
+    SentencePiece vocabulary with scores and byte pieces): transformers' GGUF loader scores our perplexity
+    and tokenizes as the original does."""
+    import transformers as tf
+
+    from signround.export.gguf import FILE_NAME
+
+    model, tokenizer = gemma
+    quantized = copy.deepcopy(model)
+    signround.quantize(quantized, signround.QuantConfig(scheme="W4A16G32", method="rtn"), signround.RunConfig(progress=False))
+    folder = export(quantized, tokenizer, tmp_path / "gguf", "gguf")
+    theirs = tf.AutoModelForCausalLM.from_pretrained(folder, gguf_file=FILE_NAME, dtype=torch.float32).eval()
+    assert _ppl(theirs, wt2[:2047], tokenizer) == pytest.approx(_ppl(quantized, wt2[:2047], tokenizer), rel=5e-3)
+    text = (Path(__file__).resolve().parents[1] / "signround" / "data" / "heldout.txt").read_text(encoding="utf-8")[:4000] + " ☃ \n\n  x"
+    assert tf.AutoTokenizer.from_pretrained(folder, gguf_file=FILE_NAME)(text).input_ids == tokenizer(text).input_ids
 
 
 def test_gguf_streams_exactly_what_transformers_loads(gemma):

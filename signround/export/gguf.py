@@ -1,10 +1,13 @@
-"""llama.cpp's GGUF file (`OUT/model.gguf`) for LLaMA, Mistral, Qwen2, Qwen3 and Qwen3-MoE models, with the
+"""llama.cpp's GGUF file (`OUT/model.gguf`) for LLaMA, Mistral, Qwen2, Qwen3, Qwen3-MoE, Gemma 2 and Gemma 3 models, with the
 tuned codes written into the block types that hold them exactly:
 
     4-bit sym  -> Q4_0  (q - 8) * d          4-bit asym -> Q4_1  q * d + m   (m = -zero * scale, in fp16)
     5-bit sym  -> Q5_0  (q - 16) * d         5-bit asym -> Q5_1  q * d + m
     8-bit sym  -> Q8_0  q * d  (q = code - 128)
     the K-quant schemes Q2_K .. Q6_K -> the K types of the same name (layouts in `gguf_blocks`)
+
+Gemma's norm weights are written as 1 + w, as llama.cpp's converter does, with its sliding-window
+layout, rotary bases and logit softcapping; the tokenizer goes in as `gguf_vocab` writes it.
 
 Every legacy block is 32 weights along the input dimension with its own fp16 scale, so only group-32
 integer schemes fit; K-quant schemes were tuned with their scales already quantized as the K types
@@ -23,9 +26,7 @@ rotary embeddings (llama.cpp itself applies both).
 
 from __future__ import annotations
 
-import json
 import math
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -34,11 +35,15 @@ import torch
 from ..blocks import find_blocks
 from . import Format, quantized_layers, register_format
 from .gguf_blocks import encode_k_blocks, encode_mxfp4_blocks
+from .gguf_vocab import add_tokenizer
 
 FILE_NAME = "model.gguf"
 # model_type -> (llama.cpp's architecture, whether its converter reorders q/k rows for its rotary layout)
 _ARCHITECTURES = {"llama": ("LLAMA", True), "mistral": ("LLAMA", True), "qwen2": ("QWEN2", False), "qwen3": ("QWEN3", False),
-                  "qwen3_moe": ("QWEN3MOE", False)}
+                  "qwen3_moe": ("QWEN3MOE", False), "gemma2": ("GEMMA2", False), "gemma3_text": ("GEMMA3", False)}
+# llama.cpp scales Gemma's attention by 1/sqrt(head_dim), except for the layer count of its 27B models, where it is
+# 1/sqrt(hidden / heads): the model's query_pre_attn_scalar must be that number
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3_text": 62}
 
 
 def _types():
@@ -150,7 +155,7 @@ def llama3_rope_factors(params: dict, dim: int) -> np.ndarray:
 class GGUFFormat(Format):
     name = "gguf"
     fits = ("group-32 schemes of 4 bit (Q4_0 sym, Q4_1 asym), 5 bit (Q5_0, Q5_1) or 8 bit sym (Q8_0), and the K-quant schemes "
-            "Q2_K .. Q6_K, and MXFP4A16, on LLaMA, Mistral, Qwen2, Qwen3 and Qwen3-MoE models")
+            "Q2_K .. Q6_K, and MXFP4A16, on LLaMA, Mistral, Qwen2, Qwen3, Qwen3-MoE, Gemma 2 and Gemma 3 models")
     kinds = ("int", "kquant", "fp")
     holds_experts = True  # as llama.cpp's stacked ffn_*_exps tensors, for the MoE architectures it names
     one_scheme_per_stack = True
@@ -180,6 +185,8 @@ class GGUFFormat(Format):
         if model.config.model_type == "qwen3_moe" and not model.config.norm_topk_prob:
             return ("llama.cpp's qwen3moe renormalises the chosen experts' routing weights, which this model does not (norm_topk_prob "
                     "false); export with --format signround, auto_round or gptq")
+        if model.config.model_type in _GEMMA_27B_LAYERS:
+            return gemma_refusal(model.config)
         if _ARCHITECTURES[model.config.model_type][0] != "LLAMA" and rope_parameters(model.config)["rope_type"] != "default":
             return f"signround writes rotary scaling for llama.cpp's llama architecture only; export with {_FORMATS_KEEPING_ROPE}"
         return rope_refusal(model.config)
@@ -210,18 +217,20 @@ class GGUFFormat(Format):
             writer.add_expert_count(cfg.num_experts)
             writer.add_expert_used_count(cfg.num_experts_per_tok)
             writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
-        rope = rope_parameters(cfg)
+        rope, sliding_rope = _rope_by_layer_type(cfg)
         writer.add_rope_freq_base(rope["rope_theta"])
         if rope["rope_type"] == "linear":
             writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             writer.add_rope_scaling_factor(float(rope["factor"]))
+        if arch.startswith("GEMMA"):
+            _add_gemma(writer, cfg, sliding_rope)
         writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
         writer.add_vocab_size(cfg.vocab_size)
         layers = quantized_layers(model)
         kinds = [ggml_type(m.scheme) for m in layers.values()]
         mixture = (getattr(model.config, "quantization_config", None) or {}).get("mixture")
         writer.add_file_type(gguf.LlamaFileType[f"MOSTLY_{mixture}"] if mixture else _file_type(max(set(kinds), key=kinds.count)))
-        _add_tokenizer(writer, tokenizer, cfg.vocab_size)
+        add_tokenizer(writer, tokenizer, cfg.vocab_size)
 
         if rope["rope_type"] == "llama3":
             writer.add_tensor(f"{gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS]}.weight", llama3_rope_factors(rope, head_dim))
@@ -246,6 +255,8 @@ class GGUFFormat(Format):
             if heads_here:  # a 16-bit q/k weight, or a packed one's bias
                 tensor = tensor[llama_row_order(tensor.shape[0], heads_here)]
             dtype = np.float32 if tensor.dim() == 1 else np.float16
+            if arch.startswith("GEMMA") and hf_name.endswith("norm.weight"):  # Gemma scales by 1 + w; llama.cpp stores 1 + w
+                tensor = tensor.float() + 1
             writer.add_tensor(f"{gguf_name}.{suffix}", tensor.detach().float().numpy().astype(dtype))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -300,43 +311,41 @@ def _tensors(model, layers):
     yield from stacks.items()
 
 
-def _plain_byte_level_decoder(path: Path) -> None:
-    """transformers 5.17 saves a GGUF-converted GPT-2 style tokenizer with byte fallback on and a Sequence
-    decoder ending in ByteLevel; gguf's reader accepts only plain byte-level BPE. With a ByteLevel
-    pre-tokenizer every byte already has its token, so byte fallback never fires: the vocabulary and merges
-    are the same, and the saved copy is rewritten plain."""
-    if not path.is_file():
-        return
-    saved = json.loads(path.read_text(encoding="utf-8"))
-    decoder, model = saved.get("decoder") or {}, saved.get("model") or {}
-    parts = decoder.get("decoders") or [] if decoder.get("type") == "Sequence" else []
-    if (saved.get("pre_tokenizer") or {}).get("type") == "ByteLevel" and model.get("type") == "BPE" and parts and parts[-1].get("type") == "ByteLevel":
-        saved["decoder"], model["byte_fallback"] = parts[-1], False
-        path.write_text(json.dumps(saved), encoding="utf-8")
+def gemma_refusal(cfg) -> str | None:
+    """Why a Gemma 2 / 3 model does not run in llama.cpp as in transformers, or None."""
+    heads, layers = cfg.num_attention_heads, cfg.num_hidden_layers
+    scale = cfg.hidden_size // heads if layers == _GEMMA_27B_LAYERS[cfg.model_type] else cfg.head_dim
+    if cfg.query_pre_attn_scalar != scale:
+        return (f"llama.cpp scales attention by 1/sqrt({scale}) for a {layers}-block Gemma, and this model's query_pre_attn_scalar is "
+                f"{cfg.query_pre_attn_scalar}; export with --format signround, gptq or auto_round")
+    if cfg.model_type == "gemma2" and not (cfg.attn_logit_softcapping and cfg.final_logit_softcapping):
+        return "llama.cpp's gemma2 always softcaps the logits, and this model does not; export with --format signround, gptq or auto_round"
+    if cfg.model_type == "gemma3_text" and cfg.attn_logit_softcapping:
+        return "llama.cpp's gemma3 has no attention-logit softcapping; export with --format signround, gptq or auto_round"
+    rope, sliding = _rope_by_layer_type(cfg)
+    if rope["rope_type"] not in ("default", "linear") or (sliding or {}).get("rope_type", "default") != "default":
+        return (f"llama.cpp's {cfg.model_type.removesuffix('_text')} takes linear rotary scaling on its global layers only, not "
+                f"{rope['rope_type']!r} / {(sliding or {}).get('rope_type')!r}; export with {_FORMATS_KEEPING_ROPE}")
+    return None
 
 
-def _add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
-    """Vocabulary, merges, special token ids and chat template, read back from the saved tokenizer by
-    the gguf package's own readers (GPT-2 style BPE tokenizers, as llama.cpp's converter handles them)."""
-    import gguf
+def _rope_by_layer_type(cfg) -> tuple[dict, dict | None]:
+    """(the global layers' rotary settings, the sliding-window layers' where they differ, as Gemma 3's do)."""
+    params = getattr(cfg, "rope_parameters", None) or {}
+    if isinstance(params.get("full_attention"), dict):
+        full, sliding = dict(params["full_attention"]), dict(params.get("sliding_attention") or {})
+        full.setdefault("rope_type", "default")
+        return full, sliding
+    return rope_parameters(cfg), None
 
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer.save_pretrained(tmp)
-        _plain_byte_level_decoder(Path(tmp) / "tokenizer.json")
-        try:
-            vocab = gguf.BpeVocab(Path(tmp))
-        except FileNotFoundError:
-            raise ValueError("the GGUF export carries over GPT-2 style BPE tokenizers (tokenizer.json with a ByteLevel BPE model); "
-                             f"{type(tokenizer).__name__} is not one") from None
-        tokens, types = [], []
-        for text, _score, kind in vocab.all_tokens():
-            tokens.append(text)
-            types.append(kind)
-        for i in range(len(tokens), vocab_size):  # embedding rows beyond the tokenizer: padding tokens
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-        writer.add_tokenizer_model(vocab.tokenizer_model)
-        writer.add_tokenizer_pre("default")
-        writer.add_token_list(tokens)
-        writer.add_token_types(types)
-        gguf.SpecialVocab(Path(tmp), load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
+
+def _add_gemma(writer, cfg, sliding_rope: dict | None) -> None:
+    """Gemma's sliding-window layout (which layers see only the window), the sliding layers' rotary base and the softcapping."""
+    writer.add_sliding_window(cfg.sliding_window)
+    writer.add_sliding_window_pattern([kind == "sliding_attention" for kind in cfg.layer_types])
+    if sliding_rope:
+        writer.add_rope_freq_base_swa(float(sliding_rope["rope_theta"]))
+    if cfg.final_logit_softcapping:
+        writer.add_final_logit_softcapping(float(cfg.final_logit_softcapping))
+    if cfg.model_type == "gemma2":
+        writer.add_attn_logit_softcapping(float(cfg.attn_logit_softcapping))

@@ -328,3 +328,87 @@ def test_a_searched_k_type_plan_is_written_tensor_by_tensor(tmp_path, tokenizer)
     for i, block in enumerate(model.model.layers):
         for hf, name in hf_to_gguf.items():
             assert written[f"blk.{i}.{name}.weight"] == ggml_type(block.get_submodule(hf).scheme), f"blk.{i}.{name}"
+
+
+@pytest.fixture(scope="module")
+def spm_tokenizer():
+    """A small SentencePiece-style BPE as Gemma's converted tokenizer is: `▁` for spaces, byte fallback over
+    `<0xXX>` pieces, no byte-level alphabet."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    trainer_model = Tokenizer(models.BPE(unk_token="<unk>"))
+    trainer_model.normalizer = normalizers.Replace(" ", "▁")
+    text = ["The capital of France is Paris, said the assistant. " * 20, "Quantization keeps the model small and fast. " * 20]
+    trainer_model.train_from_iterator(text, trainers.BpeTrainer(vocab_size=300, special_tokens=specials))
+    trained = json.loads(trainer_model.to_str())["model"]
+    vocab = {t: i for i, t in enumerate(specials + [f"<0x{b:02X}>" for b in range(256)])}
+    for piece, _ in sorted(trained["vocab"].items(), key=lambda kv: kv[1]):
+        vocab.setdefault(piece, len(vocab))
+    bpe = Tokenizer(models.BPE(vocab, [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in trained["merges"]],
+                               unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    bpe.normalizer = normalizers.Replace(" ", "▁")
+    bpe.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    return tf.PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>", pad_token="<pad>")
+
+
+GEMMA_TEXT = "The capital of France is Paris, said the assistant. Ünïcödé ☃ falls back to bytes."
+
+
+@pytest.mark.parametrize("scheme", ["bits=4,group_size=32,sym=true", "Q4_K"])
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_gemma_loads_in_transformers_with_our_logits_and_tokenizer(tmp_path, spm_tokenizer, arch, scheme):
+    """llama.cpp's gemma2 / gemma3: norms stored as 1 + w, sliding and global layers (Gemma 3: five sliding, one
+    global, two rotary bases), softcapping, and a SentencePiece vocabulary (scores, byte pieces), read back by
+    transformers. Its loader reads no query_pre_attn_scalar (it takes 256), so head_dim is 256, as llama.cpp
+    requires it to be."""
+    wide = dict(hidden_size=256, intermediate_size=512) if scheme == "Q4_K" else {}
+    config_class = tf.Gemma2Config if arch == "gemma2" else tf.Gemma3TextConfig
+    config = config_class(**{"hidden_size": 64, "intermediate_size": 128, **wide}, vocab_size=len(spm_tokenizer), num_attention_heads=4,
+                          num_hidden_layers=6 if arch == "gemma3" else 2, num_key_value_heads=2, head_dim=256, max_position_embeddings=256,
+                          sliding_window=8, bos_token_id=2, eos_token_id=1, pad_token_id=0)
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # norms away from their zero initialisation, so that a lost 1 + w shows
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(-0.5, 0.5)
+    signround.quantize(model, signround.QuantConfig(scheme=parse_scheme(scheme), method="rtn"))
+    export(model, spm_tokenizer, tmp_path / "out", "gguf")
+    theirs = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out", gguf_file=FILE_NAME).eval()
+    assert type(theirs) is type(model)
+    assert theirs.config.layer_types == model.config.layer_types
+    ids = torch.randint(0, len(spm_tokenizer), (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits.float(), model(ids).logits.float(), atol=3e-3, rtol=3e-3)
+    reader = GGUFReader(tmp_path / "out" / FILE_NAME)
+    assert bytes(reader.fields["tokenizer.ggml.model"].parts[-1]).decode() == "llama"
+    loaded = tf.AutoTokenizer.from_pretrained(tmp_path / "out", gguf_file=FILE_NAME)
+    assert loaded(GEMMA_TEXT, add_special_tokens=False).input_ids == spm_tokenizer(GEMMA_TEXT, add_special_tokens=False).input_ids
+
+
+def test_gemma_that_llama_cpp_would_run_otherwise_is_refused():
+    config = tf.Gemma3TextConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=256)
+    with pytest.raises(FormatError, match=r"scales attention by 1/sqrt\(16\)"):
+        check_formats(["gguf"], tf.AutoModelForCausalLM.from_config(config), signround.QuantConfig(scheme="W4A16G32"))
+
+
+def test_sentencepiece_scores_rank_merges_as_the_merge_list_does(spm_tokenizer):
+    """llama.cpp's SentencePiece tokenizer merges the pair whose piece scores highest, so scores must fall
+    with merge rank; byte pieces and specials get the types it treats apart."""
+    import json
+
+    from gguf import TokenType
+
+    from signround.export.gguf_vocab import is_sentencepiece_bpe, sentencepiece_tokens
+
+    saved = json.loads(spm_tokenizer.backend_tokenizer.to_str())
+    assert is_sentencepiece_bpe(saved)
+    tokens, scores, types = sentencepiece_tokens(saved, len(spm_tokenizer) + 2)
+    merged = [scores[tokens.index("".join(m if isinstance(m, list) else m.split(" ")))] for m in saved["model"]["merges"]]
+    assert len(merged) > 20 and all(a > b for a, b in zip(merged, merged[1:]))
+    assert types[tokens.index("<0x41>")] == TokenType.BYTE and types[tokens.index("<bos>")] == TokenType.CONTROL
+    assert types[-1] == TokenType.UNUSED and tokens[-1] == f"[PAD{len(spm_tokenizer) + 1}]"
