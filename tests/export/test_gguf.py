@@ -121,7 +121,7 @@ def test_qwen3_moe_without_normalised_routing_is_refused():
 
 
 def test_other_architectures_are_refused():
-    with pytest.raises(FormatError, match="writes llama, mistral, qwen2, qwen3, qwen3_moe models, not 'gpt2'"):
+    with pytest.raises(FormatError, match="writes llama, mistral, qwen2, qwen3, qwen3_moe, gemma2, gemma3_text models, not 'gpt2'"):
         check_formats(["gguf"], make("gpt2"), signround.QuantConfig(scheme="W4A16G32"))
 
 
