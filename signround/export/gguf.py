@@ -1,4 +1,4 @@
-"""llama.cpp's GGUF file (`OUT/model.gguf`) for LLaMA, Mistral, Qwen2, Qwen3, Qwen3-MoE, Gemma 2 and Gemma 3 models, with the
+"""llama.cpp's GGUF file (`OUT/model.gguf`) for LLaMA, Mistral, Qwen2, Qwen3, Qwen3-MoE, Gemma 2, Gemma 3 and Phi-3 models, with the
 tuned codes written into the block types that hold them exactly:
 
     4-bit sym  -> Q4_0  (q - 8) * d          4-bit asym -> Q4_1  q * d + m   (m = -zero * scale, in fp16)
@@ -40,7 +40,8 @@ from .gguf_vocab import add_tokenizer
 FILE_NAME = "model.gguf"
 # model_type -> (llama.cpp's architecture, whether its converter reorders q/k rows for its rotary layout)
 _ARCHITECTURES = {"llama": ("LLAMA", True), "mistral": ("LLAMA", True), "qwen2": ("QWEN2", False), "qwen3": ("QWEN3", False),
-                  "qwen3_moe": ("QWEN3MOE", False), "gemma2": ("GEMMA2", False), "gemma3_text": ("GEMMA3", False)}
+                  "qwen3_moe": ("QWEN3MOE", False), "gemma2": ("GEMMA2", False), "gemma3_text": ("GEMMA3", False),
+                  "phi3": ("PHI3", False)}  # Phi-3's fused qkv_proj and gate_up_proj are llama.cpp's attn_qkv and ffn_up as they are
 # llama.cpp scales Gemma's attention by 1/sqrt(head_dim), except for the layer count of its 27B models, where it is
 # 1/sqrt(hidden / heads): the model's query_pre_attn_scalar must be that number
 _GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3_text": 62}
@@ -155,7 +156,7 @@ def llama3_rope_factors(params: dict, dim: int) -> np.ndarray:
 class GGUFFormat(Format):
     name = "gguf"
     fits = ("group-32 schemes of 4 bit (Q4_0 sym, Q4_1 asym), 5 bit (Q5_0, Q5_1) or 8 bit sym (Q8_0), and the K-quant schemes "
-            "Q2_K .. Q6_K, and MXFP4A16, on LLaMA, Mistral, Qwen2, Qwen3, Qwen3-MoE, Gemma 2 and Gemma 3 models")
+            "Q2_K .. Q6_K, and MXFP4A16, on LLaMA, Mistral, Qwen2, Qwen3, Qwen3-MoE, Gemma 2, Gemma 3 and Phi-3 models")
     kinds = ("int", "kquant", "fp")
     holds_experts = True  # as llama.cpp's stacked ffn_*_exps tensors, for the MoE architectures it names
     one_scheme_per_stack = True
@@ -209,7 +210,8 @@ class GGUFFormat(Format):
         writer.add_feed_forward_length(cfg.intermediate_size)
         writer.add_head_count(heads)
         writer.add_head_count_kv(kv_heads)
-        writer.add_rope_dimension_count(head_dim)
+        rotary = rope_parameters(cfg).get("partial_rotary_factor") or getattr(cfg, "partial_rotary_factor", None) or 1.0
+        writer.add_rope_dimension_count(int(head_dim * rotary))  # Phi-3 and others may rotate part of each head
         if head_dim != cfg.hidden_size // heads or arch != "LLAMA":
             writer.add_key_length(head_dim)
             writer.add_value_length(head_dim)
@@ -224,6 +226,8 @@ class GGUFFormat(Format):
             writer.add_rope_scaling_factor(float(rope["factor"]))
         if arch.startswith("GEMMA"):
             _add_gemma(writer, cfg, sliding_rope)
+        if arch == "PHI3" and getattr(cfg, "original_max_position_embeddings", None):
+            writer.add_rope_scaling_orig_ctx_len(cfg.original_max_position_embeddings)
         writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
         writer.add_vocab_size(cfg.vocab_size)
         layers = quantized_layers(model)

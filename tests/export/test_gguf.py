@@ -121,7 +121,7 @@ def test_qwen3_moe_without_normalised_routing_is_refused():
 
 
 def test_other_architectures_are_refused():
-    with pytest.raises(FormatError, match="writes llama, mistral, qwen2, qwen3, qwen3_moe, gemma2, gemma3_text models, not 'gpt2'"):
+    with pytest.raises(FormatError, match="writes llama, mistral, qwen2, qwen3, qwen3_moe, gemma2, gemma3_text, phi3 models, not 'gpt2'"):
         check_formats(["gguf"], make("gpt2"), signround.QuantConfig(scheme="W4A16G32"))
 
 
@@ -332,8 +332,12 @@ def test_a_searched_k_type_plan_is_written_tensor_by_tensor(tmp_path, tokenizer)
 
 @pytest.fixture(scope="module")
 def spm_tokenizer():
+    return make_spm_tokenizer(prepend=False)
+
+
+def make_spm_tokenizer(prepend: bool):
     """A small SentencePiece-style BPE as Gemma's converted tokenizer is: `▁` for spaces, byte fallback over
-    `<0xXX>` pieces, no byte-level alphabet."""
+    `<0xXX>` pieces, no byte-level alphabet; `prepend`: a `▁` before the text, as LLaMA 2's and Phi-3's."""
     import json
 
     from tokenizers import Tokenizer, decoders, models, normalizers, trainers
@@ -349,7 +353,8 @@ def spm_tokenizer():
         vocab.setdefault(piece, len(vocab))
     bpe = Tokenizer(models.BPE(vocab, [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in trained["merges"]],
                                unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    bpe.normalizer = normalizers.Replace(" ", "▁")
+    spaces = normalizers.Replace(" ", "▁")
+    bpe.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), spaces]) if prepend else spaces
     bpe.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     return tf.PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>", pad_token="<pad>")
 
@@ -412,3 +417,21 @@ def test_sentencepiece_scores_rank_merges_as_the_merge_list_does(spm_tokenizer):
     assert len(merged) > 20 and all(a > b for a, b in zip(merged, merged[1:]))
     assert types[tokens.index("<0x41>")] == TokenType.BYTE and types[tokens.index("<bos>")] == TokenType.CONTROL
     assert types[-1] == TokenType.UNUSED and tokens[-1] == f"[PAD{len(spm_tokenizer) + 1}]"
+
+
+def test_phi3_loads_in_transformers_with_our_logits_and_tokenizer(tmp_path):
+    """llama.cpp's phi3: the fused qkv_proj and gate_up_proj written as attn_qkv and ffn_up, an untied output,
+    and a SentencePiece vocabulary that prepends a space (transformers rebuilds its merges from the scores)."""
+    tokenizer = make_spm_tokenizer(prepend=True)
+    model = make("phi3", vocab_size=len(tokenizer), bos_token_id=2, eos_token_id=1)
+    signround.quantize(model, signround.QuantConfig(scheme=parse_scheme("bits=4,group_size=32,sym=false"), method="rtn"))
+    export(model, tokenizer, tmp_path / "out", "gguf")
+    theirs = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out", gguf_file=FILE_NAME).eval()
+    assert type(theirs) is type(model)
+    ids = torch.randint(0, len(tokenizer), (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits.float(), model(ids).logits.float(), atol=3e-3, rtol=3e-3)
+    kinds = {t.name: t.tensor_type.name for t in GGUFReader(tmp_path / "out" / FILE_NAME).tensors}
+    assert kinds["blk.1.attn_qkv.weight"] == kinds["blk.1.ffn_up.weight"] == "Q4_1" and kinds["output.weight"] == "F16"
+    loaded = tf.AutoTokenizer.from_pretrained(tmp_path / "out", gguf_file=FILE_NAME)
+    assert loaded(GEMMA_TEXT, add_special_tokens=False).input_ids == tokenizer(GEMMA_TEXT, add_special_tokens=False).input_ids
