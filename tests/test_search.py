@@ -247,6 +247,12 @@ def test_default_options_are_narrowed_to_what_the_formats_store(tiny_model_dir):
     assert held_options(["gptq"], model, config, search.DEFAULT_OPTIONS) == ("W2A16G64",)
     assert held_options(["gptq"], model, config, ("W3A16G32", "W5A16G32", "W8A16G64", "fp16")) == ("W3A16G32", "W8A16G64", "fp16")
     assert held_options(["gguf"], model, config, search.GGUF_OPTIONS) == search.GGUF_OPTIONS
+    # experts: auto-round's and GPTQ's loaders rebuild every expert packed, compressed-tensors' reads symmetric ones only
+    moe = make_moe("qwen3_moe")
+    asym = "bits=4,group_size=32,sym=false"
+    assert held_options(["gptq"], moe, config, ("W4A16G32", "fp16")) == ("W4A16G32",)
+    assert held_options(["compressed-tensors"], moe, config, ("W4A16G32", asym)) == ("W4A16G32",)
+    assert held_options(["signround"], moe, config, ("W4A16G32", asym, "fp16")) == ("W4A16G32", asym, "fp16")
 
 
 def test_a_gguf_search_is_not_refused_for_its_placeholder_scheme():

@@ -158,15 +158,21 @@ def _option_layers(model, config: QuantConfig, option: WeightScheme) -> dict:
 
 def held_options(names: list[str], model, config: QuantConfig, options) -> tuple[str, ...]:
     """The bit-budget options (scheme names) that every format in `names` can store for every layer: a search's
-    defaults narrowed to the outputs asked for (GPTQ has no 5- or 6-bit kernels, for instance)."""
+    defaults narrowed to the outputs asked for (GPTQ has no 5- or 6-bit kernels, for instance; compressed-tensors
+    loads only symmetric experts)."""
     from ..config import parse_scheme
+    from ..experts import stacked_matrix_names
 
     formats = [get_format(name) for name in names if name != NATIVE]
+    stacked = stacked_matrix_names(model) if has_experts(model) else set()
     kept = []
     for option in options:
         scheme = parse_scheme(option)
-        stored = {(t.scheme, t.weight().shape[1]) for t in _option_layers(model, config, scheme).values()} if scheme else set()  # None: 16-bit
-        if not any(_layer_refusal(f, s, width) for f in formats for s, width in stored):
+        chosen = _option_layers(model, config, scheme) if scheme else {}  # None: 16-bit
+        stored = {(t.scheme, t.weight().shape[1]) for t in chosen.values()}
+        experts = {t.scheme for name, t in chosen.items() if name in stacked} if scheme else ({None} if stacked else set())
+        if not any(_layer_refusal(f, s, width) for f in formats for s, width in stored) and not any(
+                f.expert_refusal(s) for f in formats for s in experts):
             kept.append(option)
     return tuple(kept)
 

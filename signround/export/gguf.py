@@ -258,7 +258,8 @@ class GGUFFormat(Format):
                 continue
             if heads_here:  # a 16-bit q/k weight, or a packed one's bias
                 tensor = tensor[llama_row_order(tensor.shape[0], heads_here)]
-            dtype = np.float32 if tensor.dim() == 1 else np.float16
+            # vectors and the router in F32, as llama.cpp's converter keeps them (an F16 router can flip close expert choices)
+            dtype = np.float32 if tensor.dim() == 1 or gguf_name.endswith("ffn_gate_inp") else np.float16
             if arch.startswith("GEMMA") and hf_name.endswith("norm.weight"):  # Gemma scales by 1 + w; llama.cpp stores 1 + w
                 tensor = tensor.float() + 1
             writer.add_tensor(f"{gguf_name}.{suffix}", tensor.detach().float().numpy().astype(dtype))

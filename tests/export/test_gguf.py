@@ -93,6 +93,7 @@ def test_qwen3_moe_experts_kept_16_bit_are_written_as_f16_stacks(tmp_path, token
     export(model, tokenizer, tmp_path / "out", "gguf")
     kinds = {t.name: t.tensor_type.name for t in GGUFReader(tmp_path / "out" / FILE_NAME).tensors}
     assert kinds["blk.0.ffn_up_exps.weight"] == "F16" and kinds["blk.0.attn_q.weight"] == "Q4_0"
+    assert kinds["blk.0.ffn_gate_inp.weight"] == "F32"  # the router, as llama.cpp's converter keeps it
     theirs = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out", gguf_file=FILE_NAME).eval()
     ids = torch.randint(0, len(tokenizer), (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
