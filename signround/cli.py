@@ -132,6 +132,17 @@ def _add_export(sub) -> None:
     p.add_argument("--overwrite", action="store_true")
 
 
+def _add_upcycle(sub) -> None:
+    p = sub.add_parser("upcycle", help="make a mixture-of-experts model from a dense LLaMA (sparse upcycling), to quantize as an MoE")
+    p.add_argument("model", help="local HF folder, .gguf file, hub id, or built-in name (smollm2-135m)")
+    p.add_argument("-o", "--output", required=True, help="folder to write the Mixtral-class model to")
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2, help="experts each token is routed to")
+    p.add_argument("--noise", type=float, default=0.01, help="relative perturbation that makes the expert copies differ")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+
+
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="load a quantized output folder and continue a prompt")
     p.add_argument("path", help="a signround output folder")
@@ -183,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_export(sub)
     _add_generate(sub)
+    _add_upcycle(sub)
     _add_eval(sub)
     _add_compare(sub)
     return parser
@@ -274,6 +286,13 @@ def cmd_export(args) -> None:
     print(f"saved {out}")
 
 
+def cmd_upcycle(args) -> None:
+    from .upcycle import upcycle_to
+
+    out = upcycle_to(args.model, args.output, args.experts, args.top_k, args.noise, args.seed, args.overwrite)
+    print(f"saved {out} ({args.experts} experts, top-{args.top_k}): quantize it with `signround quantize {out} ...`")
+
+
 def cmd_generate(args) -> None:
     import torch
     from transformers import AutoTokenizer
@@ -353,7 +372,8 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    handlers = {"quantize": cmd_quantize, "demo": cmd_demo, "export": cmd_export, "generate": cmd_generate, "eval": cmd_eval, "compare": cmd_compare}
+    handlers = {"quantize": cmd_quantize, "demo": cmd_demo, "export": cmd_export, "generate": cmd_generate, "eval": cmd_eval, "compare": cmd_compare,
+                "upcycle": cmd_upcycle}
     try:
         handlers[args.command](args)
     except (ConfigError, DataError, ModelNotFoundError, UnsupportedModelError, OutputExistsError, FileNotFoundError, TaskFormatError,

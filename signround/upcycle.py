@@ -53,3 +53,19 @@ def upcycle(model, experts: int = 8, top_k: int = 2, noise: float = 0.01, seed: 
         moe.tie_weights()
     moe.model.rotary_emb = type(moe.model.rotary_emb)(config=moe_config)  # its buffers were built on the meta device
     return moe.eval()
+
+
+def upcycle_to(model: str, output, experts: int = 8, top_k: int = 2, noise: float = 0.01, seed: int = 0, overwrite: bool = False):
+    """`upcycle` a dense model (a built-in name, folder, .gguf or hub id) and save the MoE as a Hugging Face
+    folder with its tokenizer, which `signround quantize` then takes like any other model; returns the folder."""
+    from .checkpoint import check_output_dir
+    from .models import load
+
+    out = check_output_dir(output, overwrite)
+    if not 1 <= top_k <= experts:  # before the model is read
+        raise ConfigError(f"top_k={top_k} must be between 1 and experts={experts}")
+    dense, tokenizer = load(model)
+    moe = upcycle(dense, experts, top_k, noise, seed)
+    moe.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

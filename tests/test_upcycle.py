@@ -38,3 +38,19 @@ def test_every_expert_of_the_upcycled_model_is_quantized():
 def test_what_cannot_be_upcycled_is_refused(arch, kwargs, message):
     with pytest.raises(ConfigError, match=message):
         upcycle(make(arch), experts=4, **kwargs)
+
+
+def test_the_upcycle_command_saves_a_model_that_quantizes(tmp_path, tiny_model_dir, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from signround.cli import main
+
+    assert main(["upcycle", str(tiny_model_dir), "-o", str(tmp_path / "moe"), "--experts", "4"]) == 0
+    moe = AutoModelForCausalLM.from_pretrained(tmp_path / "moe")
+    assert type(moe).__name__ == "MixtralForCausalLM" and moe.config.num_local_experts == 4
+    report = signround.run(str(tmp_path / "moe"), tmp_path / "q", signround.QuantConfig(scheme="W4A16G32", method="rtn"),
+                           signround.RunConfig(progress=False), calibration=calib_ids(4, 16))
+    assert sum(".experts." in name for name in report.quantized) == 2 * 4 * 3
+    assert main(["upcycle", str(tiny_model_dir), "-o", str(tmp_path / "bad"), "--experts", "4", "--top-k", "5"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "signround: error: top_k=5 must be between 1 and experts=4"
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
