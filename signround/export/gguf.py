@@ -1,5 +1,5 @@
-"""llama.cpp's GGUF file (`OUT/model.gguf`) for LLaMA, Mistral, Qwen2, Qwen3, Qwen3-MoE, Gemma 2, Gemma 3 and Phi-3 models, with the
-tuned codes written into the block types that hold them exactly:
+"""llama.cpp's GGUF file (`OUT/model.gguf`) for LLaMA, Mistral, Mixtral, Qwen2, Qwen3, Qwen3-MoE, Gemma 2, Gemma 3 and
+Phi-3 models, with the tuned codes written into the block types that hold them exactly:
 
     4-bit sym  -> Q4_0  (q - 8) * d          4-bit asym -> Q4_1  q * d + m   (m = -zero * scale, in fp16)
     5-bit sym  -> Q5_0  (q - 16) * d         5-bit asym -> Q5_1  q * d + m
@@ -39,7 +39,7 @@ from .gguf_vocab import add_tokenizer
 
 FILE_NAME = "model.gguf"
 # model_type -> (llama.cpp's architecture, whether its converter reorders q/k rows for its rotary layout)
-_ARCHITECTURES = {"llama": ("LLAMA", True), "mistral": ("LLAMA", True), "qwen2": ("QWEN2", False), "qwen3": ("QWEN3", False),
+_ARCHITECTURES = {"llama": ("LLAMA", True), "mistral": ("LLAMA", True), "mixtral": ("LLAMA", True), "qwen2": ("QWEN2", False), "qwen3": ("QWEN3", False),
                   "qwen3_moe": ("QWEN3MOE", False), "gemma2": ("GEMMA2", False), "gemma3_text": ("GEMMA3", False),
                   "phi3": ("PHI3", False)}  # Phi-3's fused qkv_proj and gate_up_proj are llama.cpp's attn_qkv and ffn_up as they are
 # llama.cpp scales Gemma's attention by 1/sqrt(head_dim), except for the layer count of its 27B models, where it is
@@ -156,7 +156,7 @@ def llama3_rope_factors(params: dict, dim: int) -> np.ndarray:
 class GGUFFormat(Format):
     name = "gguf"
     fits = ("group-32 schemes of 4 bit (Q4_0 sym, Q4_1 asym), 5 bit (Q5_0, Q5_1) or 8 bit sym (Q8_0), and the K-quant schemes "
-            "Q2_K .. Q6_K, and MXFP4A16, on LLaMA, Mistral, Qwen2, Qwen3, Qwen3-MoE, Gemma 2, Gemma 3 and Phi-3 models")
+            "Q2_K .. Q6_K, and MXFP4A16, on LLaMA, Mistral, Mixtral, Qwen2, Qwen3, Qwen3-MoE, Gemma 2, Gemma 3 and Phi-3 models")
     kinds = ("int", "kquant", "fp")
     holds_experts = True  # as llama.cpp's stacked ffn_*_exps tensors, for the MoE architectures it names
     one_scheme_per_stack = True
@@ -215,10 +215,11 @@ class GGUFFormat(Format):
         if head_dim != cfg.hidden_size // heads or arch != "LLAMA":
             writer.add_key_length(head_dim)
             writer.add_value_length(head_dim)
-        if getattr(cfg, "num_experts", None):
-            writer.add_expert_count(cfg.num_experts)
+        experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)  # Qwen3-MoE's or Mixtral's name
+        if experts:
+            writer.add_expert_count(experts)
             writer.add_expert_used_count(cfg.num_experts_per_tok)
-            writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+            writer.add_expert_feed_forward_length(getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size)
         rope, sliding_rope = _rope_by_layer_type(cfg)
         writer.add_rope_freq_base(rope["rope_theta"])
         if rope["rope_type"] == "linear":

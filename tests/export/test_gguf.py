@@ -122,7 +122,7 @@ def test_qwen3_moe_without_normalised_routing_is_refused():
 
 
 def test_other_architectures_are_refused():
-    with pytest.raises(FormatError, match="writes llama, mistral, qwen2, qwen3, qwen3_moe, gemma2, gemma3_text, phi3 models, not 'gpt2'"):
+    with pytest.raises(FormatError, match="writes llama, mistral, mixtral, qwen2, qwen3, qwen3_moe, gemma2, gemma3_text, phi3 models, not 'gpt2'"):
         check_formats(["gguf"], make("gpt2"), signround.QuantConfig(scheme="W4A16G32"))
 
 
@@ -436,3 +436,26 @@ def test_phi3_loads_in_transformers_with_our_logits_and_tokenizer(tmp_path):
     assert kinds["blk.1.attn_qkv.weight"] == kinds["blk.1.ffn_up.weight"] == "Q4_1" and kinds["output.weight"] == "F16"
     loaded = tf.AutoTokenizer.from_pretrained(tmp_path / "out", gguf_file=FILE_NAME)
     assert loaded(GEMMA_TEXT, add_special_tokens=False).input_ids == tokenizer(GEMMA_TEXT, add_special_tokens=False).input_ids
+
+
+def test_mixtral_experts_are_written_as_llama_cpp_stacks_of_our_codes(tmp_path, tokenizer):
+    """llama.cpp runs Mixtral as its llama architecture with stacked `ffn_*_exps` experts and an F32 router;
+    transformers' GGUF loader reads no Mixtral, so the gguf package checks the codes expert by expert
+    (llama.cpp itself: benchmarks/llama_cpp_interop.py)."""
+    model = make_moe("mixtral", vocab_size=len(tokenizer))
+    signround.quantize(model, signround.QuantConfig(scheme=parse_scheme("bits=4,group_size=32,sym=true"), method="rtn"))
+    export(model, tokenizer, tmp_path / "out", "gguf")
+    reader = GGUFReader(tmp_path / "out" / FILE_NAME)
+    assert reader.fields["llama.expert_count"].parts[-1][0] == 4 and reader.fields["llama.expert_used_count"].parts[-1][0] == 2
+    tensors = {t.name: t for t in reader.tensors}
+    assert tensors["blk.0.ffn_gate_inp.weight"].tensor_type.name == "F32"
+    experts = model.model.layers[1].mlp.experts
+    for part in ("gate", "up", "down"):
+        t = tensors[f"blk.1.ffn_{part}_exps.weight"]
+        assert t.tensor_type.name == "Q4_0"
+        got = torch.from_numpy(np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32))
+        want = torch.stack([getattr(experts.expert(e), f"{part}_proj").dequantized_weight() for e in range(4)])
+        torch.testing.assert_close(got.reshape(want.shape), want, atol=0, rtol=0)
+    q = model.model.layers[1].self_attn.q_proj
+    got = torch.from_numpy(np.asarray(dequantize(tensors["blk.1.attn_q.weight"].data, tensors["blk.1.attn_q.weight"].tensor_type), dtype=np.float32))
+    torch.testing.assert_close(got.reshape(q.out_features, -1), q.dequantized_weight()[llama_row_order(q.out_features, 4)], atol=0, rtol=0)
