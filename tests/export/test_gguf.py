@@ -1,6 +1,8 @@
 """GGUF export: transformers' GGUF loader and the gguf package's own dequantization both read back
 exactly the weights signround tuned, and the tokenizer survives the trip."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -61,6 +63,18 @@ def _written_and_ours(model, tensors):
         got = torch.from_numpy(np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)).reshape(layer.out_features, layer.in_features)
         want = layer.dequantized_weight()
         yield t.tensor_type.name, got, want[llama_row_order(layer.out_features, heads)] if heads else want
+
+
+def reloaded_with_our_logits(model, tokenizer, out: Path):
+    """Export `model` to GGUF and check that transformers' GGUF loader rebuilds its class with our logits: (that
+    model, the written tensor types by name)."""
+    export(model, tokenizer, out, "gguf")
+    theirs = tf.AutoModelForCausalLM.from_pretrained(out, gguf_file=FILE_NAME).eval()
+    assert type(theirs) is type(model)
+    ids = torch.randint(0, len(tokenizer), (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits.float(), model(ids).logits.float(), atol=3e-3, rtol=3e-3)
+    return theirs, {t.name: t.tensor_type.name for t in GGUFReader(out / FILE_NAME).tensors}
 
 
 @pytest.mark.parametrize("scheme", list(SCHEMES))
@@ -138,13 +152,7 @@ def test_qwen_architectures_load_in_transformers_with_our_logits(tmp_path, token
     else:  # transformers' GGUF loader reads no head_dim for qwen3 and takes Qwen3's 128 (llama.cpp reads key_length)
         model = make(arch, vocab_size=len(tokenizer), **{**wide, **({"head_dim": 128} if arch == "qwen3" else {})})
     signround.quantize(model, signround.QuantConfig(scheme=parse_scheme(scheme), method="rtn"))
-    export(model, tokenizer, tmp_path / "out", "gguf")
-    theirs = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out", gguf_file=FILE_NAME).eval()
-    assert type(theirs) is type(model)
-    ids = torch.randint(0, len(tokenizer), (2, 24), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        torch.testing.assert_close(theirs(ids).logits.float(), model(ids).logits.float(), atol=3e-3, rtol=3e-3)
-    kinds = {t.name: t.tensor_type.name for t in GGUFReader(tmp_path / "out" / FILE_NAME).tensors}
+    theirs, kinds = reloaded_with_our_logits(model, tokenizer, tmp_path / "out")
     quantized = kinds["blk.1.ffn_down_exps.weight" if arch == "qwen3_moe" else "blk.1.ffn_down.weight"]
     assert quantized == ("Q4_K" if scheme == "Q4_K" else "Q4_0")
 
@@ -382,13 +390,8 @@ def test_gemma_loads_in_transformers_with_our_logits_and_tokenizer(tmp_path, spm
             if name.endswith("norm.weight"):
                 p.uniform_(-0.5, 0.5)
     signround.quantize(model, signround.QuantConfig(scheme=parse_scheme(scheme), method="rtn"))
-    export(model, spm_tokenizer, tmp_path / "out", "gguf")
-    theirs = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out", gguf_file=FILE_NAME).eval()
-    assert type(theirs) is type(model)
+    theirs, _ = reloaded_with_our_logits(model, spm_tokenizer, tmp_path / "out")
     assert theirs.config.layer_types == model.config.layer_types
-    ids = torch.randint(0, len(spm_tokenizer), (2, 24), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        torch.testing.assert_close(theirs(ids).logits.float(), model(ids).logits.float(), atol=3e-3, rtol=3e-3)
     reader = GGUFReader(tmp_path / "out" / FILE_NAME)
     assert bytes(reader.fields["tokenizer.ggml.model"].parts[-1]).decode() == "llama"
     loaded = tf.AutoTokenizer.from_pretrained(tmp_path / "out", gguf_file=FILE_NAME)
@@ -426,13 +429,7 @@ def test_phi3_loads_in_transformers_with_our_logits_and_tokenizer(tmp_path):
     tokenizer = make_spm_tokenizer(prepend=True)
     model = make("phi3", vocab_size=len(tokenizer), bos_token_id=2, eos_token_id=1)
     signround.quantize(model, signround.QuantConfig(scheme=parse_scheme("bits=4,group_size=32,sym=false"), method="rtn"))
-    export(model, tokenizer, tmp_path / "out", "gguf")
-    theirs = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out", gguf_file=FILE_NAME).eval()
-    assert type(theirs) is type(model)
-    ids = torch.randint(0, len(tokenizer), (2, 24), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        torch.testing.assert_close(theirs(ids).logits.float(), model(ids).logits.float(), atol=3e-3, rtol=3e-3)
-    kinds = {t.name: t.tensor_type.name for t in GGUFReader(tmp_path / "out" / FILE_NAME).tensors}
+    theirs, kinds = reloaded_with_our_logits(model, tokenizer, tmp_path / "out")
     assert kinds["blk.1.attn_qkv.weight"] == kinds["blk.1.ffn_up.weight"] == "Q4_1" and kinds["output.weight"] == "F16"
     loaded = tf.AutoTokenizer.from_pretrained(tmp_path / "out", gguf_file=FILE_NAME)
     assert loaded(GEMMA_TEXT, add_special_tokens=False).input_ids == tokenizer(GEMMA_TEXT, add_special_tokens=False).input_ids
