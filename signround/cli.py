@@ -37,7 +37,8 @@ def _add_quantize(sub) -> None:
     p.add_argument("--options", help="schemes --target-bits chooses from (default W2A16G64,W3A16,W4A16,W5A16,W6A16,W8A16, "
                         "less those the --format cannot store; with --format gguf Q2_K..Q6_K; fp16 keeps a layer 16-bit)")
     p.add_argument("--split-fused", action="store_true", help="let --target-bits give q/k/v, gate/up and one block's experts different "
-                        "schemes (runtimes that fuse them cannot load the result)")
+                        "schemes (runtimes that fuse them cannot load the result; with --format gguf alone only the experts are kept "
+                        "together anyway, as llama.cpp runs q/k/v apart)")
     p.add_argument("--method", default="signround", help="rtn or signround (default)")
     p.add_argument("--quantize-lm-head", action="store_true", help="also quantize an untied lm_head (round-to-nearest)")
     p.add_argument("--quantize-routers", action="store_true", help="also quantize mixture-of-experts routing layers (kept 16-bit by default)")
