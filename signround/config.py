@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 _PRESET = re.compile(r"^W([2-8])A(16|8)(?:G(-1|\d+))?$", re.IGNORECASE)
 # weight-and-activation presets of the float formats (compressed-tensors' and vLLM's names): (weights, activations)
 _FP_ACT_PRESETS = {"FP8": ("FP8", "FP8"), "FP8_DYNAMIC": ("FP8", "FP8"), "W8A8-FP8": ("FP8", "FP8"), "MXFP8": ("MXFP8", "MXFP8"),
-                   "MXFP4": ("MXFP4", "MXFP4")}
+                   "MXFP4": ("MXFP4", "MXFP4"), "FP8_BLOCK": ("FP8_BLOCK", "FP8_BLOCK")}
 _K_LIST = ", ".join(f"{t.name} ({t.bits} bit, groups of {t.group_size}, {'sym' if t.sym else 'asym'})" for t in kquant.K_TYPES.values())
 # llama.cpp's stand-ins for a K-quant on a row that is no whole number of 256-weight super-blocks
 # (llama-quant.cpp; IQ4_NL, its choice for Q2_K/Q3_K, holds no tuned integer codes, so Q4_0 here)
@@ -39,7 +39,7 @@ class WeightScheme:
     `group_size` consecutive input channels (-1: one group per output channel). The number format is
     integer unless `kquant` (llama.cpp's K-quants: the groups' scales, and minimums, quantized per 256
     weights; only llama.cpp's five combinations exist) or `fp` (a floating-point format of `fp.FP_TYPES`:
-    FP8, MXFP8, MXFP4, NVFP4, whose bits and groups are the format's). `format` is its handler
+    FP8, FP8_BLOCK, MXFP8, MXFP4, NVFP4, whose bits and groups are the format's). `format` is its handler
     (`quant.formats`), through which everything else quantizes. `act` names the format the layer's input
     is quantized to at run time (`formats.ACTIVATIONS`: INT8, FP8, MXFP8, MXFP4), None for 16-bit inputs."""
 
@@ -145,7 +145,7 @@ class WeightScheme:
         m = _PRESET.match(name.strip())
         if not m:
             raise ConfigError(f"unknown scheme {name!r}: use W2A16, W3A16, W4A16, W8A16, optionally with G<group> (e.g. W2A16G64), "
-                              f"W8A8 or W4A8 (int8 inputs), {', '.join(f'{t}A16' for t in fp.FP_TYPES)}, FP8, MXFP8, MXFP4, "
+                              f"W8A8 or W4A8 (int8 inputs), {', '.join(f'{t}A16' for t in fp.FP_TYPES)}, FP8, FP8_BLOCK, MXFP8, MXFP4, "
                               f"or a llama.cpp K-quant: {', '.join(kquant.K_TYPES)} (mixtures: {', '.join(mixtures.MIXTURES)})")
         bits, act = int(m.group(1)), "INT8" if m.group(2) == "8" else None
         group = int(m.group(3)) if m.group(3) else _default_group(bits, act)

@@ -120,7 +120,7 @@ def test_float_presets_name_formats_users_know(name, fields):
 def test_a_float_format_keeps_its_own_bits_and_groups():
     with pytest.raises(ConfigError, match="MXFP4 has 4-bit symmetric elements in groups of 32, not bits=4, group_size=128.*MXFP4A16"):
         WeightScheme(bits=4, group_size=128, fp="MXFP4")
-    with pytest.raises(ConfigError, match="fp='FP6' is not a floating-point format: use one of FP8, MXFP8, MXFP4, NVFP4"):
+    with pytest.raises(ConfigError, match="fp='FP6' is not a floating-point format: use one of FP8, FP8_BLOCK, MXFP8, MXFP4, NVFP4"):
         WeightScheme(fp="FP6")
     with pytest.raises(ConfigError, match="unknown scheme 'MXFP5A16'.*MXFP4A16, NVFP4A16"):
         WeightScheme.preset("MXFP5A16")
@@ -141,7 +141,7 @@ def test_presets_with_quantized_inputs(name, fields):
 def test_unbuilt_or_impossible_input_formats_say_so():
     with pytest.raises(ConfigError, match="NVFP4 activations need a calibrated global scale.*NVFP4A16 quantizes the weights alone"):
         WeightScheme.preset("NVFP4")
-    with pytest.raises(ConfigError, match="act='int4' is not an activation format: use one of INT8, FP8, MXFP8, MXFP4"):
+    with pytest.raises(ConfigError, match="act='int4' is not an activation format: use one of INT8, FP8, FP8_BLOCK, MXFP8, MXFP4"):
         parse_scheme("bits=4,group_size=32,act=int4")
     with pytest.raises(ConfigError, match="Q4_K is a llama.cpp type, which quantizes its inputs itself"):
         WeightScheme(4, 32, False, kquant=True, act="INT8")

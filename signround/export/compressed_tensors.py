@@ -14,7 +14,8 @@ that conversion, decompressed to 16 bit, which reads symmetric integer weights o
 Floating-point layers take compressed-tensors' own formats, whose layouts are signround's: `nvfp4-pack-quantized`
 (`weight_packed` two E2M1 codes a byte, `weight_scale` float8_e4m3fn per 16, `weight_global_scale`, the same
 divisor), `mxfp4-pack-quantized` (E8M0 exponent bytes per 32), `mxfp8-quantized` (`weight` as float8_e4m3fn,
-E8M0 bytes per 32) and `float-quantized` (FP8: float8_e4m3fn `weight`, one fp32 scale per output channel).
+E8M0 bytes per 32) and `float-quantized` (FP8: float8_e4m3fn `weight`, one fp32 scale per output channel; FP8_BLOCK:
+one per 128 x 128 block, its `block_structure`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import re
 import torch
 
 from ..experts import stacked_matrix_names, transformers_part_names
+from ..quant.fp import block_scales
 from ..quant.packing import pack_rows
 from . import Format, has_experts, partial_group, quantized_layers, register_format, unquantized_block_linears, write_packed_folder
 
@@ -42,15 +44,19 @@ def _weights_args(bits: int, sym: bool, group_size: int | None, fp: str | None =
         args.update(strategy="tensor_group", scale_dtype="torch.float8_e4m3fn")
     elif fp in ("MXFP4", "MXFP8"):
         args.update(scale_dtype="torch.uint8")
+    elif fp == "FP8_BLOCK":
+        args.update(strategy="block", group_size=None, block_structure=[128, 128])
     return args
 
 
 # compressed-tensors' format of each floating-point type (integer layers: pack-quantized; int-quantized for W8A8)
-_FP_FORMATS = {"NVFP4": "nvfp4-pack-quantized", "MXFP4": "mxfp4-pack-quantized", "MXFP8": "mxfp8-quantized", "FP8": "float-quantized"}
+_FP_FORMATS = {"NVFP4": "nvfp4-pack-quantized", "MXFP4": "mxfp4-pack-quantized", "MXFP8": "mxfp8-quantized", "FP8": "float-quantized",
+               "FP8_BLOCK": "float-quantized"}
 # the dynamic input quantization of each activation format, as compressed-tensors (and vLLM) read it
 _ACT_ARGS = {
     "INT8": {"num_bits": 8, "type": "int", "strategy": "token"},
     "FP8": {"num_bits": 8, "type": "float", "strategy": "token"},
+    "FP8_BLOCK": {"num_bits": 8, "type": "float", "strategy": "group", "group_size": 128},
     "MXFP8": {"num_bits": 8, "type": "float", "strategy": "group", "group_size": 32, "scale_dtype": "torch.uint8"},
     "MXFP4": {"num_bits": 4, "type": "float", "strategy": "group", "group_size": 32, "scale_dtype": "torch.uint8"},
 }
@@ -70,7 +76,7 @@ def _format_of(scheme) -> str:
 def _fp_tensors(layer) -> dict[str, torch.Tensor]:
     """A float layer's tensors under compressed-tensors' names: signround stores them in its layout already."""
     t = layer.scheme.fptype
-    out = {"weight_scale": layer.scales if t.scale != "fp32" else layer.scales.float()}
+    out = {"weight_scale": layer.scales if t.scale != "fp32" else block_scales(layer.scales.float(), t)}
     if t.element.bits == 4:
         out["weight_packed"] = layer.qweight
     else:
@@ -97,12 +103,16 @@ def _expert_names(model):
 class CompressedTensorsFormat(Format):
     name = "compressed-tensors"
     fits = ("integer schemes of 2-8 bits (W8A8, W4A8 with int8 inputs), the float schemes (FP8A16, MXFP8A16, MXFP4A16, NVFP4A16; "
-            "FP8, MXFP8, MXFP4 with quantized inputs), whose group size divides every layer's width (or -1)")
+            "FP8, FP8_BLOCK, MXFP8, MXFP4 with quantized inputs), whose group size divides every layer's width (or -1)")
     kinds = ("int", "fp")
     holds_activations = True
     holds_experts = True
 
     def refusal(self, scheme, in_features):
+        if scheme.fp == "FP8_BLOCK":  # its weight blocks pad a partial last one, as compressed-tensors' own quantizer does
+            if scheme.act and in_features % 128:
+                return f"its dynamic input groups of 128 need the layer's width to be a multiple of 128, not {in_features}; use FP8_BLOCKA16 or FP8"
+            return None
         return partial_group(scheme, in_features, wider_ok=True)
 
     def model_refusal(self, model):

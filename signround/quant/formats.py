@@ -73,7 +73,7 @@ class KQuant(Integer):
 
 
 class Float:
-    """FP8, MXFP8, MXFP4, NVFP4 (`fp.FP_TYPES`): symmetric grids, so only the group maximum is clipped."""
+    """FP8, FP8_BLOCK, MXFP8, MXFP4, NVFP4 (`fp.FP_TYPES`): symmetric grids, so only the group maximum is clipped."""
 
     tunes_min = False
 
@@ -102,6 +102,7 @@ FORMATS: dict[str, Format] = {"int": Integer(), "kquant": KQuant(), "fp": Float(
 ACTIVATIONS = {
     "INT8": (lambda x: integer.fake_quant_tokens(x, 8), "int8, one scale per token"),
     "FP8": (lambda x: fp.fake_quant_activations(x, fp.FP_TYPES["FP8"]), "FP8 E4M3, one scale per token"),
+    "FP8_BLOCK": (lambda x: fp.fake_quant_activations(x, fp.FP_TYPES["FP8_BLOCK"]), "FP8 E4M3, one scale per 128 features of a token"),
     "MXFP8": (lambda x: fp.fake_quant_activations(x, fp.FP_TYPES["MXFP8"]), "MXFP8, an E8M0 scale per 32"),
     "MXFP4": (lambda x: fp.fake_quant_activations(x, fp.FP_TYPES["MXFP4"]), "MXFP4, an E8M0 scale per 32"),
 }

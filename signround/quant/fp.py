@@ -1,12 +1,15 @@
 """Floating-point weight formats as pure tensor functions (no modules, no I/O).
 
     FP8    E4M3 elements, one fp32 scale per output channel
+    FP8_BLOCK  E4M3 elements, one fp32 scale per block of 128 output x 128 input channels  (DeepSeek-V3, vLLM)
     MXFP8  E4M3 elements, one power-of-two (E8M0) scale per 32 weights  (OCP microscaling)
     MXFP4  E2M1 elements, one power-of-two (E8M0) scale per 32 weights  (OCP microscaling)
     NVFP4  E2M1 elements, one E4M3 scale per 16 weights and one fp32 scale per tensor
 
 Weights are (out_features, in_features), grouped (out, groups, g) as in `integer`. A weight dequantizes
 to `element * scale`; NVFP4's scale is its stored E4M3 group scale divided by the tensor's global scale.
+FP8_BLOCK's scale is shared by 128 consecutive rows' groups: here it is held once per row (repeated), so
+that every format keeps one (out, groups) scale tensor; its exporters write one per block.
 
 SignRound tunes the same two things as for integers. Per weight, an offset V in [-0.5, 0.5] is added
 before rounding to the element grid. It is counted in steps of the grid where the value lies, so V picks
@@ -57,22 +60,25 @@ E4M3_TINY = 2.0**-9  # the smallest positive E4M3 value: NVFP4's group scales st
 
 
 class FPType(NamedTuple):
-    """A floating-point weight format: its element, group length (-1: one group per output channel) and how
-    the group scales are stored: "fp32", "e8m0" (a power of two, as a biased exponent byte) or "e4m3"."""
+    """A floating-point weight format: its element, group length (-1: one group per output channel), how
+    the group scales are stored: "fp32", "e8m0" (a power of two, as a biased exponent byte) or "e4m3", and
+    how many consecutive output channels share each group's scale (FP8_BLOCK: 128)."""
 
     name: str
     element: Element
     group_size: int
     scale: str
+    block_rows: int = 1
 
     def bits_per_weight(self, in_features: int) -> float:
         """Element bits plus the group scale's share (NVFP4's one fp32 per tensor is left out: under 1e-4)."""
         scale_bits = 32 if self.scale == "fp32" else 8
-        return self.element.bits + scale_bits * num_groups(in_features, self.group_size) / in_features
+        return self.element.bits + scale_bits * num_groups(in_features, self.group_size) / in_features / self.block_rows
 
 
 FP_TYPES = {t.name: t for t in (
     FPType("FP8", E4M3, -1, "fp32"),
+    FPType("FP8_BLOCK", E4M3, 128, "fp32", 128),
     FPType("MXFP8", E4M3, 32, "e8m0"),
     FPType("MXFP4", E2M1, 32, "e8m0"),
     FPType("NVFP4", E2M1, 16, "e4m3"),
@@ -130,6 +136,8 @@ def group_scales(wg: torch.Tensor, fptype: FPType, max_scale=None, global_: torc
     amax = wg.abs().amax(dim=-1, keepdim=True).float()
     if max_scale is not None:
         amax = amax * max_scale.clamp(0, 1).unsqueeze(-1)
+    if fptype.block_rows > 1:
+        amax = block_max(amax, fptype.block_rows)
     element = fptype.element
     if fptype.scale == "fp32":
         scale = (amax / element.max).clamp(min=torch.finfo(torch.float32).tiny)
@@ -139,6 +147,20 @@ def group_scales(wg: torch.Tensor, fptype: FPType, max_scale=None, global_: torc
         return torch.exp2(exponent), (exponent.detach().squeeze(-1) + 127).to(torch.uint8)
     stored = _e4m3_ste((global_ * amax / element.max).clamp(E4M3_TINY, E4M3.max))
     return stored / global_, stored.detach().squeeze(-1).to(torch.float8_e4m3fn)
+
+
+def block_max(amax: torch.Tensor, rows: int) -> torch.Tensor:
+    """(out, groups, 1) group maxima -> each block of `rows` consecutive output channels' maximum, repeated
+    on its rows (a partial last block as compressed-tensors pads it). Differentiable: the gradient reaches
+    the row whose (clipped) maximum sets the block's."""
+    out = amax.shape[0]
+    padded = torch.nn.functional.pad(amax, (0, 0, 0, 0, 0, -out % rows))
+    return padded.view(-1, rows, *amax.shape[1:]).amax(dim=1).repeat_interleave(rows, dim=0)[:out]
+
+
+def block_scales(scale: torch.Tensor, fptype: FPType) -> torch.Tensor:
+    """Stored (out, groups) scales -> one per block of `block_rows` rows, as compressed-tensors stores FP8_BLOCK's."""
+    return scale[:: fptype.block_rows]
 
 
 def fake_quant_groups(wg: torch.Tensor, fptype: FPType, offset=None, max_scale=None, global_: torch.Tensor | None = None) -> torch.Tensor:

@@ -23,8 +23,9 @@ def consumer_load(folder, fmt: str, asym: bool = False):
     return tf.AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
 
 
-def quantized(scheme: str, method: str = "rtn", **config):
-    model = make("llama", vocab_size=256)
+def quantized(scheme: str, method: str = "rtn", wide: bool = False, **config):
+    """`wide`: hidden 128 and intermediate 256, whole 128-feature groups (FP8_BLOCK's inputs)."""
+    model = make("llama", vocab_size=256, **(dict(hidden_size=128, intermediate_size=256, head_dim=32) if wide else {}))
     signround.quantize(model, signround.QuantConfig(scheme=scheme, method=method, iters=3, nsamples=4, seqlen=16, **config),
                        calibration=calib_ids(4, 16))
     return model
@@ -138,7 +139,8 @@ def test_cli_refuses_a_format_before_loading_work(tmp_path, capsys, tiny_model_d
 
 
 @pytest.mark.parametrize("scheme, stored", [("NVFP4A16", "nvfp4-pack-quantized"), ("MXFP4A16", "mxfp4-pack-quantized"),
-                                            ("MXFP8A16", "mxfp8-quantized"), ("FP8A16", "float-quantized")])
+                                            ("MXFP8A16", "mxfp8-quantized"), ("FP8A16", "float-quantized"),
+                                            ("FP8_BLOCKA16", "float-quantized")])
 def test_compressed_tensors_decompresses_float_formats_to_our_weights(tmp_path, scheme, stored):
     """compressed-tensors' own float formats take signround's codes and scales as they are: its decompressed
     bf16 weights are ours in bf16 (FP8's fp32 channel scale is loaded into a bf16 parameter first: within two
@@ -153,7 +155,7 @@ def test_compressed_tensors_decompresses_float_formats_to_our_weights(tmp_path, 
         want, got = model(ids).logits, theirs(ids).logits.float()
     torch.testing.assert_close(got, want, atol=2e-2 * want.abs().max().item(), rtol=2e-2)
     for name, layer in signround.export.quantized_layers(model).items():  # decompressed by the forward above
-        rtol = 2**-7 if scheme == "FP8A16" else 2**-8
+        rtol = 2**-7 if scheme.startswith("FP8") else 2**-8
         torch.testing.assert_close(theirs.get_submodule(name).weight, layer.dequantized_weight(torch.bfloat16), rtol=rtol, atol=0)
 
 
@@ -167,13 +169,13 @@ def test_float_formats_are_refused_before_tuning_where_no_consumer_stores_them(t
 
 
 @pytest.mark.parametrize("scheme, stored", [("MXFP4", "mxfp4-pack-quantized"), ("MXFP8", "mxfp8-quantized"), ("W8A8", "int-quantized"),
-                                            ("W4A8G32", "pack-quantized"), ("FP8", "float-quantized")])
+                                            ("W4A8G32", "pack-quantized"), ("FP8", "float-quantized"), ("FP8_BLOCK", "float-quantized")])
 def test_compressed_tensors_quantizes_the_inputs_as_we_do(tmp_path, scheme, stored):
     """Quantized inputs travel as the config group's `input_activations` (dynamic). MX inputs are quantized as
     compressed-tensors quantizes them, bit for bit: the consumer's logits are ours run from the same bf16
     folder exactly. Per-token INT8 and FP8 differ in rounding only: compressed-tensors emulates them in the
     model's dtype and scales int8 by max/127.5 where vLLM's kernels (and we) take max/127."""
-    model = quantized(scheme, method="signround")
+    model = quantized(scheme, method="signround", wide=scheme == "FP8_BLOCK")
     export(model, None, tmp_path / "out", "compressed-tensors")
     group = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
     assert group["format"] == stored and group["input_activations"]["dynamic"] is True
@@ -187,6 +189,12 @@ def test_compressed_tensors_quantizes_the_inputs_as_we_do(tmp_path, scheme, stor
         assert torch.equal(got, want)
     else:
         assert (got - want).abs().max() < 0.05 * want.abs().max()
+
+
+def test_fp8_block_inputs_need_whole_groups_of_128():
+    with pytest.raises(FormatError, match="input groups of 128 need the layer's width to be a multiple of 128"):
+        check_formats(["compressed-tensors"], make("llama", vocab_size=256), signround.QuantConfig(scheme="FP8_BLOCK"))
+    check_formats(["compressed-tensors"], make("llama", vocab_size=256), signround.QuantConfig(scheme="FP8_BLOCKA16"))
 
 
 @pytest.mark.parametrize("fmt", ["gptq", "auto_round", "awq", "gguf"])

@@ -80,6 +80,31 @@ def test_stored_scales_follow_each_format():
     assert fp8.scale.shape == (8, 1) and torch.allclose(fp8.scale, w.abs().amax(1, keepdim=True) / 448)
 
 
+def test_fp8_block_codes_and_scales_are_compressed_tensors_own():
+    """FP8_BLOCK (DeepSeek's 128 x 128 blocks): one scale per block, the block's maximum over 448 (a partial
+    last block padded, as compressed-tensors pads it), and compressed-tensors' own quantizer, given those
+    scales, writes our codes bit for bit."""
+    import torch.nn.functional as F
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import quantize
+
+    w = torch.randn(300, 576) * 0.02
+    t = fp.FP_TYPES["FP8_BLOCK"]
+    q = fp.quantize(w, t)
+    blocks = fp.block_scales(q.scale, t)
+    assert torch.equal(blocks, F.pad(w.abs(), (0, 64, 0, 84)).view(3, 128, 5, 128).amax((1, 3)) / 448)
+    args = QuantizationArgs(num_bits=8, type="float", strategy="block", block_structure=[128, 128], symmetric=True, dynamic=False)
+    assert torch.equal(quantize(w, blocks, None, args, dtype=torch.float8_e4m3fn).view(torch.uint8), q.codes)
+
+
+def test_a_block_scale_trains_through_the_row_that_sets_it():
+    wg = torch.randn(256, 1, 128)
+    max_scale = torch.ones(256, 1, requires_grad=True)
+    fp.fake_quant_groups(wg, fp.FP_TYPES["FP8_BLOCK"], max_scale=max_scale).pow(2).sum().backward()
+    top = wg.abs().amax(-1).view(2, 128).argmax(1) + torch.tensor([0, 128])
+    assert (max_scale.grad[:, 0] != 0).nonzero().flatten().tolist() == top.tolist()
+
+
 def test_clipping_scale_trains_through_the_mx_exponent():
     wg = torch.randn(4, 2, 32)
     max_scale = torch.ones(4, 2, requires_grad=True)
@@ -98,6 +123,7 @@ def test_bits_per_weight():
     assert fp.FP_TYPES["NVFP4"].bits_per_weight(4096) == 4.5
     assert fp.FP_TYPES["MXFP8"].bits_per_weight(4096) == 8.25
     assert fp.FP_TYPES["FP8"].bits_per_weight(4096) == 8 + 32 / 4096
+    assert fp.FP_TYPES["FP8_BLOCK"].bits_per_weight(4096) == 8 + 32 / 128 / 128
 
 
 def test_fp4_packing_puts_the_even_code_in_the_low_nibble():

@@ -7,7 +7,7 @@ import torch
 from signround.config import WeightScheme
 from signround.quant.integer import from_groups, to_groups
 
-SCHEMES = ["W4A16G32", "W2A16G32", "W8A16", "Q4_K", "Q3_K", "FP8A16", "MXFP8A16", "MXFP4A16", "NVFP4A16"]
+SCHEMES = ["W4A16G32", "W2A16G32", "W8A16", "Q4_K", "Q3_K", "FP8A16", "FP8_BLOCKA16", "MXFP8A16", "MXFP4A16", "NVFP4A16"]
 
 
 def weight(dtype=torch.float32, shape=(48, 512)):
