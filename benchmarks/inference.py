@@ -3,9 +3,12 @@ throughput, weight memory and perplexity, side by side in one run.
 
     python benchmarks/inference.py                 # SmolLM2-135M, RTN W4A16 codes
     python benchmarks/inference.py --scheme W4A16G64 --decode 64
+    python benchmarks/inference.py --scheme W8A8                  # torch's int8 matmul against the simulated W8A8
 
 `signround.load(..., dtype=torch.bfloat16)` runs 4-bit layers through torch's packed int4 matmul for
 short inputs (decoding) and dequantizes for long ones (prefill); `dtype=torch.float32` always dequantizes.
+W8A8 layers multiply int8 inputs and weights with torch's int8 matmul (`--scheme W8A8` also times the
+simulated path: dequantized weights, quantize-dequantized inputs).
 """
 
 from __future__ import annotations
@@ -27,8 +30,22 @@ from signround.evaluate import perplexity
 from signround.hardware import cpu_has_fast_bf16
 
 
+def simulated(model):
+    """W8A8 layers without torch's int8 matmul: dequantized weights times quantize-dequantized inputs."""
+    from signround.qlinear import QuantLinear
+
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.INT8_MATMUL = False
+    return model
+
+
 def weight_bytes(model) -> int:
+    """Parameters and buffers, and the kernels' weight copies built on first use (int4 repacked, int8 transposed)."""
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    for m in model.modules():
+        cached = [*m.__dict__.get("_int4_cache", {}).values(), m.__dict__.get("_int8_cache", ())]
+        tensors.update({id(t): t for entry in cached for t in entry if isinstance(t, torch.Tensor)})
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
@@ -71,12 +88,15 @@ def main() -> None:
         quantized = signround.load_model(args.model)[0]
         signround.quantize(quantized, signround.QuantConfig(scheme=args.scheme, method="rtn"))
         signround.save(quantized, Path(tmp) / "q", tokenizer)
+        int8 = signround.WeightScheme.preset(args.scheme).act == "INT8"
         variants = {
             "fp32 (original)": lambda: base,
             "bf16 (original)": lambda: signround.load_model(args.model)[0].to(torch.bfloat16),
-            f"{args.scheme} fp32 (dequantize)": lambda: signround.load(Path(tmp) / "q", dtype=torch.float32),
-            f"{args.scheme} bf16 (int4 kernel when decoding)": lambda: signround.load(Path(tmp) / "q", dtype=torch.bfloat16),
+            f"{args.scheme} fp32 ({'int8 matmul' if int8 else 'dequantize'})": lambda: signround.load(Path(tmp) / "q", dtype=torch.float32),
+            f"{args.scheme} bf16 ({'int8 matmul' if int8 else 'int4 kernel when decoding'})": lambda: signround.load(Path(tmp) / "q", dtype=torch.bfloat16),
         }
+        if int8:
+            variants[f"{args.scheme} fp32 (simulated)"] = lambda: simulated(signround.load(Path(tmp) / "q", dtype=torch.float32))
         rows = []
         for name, build in variants.items():
             model = build().eval()
@@ -91,7 +111,7 @@ def main() -> None:
              "| model | prefill tok/s | vs fp32 | decode tok/s | vs fp32 | weights + buffers (MiB) | wt2 ppl |", "|---|---|---|---|---|---|---|"]
     for name, prefill, decode, mib, ppl in rows:
         lines.append(f"| {name} | {prefill:.0f} | {prefill / ref_prefill:.2f}x | {decode:.1f} | {decode / ref_decode:.2f}x | {mib:.0f} | {ppl:.3f} |")
-    protocol.write_result("inference.md", lines)
+    protocol.write_result("inference.md" if args.scheme == "W4A16" else f"inference-{args.scheme}.md", lines)
 
 
 if __name__ == "__main__":
