@@ -332,8 +332,10 @@ class QuantConfig:
             if not self.options:
                 raise ConfigError("options is empty: list the schemes the bit-budget search may choose from, e.g. W2A16G64,W3A16,W4A16")
         if isinstance(self.fuse_groups, str):
-            self.fuse_groups = self.fuse_groups.split(",")
+            self.fuse_groups = [k for k in self.fuse_groups.split(",") if k.strip()]
         if not isinstance(self.fuse_groups, bool):
+            if not isinstance(self.fuse_groups, (list, tuple)):
+                raise ConfigError(f"fuse_groups={self.fuse_groups!r}: use True, False or kinds of {', '.join(budget.FUSED_KINDS)}")
             self.fuse_groups = tuple(str(k).strip() for k in self.fuse_groups)
             unknown = [k for k in self.fuse_groups if k not in budget.FUSED_KINDS]
             if unknown:

@@ -55,6 +55,12 @@ class QuantLinear(nn.Module):
             self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16, device=device))
         self._bias(bias, out_features, dtype, device)
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        """New buffers: the kernels' copies built from the old ones (int4 repacked, int8 transposed) go."""
+        self.__dict__.pop("_int4_cache", None)
+        self.__dict__.pop("_int8_cache", None)
+        super()._load_from_state_dict(*args, **kwargs)
+
     def _bias(self, bias: bool, out_features: int, dtype, device) -> None:
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
 
@@ -136,7 +142,7 @@ class QuantLinear(nn.Module):
         fp32 one on 2 EPYC cores (benchmarks/inference.py)."""
         s = self.scheme
         return (self.INT8_MATMUL and x.device.type == "cpu" and s.kind == "int" and s.act == "INT8" and s.bits == 8 and s.sym
-                and s.group_size == -1 and hasattr(torch, "_int_mm"))
+                and s.group_size == -1 and hasattr(torch, "_int_mm") and not (torch.is_grad_enabled() and x.requires_grad))
 
     INT8_MATMUL = True  # False on a layer: the simulated W8A8 (dequantized weight, inputs rounded to x's dtype), for comparison
 

@@ -9,6 +9,8 @@ biases); Qwen3-MoE's normalise q and k per head, which a LLaMA does not, so they
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from .config import ConfigError
@@ -58,14 +60,15 @@ def upcycle(model, experts: int = 8, top_k: int = 2, noise: float = 0.01, seed: 
 def upcycle_to(model: str, output, experts: int = 8, top_k: int = 2, noise: float = 0.01, seed: int = 0, overwrite: bool = False):
     """`upcycle` a dense model (a built-in name, folder, .gguf or hub id) and save the MoE as a Hugging Face
     folder with its tokenizer, which `signround quantize` then takes like any other model; returns the folder."""
-    from .checkpoint import check_output_dir
+    from .checkpoint import atomic_folder, check_output_dir
     from .models import load
 
-    out = check_output_dir(output, overwrite)
+    check_output_dir(output, overwrite)
     if not 1 <= top_k <= experts:  # before the model is read
         raise ConfigError(f"top_k={top_k} must be between 1 and experts={experts}")
     dense, tokenizer = load(model)
     moe = upcycle(dense, experts, top_k, noise, seed)
-    moe.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    with atomic_folder(output, overwrite) as tmp:  # an interrupted save leaves no folder that looks complete
+        moe.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return Path(output)

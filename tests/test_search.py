@@ -151,9 +151,30 @@ def test_the_split_option_lets_fused_layers_differ(fuse):
         assert len({split.quantized[n] for n in group}) == 1
 
 
+def test_a_split_plan_is_refused_where_the_runtime_fuses_the_layers(tmp_path):
+    from signround.export import FormatError, export
+
+    model, split = quantized_tiny(3.0, fuse_groups=("experts",))
+    assert any(len({split.quantized[n] for n in g}) > 1 for g in budget.group_layers(split.quantized).values())
+    with pytest.raises(FormatError, match=r"format gptq cannot hold .*\{(qkv|gate_up)\} as .*runs them as one matrix"):
+        export(model, None, tmp_path / "gptq", "gptq")
+    fused, _ = quantized_tiny(3.0)
+    export(fused, None, tmp_path / "fused", "gptq")
+
+
 def test_unknown_fused_kinds_are_refused():
     with pytest.raises(ConfigError, match="fuse_groups names qkvo"):
         QuantConfig(target_bits=4, fuse_groups=("qkvo",))
+    with pytest.raises(ConfigError, match="fuse_groups=None: use True, False or kinds of"):
+        QuantConfig(target_bits=4, fuse_groups=None)
+
+
+def test_a_k_type_override_that_falls_back_counts_at_its_gguf_block_size():
+    """down_proj's 128-wide rows hold no 256-weight super-block: Q4_K falls back to Q5_0, 5.5 bits in the file."""
+    model = make("llama", num_hidden_layers=3)
+    config = QuantConfig(scheme="W4A16G32", target_bits=4.5, options=OPTIONS, layer_overrides={"down_proj": "Q4_K"})
+    found = search.candidates(model, *find_blocks(model), config)
+    assert found.fixed_numel == 3 * 64 * 128 and found.fixed_bits == pytest.approx(5.5 * found.fixed_numel)
 
 
 def test_overrides_are_fixed_and_counted():

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from ..blocks import find_blocks, find_linears
-from ..budget import FUSED_KINDS, fuse_kinds
+from ..budget import FUSED_KINDS, fuse_kinds, group_layers
 from ..config import ConfigError, QuantConfig, WeightScheme
 from ..qlinear import QuantLinear
 
@@ -114,9 +114,23 @@ def _refuse(fmt: Format, model, layers: dict[str, tuple[WeightScheme, int]]) -> 
         raise FormatError(f"format {fmt.name} cannot hold {kept[0]} kept 16-bit: {reason}")
     if fmt.one_scheme_per_stack:
         _refuse_mixed_stacks(fmt, stacked, layers)
+    _refuse_split_plan(fmt, model, layers)
     reason = fmt.schemes_refusal({scheme for scheme, _ in layers.values()})
     if reason:
         raise FormatError(f"format {fmt.name} cannot hold this model: {reason}; {fmt.name} takes {fmt.fits}")
+
+
+def _refuse_split_plan(fmt: Format, model, layers: dict) -> None:
+    """A bit-budget plan searched for outputs that run q/k/v (or gate/up) apart, as GGUF, written where the
+    runtime runs them as one matrix (vLLM): the layers of such a group must share a scheme."""
+    if not (getattr(model.config, "quantization_config", None) or {}).get("plan"):
+        return
+    for key, members in group_layers(list(layers), fmt.fuses).items():
+        schemes = {layers[n][0] for n in members}
+        if len(schemes) > 1:
+            raise FormatError(f"format {fmt.name} cannot hold {key} as {', '.join(sorted(s.name() for s in schemes))}: its runtime runs them "
+                              f"as one matrix, and this model's bit-budget plan (searched for GGUF or with --split-fused) splits them; "
+                              f"quantize again with --format {fmt.name}")
 
 
 def _refuse_mixed_stacks(fmt: Format, stacked: set[str], layers: dict) -> None:

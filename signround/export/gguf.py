@@ -227,8 +227,10 @@ class GGUFFormat(Format):
             writer.add_rope_scaling_factor(float(rope["factor"]))
         if arch.startswith("GEMMA"):
             _add_gemma(writer, cfg, sliding_rope)
-        if arch == "PHI3" and getattr(cfg, "original_max_position_embeddings", None):
-            writer.add_rope_scaling_orig_ctx_len(cfg.original_max_position_embeddings)
+        if arch == "PHI3":  # llama.cpp's converter always writes the window (0: none), which older llama.cpp requires
+            writer.add_sliding_window(cfg.sliding_window or 0)
+            if getattr(cfg, "original_max_position_embeddings", None):
+                writer.add_rope_scaling_orig_ctx_len(cfg.original_max_position_embeddings)
         writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
         writer.add_vocab_size(cfg.vocab_size)
         layers = quantized_layers(model)

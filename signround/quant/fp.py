@@ -149,13 +149,13 @@ def group_scales(wg: torch.Tensor, fptype: FPType, max_scale=None, global_: torc
     return stored / global_, stored.detach().squeeze(-1).to(torch.float8_e4m3fn)
 
 
-def block_max(amax: torch.Tensor, rows: int) -> torch.Tensor:
-    """(out, groups, 1) group maxima -> each block of `rows` consecutive output channels' maximum, repeated
-    on its rows (a partial last block as compressed-tensors pads it). Differentiable: the gradient reaches
-    the row whose (clipped) maximum sets the block's."""
+def block_max(amax: torch.Tensor, rows: int, reduce: str = "amax") -> torch.Tensor:
+    """(out, groups, 1) group maxima -> each block of `rows` consecutive output channels' maximum (or sum),
+    repeated on its rows (a partial last block as compressed-tensors pads it). Differentiable: the gradient
+    reaches the row whose (clipped) maximum sets the block's."""
     out = amax.shape[0]
     padded = torch.nn.functional.pad(amax, (0, 0, 0, 0, 0, -out % rows))
-    return padded.view(-1, rows, *amax.shape[1:]).amax(dim=1).repeat_interleave(rows, dim=0)[:out]
+    return getattr(padded.view(-1, rows, *amax.shape[1:]), reduce)(dim=1).repeat_interleave(rows, dim=0)[:out]
 
 
 def block_scales(scale: torch.Tensor, fptype: FPType) -> torch.Tensor:
@@ -186,6 +186,8 @@ def search_clipping(w: torch.Tensor, fptype: FPType, importance: torch.Tensor | 
         ratio = torch.full(wg.shape[:2], min(max(r, 0.0), 1.0), device=w.device)
         err = (fake_quant_groups(wg, fptype, None, ratio, glob) - wg).square_()
         err = (err if imp is None else err.mul_(imp)).sum(-1)
+        if fptype.block_rows > 1:  # one scale per block: its rows' errors decide together, one ratio for them all
+            err = block_max(err.unsqueeze(-1), fptype.block_rows, reduce="sum").squeeze(-1)
         if best is None:
             best_err, best = err, ratio
         else:

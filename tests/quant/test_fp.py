@@ -105,6 +105,14 @@ def test_a_block_scale_trains_through_the_row_that_sets_it():
     assert (max_scale.grad[:, 0] != 0).nonzero().flatten().tolist() == top.tolist()
 
 
+def test_a_block_takes_one_clipping_ratio_chosen_on_all_its_rows():
+    w = torch.randn(200, 256, generator=torch.Generator().manual_seed(0))
+    t = fp.FP_TYPES["FP8_BLOCK"]
+    ratio = fp.search_clipping(w, t)
+    assert torch.equal(ratio[:128], ratio[:1].expand(128, -1)) and torch.equal(ratio[128:], ratio[128:129].expand(72, -1))
+    assert (fp.fake_quant(w, t, None, ratio) - w).pow(2).sum() <= (fp.fake_quant(w, t) - w).pow(2).sum()
+
+
 def test_clipping_scale_trains_through_the_mx_exponent():
     wg = torch.randn(4, 2, 32)
     max_scale = torch.ones(4, 2, requires_grad=True)
