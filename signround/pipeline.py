@@ -105,6 +105,10 @@ class QuantizeReport:
         total = sum(self.parameters.values())
         return self.parameters.get(part, 0) / total if total else 0.0
 
+    def stored_bits(self, name: str, scheme: WeightScheme, in_features: int) -> float:
+        """A quantized layer's bits per weight as stored: a K type's legacy fallback at GGUF's block size."""
+        return scheme.legacy_bits_per_weight() if name in self.fallbacks else scheme.bits_per_weight(in_features)
+
     def summary(self) -> str:
         kept = len(self.kept_16bit)
         lines = [
@@ -549,8 +553,7 @@ def quantize(model, config: QuantConfig | None = None, run: RunConfig | None = N
     sizes = {}
     for name, scheme in report.quantized.items():
         module = model.get_submodule(name)
-        bits = scheme.legacy_bits_per_weight() if name in report.fallbacks else scheme.bits_per_weight(module.in_features)  # as GGUF stores it
-        sizes[name] = (module.in_features * module.out_features, bits)
+        sizes[name] = (module.in_features * module.out_features, report.stored_bits(name, scheme, module.in_features))
     total = sum(n for n, _ in sizes.values())
     report.bits_per_weight = sum(n * b for n, b in sizes.values()) / total
     computed = {"device": str(device), "amp": str(amp_dtype).removeprefix("torch.") if amp_dtype else "off",

@@ -11,7 +11,7 @@ from .hardware import cpu_has_fast_bf16
 from .quant import fp
 from .quant.formats import quantize_activations
 from .quant.fp import FPQuantized
-from .quant.integer import QuantizedWeight, group_size_for
+from .quant.integer import QuantizedWeight, group_size_for, token_scales
 from .quant.kquant import SUPER_BLOCK, KQuantized
 from .quant.packing import pack_qweight, pack_qzeros, packed_rows, unpack_qweight, unpack_qzeros
 
@@ -150,7 +150,7 @@ class QuantLinear(nn.Module):
         """The inputs quantized per token as `integer.fake_quant_tokens` does (|x|max / 127), multiplied as int8
         codes with int32 accumulation, then scaled: the simulated path's numbers without its rounding to x's dtype."""
         rows = x.reshape(-1, self.in_features).float()
-        scale = (rows.abs().amax(dim=-1, keepdim=True) / 127).clamp(min=1e-12)
+        scale = token_scales(rows, 8)
         codes = torch.round(rows / scale).clamp(-128, 127).to(torch.int8)
         weight, weight_scale = self._int8_weights()
         y = (torch._int_mm(codes, weight).float() * scale * weight_scale).to(x.dtype).reshape(*x.shape[:-1], self.out_features)

@@ -127,8 +127,7 @@ def candidates(model, blocks_name: str, blocks, config: QuantConfig) -> Candidat
             name = f"{blocks_name}.{i}.{task.name}"
             if config.overridden(name):  # fixed by the user: counted at its scheme
                 out, inp = task.weight().shape
-                bits = task.scheme.legacy_bits_per_weight() if name in report.fallbacks else layer_bits(task.scheme, inp, config.pad_groups)[1]
-                found.fixed_bits += out * inp * bits
+                found.fixed_bits += out * inp * report.stored_bits(name, task.scheme, inp)
                 found.fixed_numel += out * inp
             else:
                 found.searched[name] = (i, k)

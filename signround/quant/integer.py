@@ -174,8 +174,13 @@ def fake_quant_tokens(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
     int8 kernels quantize a linear's input (W8A8). Computed in fp32, returned in x's dtype."""
     xf = x.float()
     qmax = 2 ** (bits - 1) - 1
-    scale = (xf.detach().abs().amax(dim=-1, keepdim=True) / qmax).clamp(min=1e-12)
+    scale = token_scales(xf, bits)
     return (round_ste(xf / scale).clamp(-qmax - 1, qmax) * scale).to(x.dtype)
+
+
+def token_scales(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """Each token's scale (..., 1) for `fake_quant_tokens`, and for the int8 matmul that runs the same codes."""
+    return (x.detach().abs().amax(dim=-1, keepdim=True) / (2 ** (bits - 1) - 1)).clamp(min=1e-12)
 
 
 @torch.no_grad()
