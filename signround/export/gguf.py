@@ -45,6 +45,7 @@ _ARCHITECTURES = {"llama": ("LLAMA", True), "mistral": ("LLAMA", True), "mixtral
 # llama.cpp scales Gemma's attention by 1/sqrt(head_dim), except for the layer count of its 27B models, where it is
 # 1/sqrt(hidden / heads): the model's query_pre_attn_scalar must be that number
 _GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3_text": 62}
+_GEMMA_ELSEWHERE = "export with --format signround, gptq or auto_round"  # what a Gemma llama.cpp would run otherwise can take
 
 
 def _types():
@@ -325,11 +326,11 @@ def gemma_refusal(cfg) -> str | None:
     scale = cfg.hidden_size // heads if layers == _GEMMA_27B_LAYERS[cfg.model_type] else cfg.head_dim
     if cfg.query_pre_attn_scalar != scale:
         return (f"llama.cpp scales attention by 1/sqrt({scale}) for a {layers}-block Gemma, and this model's query_pre_attn_scalar is "
-                f"{cfg.query_pre_attn_scalar}; export with --format signround, gptq or auto_round")
+                f"{cfg.query_pre_attn_scalar}; {_GEMMA_ELSEWHERE}")
     if cfg.model_type == "gemma2" and not (cfg.attn_logit_softcapping and cfg.final_logit_softcapping):
-        return "llama.cpp's gemma2 always softcaps the logits, and this model does not; export with --format signround, gptq or auto_round"
+        return f"llama.cpp's gemma2 always softcaps the logits, and this model does not; {_GEMMA_ELSEWHERE}"
     if cfg.model_type == "gemma3_text" and cfg.attn_logit_softcapping:
-        return "llama.cpp's gemma3 has no attention-logit softcapping; export with --format signround, gptq or auto_round"
+        return f"llama.cpp's gemma3 has no attention-logit softcapping; {_GEMMA_ELSEWHERE}"
     rope, sliding = _rope_by_layer_type(cfg)
     if rope["rope_type"] not in ("default", "linear") or (sliding or {}).get("rope_type", "default") != "default":
         return (f"llama.cpp's {cfg.model_type.removesuffix('_text')} takes linear rotary scaling on its global layers only, not "
