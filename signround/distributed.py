@@ -13,7 +13,6 @@ Backends: NCCL on GPUs (a rank per GPU, `LOCAL_RANK`), gloo on CPUs. Outside tor
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -21,23 +20,9 @@ import torch.distributed as dist
 
 from .config import ConfigError
 
-_alone = False  # inside `alone()`: this process computes by itself
-
 
 def active() -> bool:
-    return not _alone and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-@contextmanager
-def alone():
-    """Within, this process works as if it were the only one (no collective is called): for what rank 0
-    computes alone and then shares, as the bit-budget search."""
-    global _alone
-    saved, _alone = _alone, True
-    try:
-        yield
-    finally:
-        _alone = saved
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def rank() -> int:

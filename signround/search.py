@@ -6,11 +6,8 @@ of replacing a matrix W by its quantized Q(W) as 1/2 sum F (Q(W) - W)^2 (each ro
 `token_fisher`), for every option at once
 (HAWQ/SqueezeLLM-style, rather than one fake-quantized backward pass per option as auto-round's AutoScheme).
 Because quantization errors compound far beyond that quadratic estimate at low bits, the same forward pass
-also measures the loss with every layer at each option and scales that option's estimates to it. And because
-the run's algorithm repairs some layers' rounding far better than others (SignRound on SmolLM2 at W3: a block's
-q/k/v error tuned to 0.14-0.19 of round-to-nearest's, down_proj's only to 0.53-0.87), it is run on each role's
-layers alone in two blocks, and each role's estimates are scaled by the share of the error it leaves
-(`_recovery`). The pass streams: the blocks run forward one at a time caching their inputs, then backward from the head one at a
+also measures the loss with every layer at each option and scales that option's estimates to it. The pass
+streams: the blocks run forward one at a time caching their inputs, then backward from the head one at a
 time, each recomputing its forward; a lazily opened model is read block by block as in tuning. Then
 `budget.choose` solves the knapsack over the fused groups.
 """
@@ -25,8 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import budget, distributed, experts
-from .algorithms import BlockData, block_loss, get_algorithm
+from . import budget, experts
 from .blocks import (
     UnsupportedModelError,
     autocast,
@@ -64,13 +60,10 @@ class SearchResult:
     predicted_loss: float    # the plan's summed Fisher estimate of the loss increase
     seconds: float
     table: str
-    recovery: dict[str, float] = dataclasses.field(default_factory=dict)  # per role, the error share tuning leaves
 
     def summary(self) -> str:
-        recovered = ("\nerror left by tuning, per role (block loss tuned / round-to-nearest): "
-                     + ", ".join(f"{role} {share:.2f}" for role, share in self.recovery.items()) if self.recovery else "")
         return (f"bit-budget plan: {self.bits_per_weight:.3f} bits per weight (target {self.target_bits:g}), "
-                f"predicted loss increase {self.predicted_loss:.4g}, searched in {self.seconds:.1f} s{recovered}\n{self.table}")
+                f"predicted loss increase {self.predicted_loss:.4g}, searched in {self.seconds:.1f} s\n{self.table}")
 
 
 def read_plan(path) -> dict:
@@ -149,21 +142,14 @@ def candidates(model, blocks_name: str, blocks, config: QuantConfig) -> Candidat
 
 
 def search(model, blocks_name: str, blocks, config: QuantConfig, ids: torch.Tensor, device, amp_dtype, caches: CacheFactory,
-           weights=None, recovery: bool = True) -> SearchResult:
-    """Measure every searchable layer's sensitivity to every option and choose the plan (see the module doc).
-    `recovery`: scale the estimates by what the run's algorithm repairs of each role's error (if it tunes)."""
+           weights=None) -> SearchResult:
+    """Measure every searchable layer's sensitivity to every option and choose the plan (see the module doc)."""
     start = time.perf_counter()
     found = candidates(model, blocks_name, blocks, config)
     tasks, options = found.tasks, found.options
     move_except_blocks(model, blocks, device)
-    tuner = get_algorithm(config.method) if recovery else None
-    measure = _Recovery(tuner, _reference_option(options, config.target_bits), config, len(blocks)) if tuner and tuner.needs_calibration else None
-    with distributed.alone():  # under torchrun rank 0 searches alone
-        losses = _compounding(*_fisher_losses(model, blocks_name, blocks, tasks, found.searched, options, config, ids[:SEARCH_ROWS], device,
-                                              amp_dtype, caches, weights, measure))
-    shares = measure.shares() if measure else {}
-    unmeasured = _geometric_mean(shares.values()) if shares else 1.0  # a role the two blocks lack: the mean share
-    losses = {name: tuple(v * shares.get(_role(tasks[i][k].name), unmeasured) for v in losses[name]) for name, (i, k) in found.searched.items()}
+    losses = _compounding(*_fisher_losses(model, blocks_name, blocks, tasks, found.searched, options, config, ids[:SEARCH_ROWS], device, amp_dtype,
+                                          caches, weights))
     layers = []
     for name, (i, k) in found.searched.items():
         out, inp = tasks[i][k].weight().shape
@@ -174,7 +160,7 @@ def search(model, blocks_name: str, blocks, config: QuantConfig, ids: torch.Tens
     predicted = sum(layer.loss[names.index(choice[layer.name])] for layer in layers)
     return SearchResult({name: by_name[o] for name, o in choice.items()}, config.target_bits,
                         budget.average_bits(choice, layers, names, found.fixed_bits, found.fixed_numel), predicted,
-                        time.perf_counter() - start, budget.table(choice, layers, names), shares)
+                        time.perf_counter() - start, budget.table(choice, layers, names))
 
 
 def _searchable(config: QuantConfig) -> QuantConfig:
@@ -245,7 +231,7 @@ def _head_gradients(stage, last: torch.Tensor, ids: torch.Tensor, device, amp_dt
     return grads
 
 
-def _fisher_losses(model, blocks_name, blocks, tasks, searched, options, config, ids, device, amp_dtype, caches, weights, measure=None):
+def _fisher_losses(model, blocks_name, blocks, tasks, searched, options, config, ids, device, amp_dtype, caches, weights):
     """(per searched layer, per option its predicted loss increase 1/2 sum F (Q(W) - W)^2, F the diagonal Fisher
     of the final loss (`_block_fisher`); per option the loss increase measured with every searched layer at it)."""
     head_params = [p for p in model.parameters() if p.requires_grad]
@@ -253,7 +239,7 @@ def _fisher_losses(model, blocks_name, blocks, tasks, searched, options, config,
         p.requires_grad_(False)  # only the searched weights and the hidden states take gradients
     by_block = [{name: tasks[i][k] for name, (b, k) in searched.items() if b == i} for i in range(len(blocks))]
     try:
-        inputs, calls, uniform = _forward(model, blocks_name, blocks, by_block, options, config, ids, device, amp_dtype, caches, weights, measure)
+        inputs, calls, uniform = _forward(model, blocks_name, blocks, by_block, options, config, ids, device, amp_dtype, caches, weights)
         stage = _final_stage(model, blocks)
         last = inputs.pop(len(blocks)).rows(slice(None))
         actual = [_mean_loss(stage, s.rows(slice(None)), ids, device, amp_dtype) - _mean_loss(stage, last, ids, device, amp_dtype)
@@ -292,10 +278,10 @@ def _segment(blocks: int) -> int:
     return max(1, math.isqrt(blocks - 1) + 1) if blocks > 1 else 1
 
 
-def _forward(model, blocks_name, blocks, by_block, options, config, ids, device, amp_dtype, caches, weights, measure=None):
+def _forward(model, blocks_name, blocks, by_block, options, config, ids, device, amp_dtype, caches, weights):
     """(caches of the hidden states entering every segment's first block (`_segment`) and leaving the last block,
     by block index; each block's call; the hidden states after the last block with every searched layer at each
-    option, None for a 16-bit option). `measure` (`_Recovery`) runs on the blocks it picks, on their inputs."""
+    option, None for a 16-bit option)."""
     hidden, calls = capture_block_inputs(model, blocks, ids, device)
     step = _segment(len(blocks))
     inputs = {0: caches.from_tensor(hidden)}
@@ -305,8 +291,6 @@ def _forward(model, blocks_name, blocks, by_block, options, config, ids, device,
         call = calls[i].to(device)
         with _block_on(blocks, blocks_name, i, device, weights) as block:
             previous, current = current, run_block(block, current, call, 1, device, amp_dtype, caches.empty(current.shape))
-            if measure and i in measure.blocks:
-                measure.run(block, list(by_block[i].values()), BlockData(previous, current, call, device, amp_dtype, i, len(blocks)), caches)
             if i not in inputs:  # an input inside a segment: recomputed when its segment's turn comes
                 previous.discard()
             if (i + 1) % step == 0 or i + 1 == len(blocks):
@@ -321,11 +305,10 @@ def _forward(model, blocks_name, blocks, by_block, options, config, ids, device,
 
 
 class _quantized:
-    """The tasks' weights replaced by their round-to-nearest at `option` for the duration (or, given `stored`,
-    by those quantized weights, by task name)."""
+    """The tasks' weights replaced by their round-to-nearest at `option` for the duration."""
 
-    def __init__(self, tasks, option, pad_groups, stored=None):
-        self.tasks, self.option, self.pad_groups, self.stored, self.saved = list(tasks), option, pad_groups, stored, []
+    def __init__(self, tasks, option, pad_groups):
+        self.tasks, self.option, self.pad_groups, self.saved = list(tasks), option, pad_groups, []
 
     def __enter__(self):
         for task in self.tasks:
@@ -334,75 +317,12 @@ class _quantized:
             if not math.isinf(bits):
                 self.saved.append((w, w.detach().clone()))
                 with torch.no_grad():
-                    w.copy_(scheme.dequantize(self.stored[task.name] if self.stored else scheme.quantize(w.detach().float())))
-        return self
+                    w.copy_(scheme.dequantize(scheme.quantize(w.detach().float())))
 
     def __exit__(self, *exc):
         with torch.no_grad():
             for w, original in self.saved:
                 w.copy_(original)
-
-
-# the recipe's steps divided by this in the recovery runs (SmolLM2 W3: a quarter of the steps on the 16 search rows gave
-# shares within 0.08 of the whole recipe's on 32 rows, each role in the same order)
-RECOVERY_STEP_SHARE = 4
-
-
-def _reference_option(options, target_bits: float):
-    """The option whose error tuning's recovery is measured at: the widest at or below the budget (most
-    layers of a plan sit there or one step up), else the narrowest."""
-    quantized = sorted((o for o in options if o is not None), key=lambda o: o.bits)
-    below = [o for o in quantized if o.bits <= target_bits]
-    return below[-1] if below else quantized[0]
-
-
-def _role(task_name: str) -> str:
-    """A layer's role in its block, as runtimes fuse it (`self_attn.{qkv}`, `mlp.experts.{experts}`, `mlp.down_proj`)."""
-    return budget.fused_key(task_name, True)
-
-
-class _Recovery:
-    """How much of each role's rounding error the run's algorithm repairs, measured in two blocks (a third and two
-    thirds deep): each role's layers alone at the reference option, tuned with a quarter of the recipe's steps
-    on the search rows, block loss after over block loss at round-to-nearest. `shares()`: the geometric
-    mean over the blocks, per role."""
-
-    def __init__(self, algorithm, option, config: QuantConfig, blocks: int):
-        self.algorithm, self.option, self.pad_groups = algorithm, option, config.pad_groups
-        tuning = config.resolved()
-        self.tuning = dataclasses.replace(tuning, iters=max(1, tuning.iters // RECOVERY_STEP_SHARE))
-        self.blocks = sorted({blocks // 3, (2 * blocks) // 3})
-        self.measured: dict[str, list[float]] = {}
-
-    def run(self, block, tasks, data: BlockData, caches: CacheFactory) -> None:
-        for role, names in budget.group_layers([t.name for t in tasks], True).items():
-            group = []
-            for task in (t for t in tasks if t.name in names):
-                scheme, bits = layer_bits(self.option, task.weight().shape[1], self.pad_groups)
-                if not math.isinf(bits):
-                    group.append(dataclasses.replace(task, scheme=scheme))
-            if not group:
-                continue
-            with _quantized(group, self.option, self.pad_groups):
-                rounded = self._loss(block, data, caches)
-            tuned = self.algorithm.quantize_block(block, group, data, self.tuning).weights
-            with _quantized(group, self.option, self.pad_groups, tuned):
-                left = self._loss(block, data, caches)
-            if rounded > 0:
-                self.measured.setdefault(role, []).append(left / rounded)
-
-    def _loss(self, block, data: BlockData, caches: CacheFactory) -> float:
-        out = run_block(block, data.inputs, data.call, 1, data.device, data.amp_dtype, caches.empty(data.inputs.shape))
-        loss = float(block_loss(out.rows(slice(None)), data.targets.rows(slice(None)), self.tuning.tame_outliers))
-        out.discard()
-        return loss
-
-    def shares(self) -> dict[str, float]:
-        return {role: _geometric_mean(values) for role, values in self.measured.items() if all(v > 0 for v in values)}
-
-
-def _geometric_mean(values) -> float:
-    return math.exp(sum(map(math.log, values)) / len(values))
 
 
 @torch.no_grad()

@@ -1,6 +1,5 @@
 """The bit-budget search (signround/search.py) and `QuantConfig.target_bits` end to end on tiny models."""
 
-import dataclasses
 import json
 import math
 
@@ -287,52 +286,3 @@ def test_a_gguf_search_is_not_refused_for_its_placeholder_scheme():
     with pytest.raises(signround.export.FormatError, match="groups of 128"):  # an override the search keeps is still checked
         check_formats(["gguf"], model, QuantConfig(scheme="W4A16", target_bits=4.5, options=search.GGUF_OPTIONS,
                                                    layer_overrides={"down_proj": "W4A16"}))
-
-
-def recovery_shares(method, arch="llama", make_model=make):
-    """`_Recovery` on every block of a tiny model at W2A16G32, with `method` as the run's algorithm."""
-    from signround.algorithms import BlockData, get_algorithm
-    from signround.blocks import capture_block_inputs, run_block
-
-    model = make_model(arch).float()
-    blocks_name, blocks = find_blocks(model)
-    config = QuantConfig(scheme="W4A16G32", target_bits=3, method=method, iters=8, batch_size=2, options=OPTIONS)
-    tasks = plan_layers(model, blocks_name, blocks, search._searchable(config), QuantizeReport())
-    measure = search._Recovery(get_algorithm(method), search.option_schemes(config)[0], config, len(blocks))
-    caches = CacheFactory(torch.float32, torch.device("cpu"), None)
-    hidden, calls = capture_block_inputs(model, blocks, calib_ids(8, 32), "cpu")
-    x = caches.from_tensor(hidden)
-    for i, block in enumerate(blocks):
-        before = {n: p.detach().clone() for n, p in block.named_parameters()}
-        y = run_block(block, x, calls[i], 1, torch.device("cpu"), None, caches.empty(x.shape))
-        measure.run(block, tasks[i], BlockData(x, y, calls[i], torch.device("cpu"), None, i, len(blocks)), caches)
-        assert all(torch.equal(p, before[n]) for n, p in block.named_parameters())  # the block is left as it was
-        x = y
-    return measure.shares()
-
-
-def test_tuning_recovers_part_of_each_roles_rounding_error():
-    """Tuning each role's layers alone leaves a share of round-to-nearest's block loss below 1; with round-to-nearest
-    as the algorithm the share is exactly 1."""
-    roles = {"self_attn.{qkv}", "self_attn.o_proj", "mlp.{gate_up}", "mlp.down_proj"}
-    tuned = recovery_shares("signround")
-    assert set(tuned) == roles
-    assert all(0 < share < 1 for share in tuned.values()), tuned
-    assert recovery_shares("rtn") == pytest.approx(dict.fromkeys(roles, 1.0), rel=1e-6)
-
-
-def test_recovery_of_stacked_experts():
-    shares = recovery_shares("signround", "qwen3_moe", make_moe)
-    assert 0 < shares["mlp.experts.{experts}"] < 1
-
-
-def test_a_signround_search_scales_its_estimates_by_each_roles_recovery():
-    model = make("llama", num_hidden_layers=3)
-    config = QuantConfig(scheme="W4A16G32", target_bits=3.3, method="signround", iters=4, batch_size=2, options=OPTIONS)
-    args = (model, *find_blocks(model), config, calib_ids(8, 32), torch.device("cpu"), None, CacheFactory(torch.float32, torch.device("cpu"), None))
-    tuned, plain = search.search(*args), search.search(*args, recovery=False)
-    assert set(tuned.recovery) == {"self_attn.{qkv}", "self_attn.o_proj", "mlp.{gate_up}", "mlp.down_proj"} and not plain.recovery
-    assert tuned.predicted_loss < plain.predicted_loss
-    assert "error left by tuning, per role" in tuned.summary()
-    rtn = search.search(*args[:3], dataclasses.replace(config, method="rtn"), *args[4:])
-    assert not rtn.recovery and rtn.plan == plain.plan
