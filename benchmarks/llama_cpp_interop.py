@@ -103,8 +103,8 @@ def main() -> None:
     lines = [f"# {name} GGUF export run in llama.cpp (llama-cpp-python {llama_cpp.__version__})", "",
              f"{args.method} codes{f', {args.iters} iters' if args.method != 'rtn' else ''}; wt2 first {args.tokens} tokens, "
              f"windows of {args.window}, {'BOS before each' if bos is not None else 'no BOS'}, the same token ids for both", "",
-             "K-quant rows: the layers with 576-wide rows (all but down_proj) take llama.cpp's fallback type (Q4_K -> Q5_0, "
-             "Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K/Q3_K -> Q4_0), as llama.cpp's own quantizer does", "",
+             "K-quant rows: layers whose rows hold no whole 256-weight super-block (SmolLM2's 576-wide, Gemma-3's 640-wide) take "
+             "llama.cpp's fallback type (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K/Q3_K -> Q4_0), as llama.cpp's own quantizer does", "",
              "| GGUF type | signround ppl | llama.cpp ppl | diff |", "|---|---|---|---|"]
     lines += [f"| {q} | {a:.3f} | {b:.3f} | {(b / a - 1) * 100:+.2f}% |" for q, a, b in rows]
     suffix = f"-{args.model}" if args.model != "smollm2-135m" else ""
