@@ -31,12 +31,17 @@ def quantized(scheme: str, method: str = "rtn", wide: bool = False, **config):
     return model
 
 
+# the consumers' CPU kernels round differently by CPU: on an AVX512 Xeon without BF16 auto-round-lib's put a few logits
+# of these tiny models up to 6e-3 off ours (AVX512-BF16 EPYC: within 3e-3)
+CONSUMER_TOL = dict(atol=1e-2, rtol=1e-2)
+
+
 def assert_same_logits(ours, theirs):
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want, got = ours(ids).logits, theirs(ids).logits
     assert torch.isfinite(got).all()
-    torch.testing.assert_close(got.float(), want.float(), atol=3e-3, rtol=3e-3)
+    torch.testing.assert_close(got.float(), want.float(), **CONSUMER_TOL)
 
 
 @pytest.mark.parametrize("fmt, scheme", [
@@ -99,7 +104,7 @@ def test_export_from_a_saved_folder_through_the_cli(tmp_path, capsys, tiny_model
 def assert_same_logits_vocab(ours, theirs, vocab):
     ids = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        torch.testing.assert_close(theirs(ids).logits.float(), ours(ids).logits.float(), atol=3e-3, rtol=3e-3)
+        torch.testing.assert_close(theirs(ids).logits.float(), ours(ids).logits.float(), **CONSUMER_TOL)
 
 
 def test_several_formats_at_once_each_in_its_folder(tmp_path, capsys, tiny_model_dir):

@@ -13,6 +13,8 @@ from tiny_models import calib_ids, make_moe
 import signround
 from signround.export import FormatError, check_formats, export
 
+CONSUMER_TOL = dict(atol=1e-2, rtol=1e-2)  # the consumers' kernels round differently by CPU (test_formats.py)
+
 # auto-round's loader re-registers transformers' conversion rules of MoE model types for the whole process (dropping
 # the expert merges compressed-tensors relies on), so each consumer loads in a process of its own, as a user's would
 CONSUMER = """
@@ -60,7 +62,7 @@ def test_experts_are_written_per_expert_and_load_with_our_logits(tmp_path, arch,
     ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours = model(ids).logits.float()
-    torch.testing.assert_close(consumer_logits(tmp_path / "out", fmt, ids, tmp_path), ours, atol=3e-3, rtol=3e-3)
+    torch.testing.assert_close(consumer_logits(tmp_path / "out", fmt, ids, tmp_path), ours, **CONSUMER_TOL)
 
 
 @pytest.mark.parametrize("fmt", list(STORED))
