@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 import transformers as tf
-from tiny_models import calib_ids, make
+from tiny_models import CONSUMER_TOL, calib_ids, make
 
 import signround
 from signround.cli import main
@@ -29,11 +29,6 @@ def quantized(scheme: str, method: str = "rtn", wide: bool = False, **config):
     signround.quantize(model, signround.QuantConfig(scheme=scheme, method=method, iters=3, nsamples=4, seqlen=16, **config),
                        calibration=calib_ids(4, 16))
     return model
-
-
-# the consumers' CPU kernels round differently by CPU: on an AVX512 Xeon without BF16 auto-round-lib's put a few logits
-# of these tiny models up to 6e-3 off ours (AVX512-BF16 EPYC: within 3e-3)
-CONSUMER_TOL = dict(atol=1e-2, rtol=1e-2)
 
 
 def assert_same_logits(ours, theirs):

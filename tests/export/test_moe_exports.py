@@ -8,12 +8,10 @@ import sys
 import pytest
 import torch
 from safetensors import safe_open
-from tiny_models import calib_ids, make_moe
+from tiny_models import CONSUMER_TOL, calib_ids, make_moe
 
 import signround
 from signround.export import FormatError, check_formats, export
-
-CONSUMER_TOL = dict(atol=1e-2, rtol=1e-2)  # the consumers' kernels round differently by CPU (test_formats.py)
 
 # auto-round's loader re-registers transformers' conversion rules of MoE model types for the whole process (dropping
 # the expert merges compressed-tensors relies on), so each consumer loads in a process of its own, as a user's would
