@@ -59,15 +59,21 @@ def run_autoround(base, tokenizer, method, scheme, calib, eval_ids, args) -> dic
 
     s = signround.WeightScheme.preset(scheme)
     model = copy.deepcopy(base)
-    iters = 0 if method == "rtn" else args.iters
+    iters, batch_size = autoround_settings(args)
     ar = AutoRound(model, tokenizer, bits=s.bits, group_size=s.group_size, sym=s.sym, data_type=AUTOROUND_DATA_TYPES.get(s.fp, "int"), act_bits=16,
-                   iters=iters, nsamples=args.nsamples,
-                   seqlen=args.seqlen, batch_size=args.batch_size, seed=args.seed,
+                   iters=0 if method == "rtn" else iters, nsamples=args.nsamples,
+                   seqlen=args.seqlen, batch_size=batch_size, seed=args.seed,
                    dataset=[{"input_ids": row.unsqueeze(0)} for row in calib])
     start = time.perf_counter()
     result = ar.quantize()  # fake-quantizes in place; returns (model, layer_config) in the versions we know
     qmodel = result[0] if isinstance(result, tuple) else ar.model
     return {"ppl": perplexity(qmodel, eval_ids), "tuning_s": time.perf_counter() - start}
+
+
+def autoround_settings(args) -> tuple[int, int]:
+    """auto-round runs its own defaults (200 steps, batch 8) whatever signround's recipe; only an explicit
+    --iters / --batch-size (a quick look) changes them."""
+    return args.explicit_iters or 200, args.explicit_batch_size or 8
 
 
 def key(tool, method, scheme, args) -> str:
@@ -82,7 +88,8 @@ def key(tool, method, scheme, args) -> str:
         recipe += f"|smooth-{args.smooth:g}"
     if method == "signround" and cpu_has_fast_bf16():  # tuned under bf16 autocast; rows without the tag were tuned in fp32
         recipe += "|amp-bf16"
-    return f"{tool}|{method}|{scheme}|iters{args.iters}|n{args.nsamples}x{args.seqlen}|bs{args.batch_size}|layers{args.layers or 'all'}|seed{args.seed}{recipe}"
+    iters, batch_size = autoround_settings(args) if tool == "auto-round" else (args.iters, args.batch_size)
+    return f"{tool}|{method}|{scheme}|iters{iters}|n{args.nsamples}x{args.seqlen}|bs{batch_size}|layers{args.layers or 'all'}|seed{args.seed}{recipe}"
 
 
 def write_table(results: dict, args, path: Path) -> None:
@@ -151,6 +158,7 @@ def main() -> None:
     args = p.parse_args()
     args.tame_outliers = None if args.tame_outliers is None else args.tame_outliers == "on"
     args.project_clipping = None if args.project_clipping is None else args.project_clipping == "on"
+    args.explicit_iters, args.explicit_batch_size = args.iters, args.batch_size
     args.iters = args.iters or RECIPES[args.recipe]["iters"]
     args.batch_size = args.batch_size or RECIPES[args.recipe]["batch_size"]
     args.keep = args.keep or RECIPES[args.recipe]["keep"]

@@ -20,7 +20,8 @@ def _add_quantize(sub) -> None:
     p.add_argument("model", help="local HF folder, .gguf file, hub id, or built-in name (smollm2-135m)")
     p.add_argument("-o", "--output", required=True, help="output folder (must be new or empty unless --overwrite)")
     p.add_argument("--scheme", default="W4A16", help="preset: W2A16, W3A16, W4A16 (default), W8A16, with optional G<group>, e.g. W2A16G64; "
-                        "a float format: MXFP4A16, NVFP4A16, MXFP8A16, FP8A16; "
+                        "a float format: MXFP4A16, NVFP4A16, MXFP8A16, FP8A16; with quantized inputs: W8A8, W4A8, FP8, FP8_BLOCK, "
+                        "MXFP8, MXFP4, NVFP4; "
                         "or a llama.cpp K-quant: Q2_K .. Q6_K, or a K mixture: Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M")
     p.add_argument("--bits", type=int, help="override the preset's bits (2-8)")
     p.add_argument("--group-size", type=int, help="override the preset's group size (-1: per output channel)")

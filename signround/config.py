@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 _PRESET = re.compile(r"^W([2-8])A(16|8)(?:G(-1|\d+))?$", re.IGNORECASE)
 # weight-and-activation presets of the float formats (compressed-tensors' and vLLM's names): (weights, activations)
 _FP_ACT_PRESETS = {"FP8": ("FP8", "FP8"), "FP8_DYNAMIC": ("FP8", "FP8"), "W8A8-FP8": ("FP8", "FP8"), "MXFP8": ("MXFP8", "MXFP8"),
-                   "MXFP4": ("MXFP4", "MXFP4"), "FP8_BLOCK": ("FP8_BLOCK", "FP8_BLOCK")}
+                   "MXFP4": ("MXFP4", "MXFP4"), "FP8_BLOCK": ("FP8_BLOCK", "FP8_BLOCK"), "NVFP4": ("NVFP4", "NVFP4")}
 _K_LIST = ", ".join(f"{t.name} ({t.bits} bit, groups of {t.group_size}, {'sym' if t.sym else 'asym'})" for t in kquant.K_TYPES.values())
 # llama.cpp's stand-ins for a K-quant on a row that is no whole number of 256-weight super-blocks
 # (llama-quant.cpp; IQ4_NL, its choice for Q2_K/Q3_K, holds no tuned integer codes, so Q4_0 here)
@@ -41,7 +41,7 @@ class WeightScheme:
     weights; only llama.cpp's five combinations exist) or `fp` (a floating-point format of `fp.FP_TYPES`:
     FP8, FP8_BLOCK, MXFP8, MXFP4, NVFP4, whose bits and groups are the format's). `format` is its handler
     (`quant.formats`), through which everything else quantizes. `act` names the format the layer's input
-    is quantized to at run time (`formats.ACTIVATIONS`: INT8, FP8, MXFP8, MXFP4), None for 16-bit inputs."""
+    is quantized to at run time (`formats.ACTIVATIONS`: INT8, FP8, FP8_BLOCK, MXFP8, MXFP4, NVFP4), None for 16-bit inputs."""
 
     bits: int = 4
     group_size: int = 128
@@ -68,8 +68,7 @@ class WeightScheme:
         if self.act is not None:
             act = str(self.act).upper()
             if act not in formats.ACTIVATIONS:
-                nvfp4 = " (NVFP4 activations need a calibrated global scale, not built yet: NVFP4A16 quantizes the weights alone)" if act == "NVFP4" else ""
-                raise ConfigError(f"act={self.act!r} is not an activation format: use one of {', '.join(formats.ACTIVATIONS)}{nvfp4}")
+                raise ConfigError(f"act={self.act!r} is not an activation format: use one of {', '.join(formats.ACTIVATIONS)}")
             if self.kquant:
                 raise ConfigError(f"{self.name()} is a llama.cpp type, which quantizes its inputs itself: drop act={self.act!r}")
             object.__setattr__(self, "act", act)
@@ -140,12 +139,10 @@ class WeightScheme:
         if weights:
             t = fp.FP_TYPES[weights]
             return cls(t.element.bits, t.group_size, True, fp=t.name, act=act)
-        if text == "NVFP4":
-            raise ConfigError("NVFP4 activations need a calibrated global scale, which is not built yet: NVFP4A16 quantizes the weights alone")
         m = _PRESET.match(name.strip())
         if not m:
             raise ConfigError(f"unknown scheme {name!r}: use W2A16, W3A16, W4A16, W8A16, optionally with G<group> (e.g. W2A16G64), "
-                              f"W8A8 or W4A8 (int8 inputs), {', '.join(f'{t}A16' for t in fp.FP_TYPES)}, FP8, FP8_BLOCK, MXFP8, MXFP4, "
+                              f"W8A8 or W4A8 (int8 inputs), {', '.join(f'{t}A16' for t in fp.FP_TYPES)}, FP8, FP8_BLOCK, MXFP8, MXFP4, NVFP4, "
                               f"or a llama.cpp K-quant: {', '.join(kquant.K_TYPES)} (mixtures: {', '.join(mixtures.MIXTURES)})")
         bits, act = int(m.group(1)), "INT8" if m.group(2) == "8" else None
         group = int(m.group(3)) if m.group(3) else _default_group(bits, act)
@@ -377,6 +374,12 @@ class QuantConfig:
         """This config with the recipe's values in the tuning fields left unset (itself when none are)."""
         unset = {name: value for name, value in RECIPES[self.recipe].items() if getattr(self, name) is None}
         return dataclasses.replace(self, **unset) if unset else self
+
+    def calibrates_inputs(self) -> bool:
+        """Whether some layer may quantize its inputs in a format with a calibrated scale (NVFP4): then even
+        round-to-nearest reads calibration data, to set that scale."""
+        schemes = [self.scheme, *self.layer_overrides.values(), *(self.plan or {}).values(), *map(parse_scheme, self.options or ())]
+        return any(s is not None and s.act and formats.ACTIVATIONS[s.act].calibrated for s in schemes)
 
     def projects_clipping(self, scheme: WeightScheme) -> bool:
         """Whether a layer of this scheme has its clipping scales projected onto [0, 1] after each step."""

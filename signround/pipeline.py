@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__, distributed, experts, search, smoothing
-from .algorithms import BlockData, BlockResult, LayerTask, block_loss, get_algorithm
+from .algorithms import BlockData, BlockResult, LayerTask, block_loss, get_algorithm, needs_calibration
 from .blocks import (
     UnsupportedModelError,
     capture_block_inputs,
@@ -40,6 +40,8 @@ from .config import ConfigError, QuantConfig, RunConfig, WeightScheme
 from .distributed import Shard
 from .hardware import cpu_has_fast_bf16, release_freed_memory
 from .qlinear import QuantLinear
+from .quant.formats import ACTIVATIONS
+from .quant.fp import activation_global_scale
 from .resume import WorkState, fingerprint
 from .weights import is_lazy, materialize, reload, unload_input_embeddings
 
@@ -432,6 +434,7 @@ def quantize(model, config: QuantConfig | None = None, run: RunConfig | None = N
     run = run or RunConfig()
     work_dir = run.work_dir
     algorithm = get_algorithm(config.method)
+    calibrates = needs_calibration(config)
     device = distributed.init(resolve_device(run.device))  # under torchrun: joins the process group (this rank's GPU)
     amp_dtype = resolve_amp(run.amp, device)
     blocks_name, blocks = find_blocks(model)
@@ -454,7 +457,7 @@ def quantize(model, config: QuantConfig | None = None, run: RunConfig | None = N
                       f"llama.cpp's fallback ({', '.join(kinds)}), e.g. {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    if algorithm.needs_calibration:
+    if calibrates:
         calibration_seqlen(model, config)  # a bad seqlen fails before any state is touched
         if weights is not None and isinstance(calibration, str) and calibration == "self":
             raise ConfigError("calibration='self' samples text from the whole model, but this one was opened block by block: "
@@ -493,7 +496,7 @@ def quantize(model, config: QuantConfig | None = None, run: RunConfig | None = N
             stale.unlink()
     caches = CacheFactory(CACHE_DTYPES[run.cache_dtype], device if device.type == "cuda" else torch.device("cpu"), offload_dir)
     shard = None
-    if algorithm.needs_calibration:
+    if calibrates:
         ids = ids if ids is not None else _calibration(model, config, tokenizer, calibration, report, state, device)
         report.calibration_shape = tuple(ids.shape)
         shard = distributed.shard(ids.shape[0])  # all the rows in one process
@@ -637,6 +640,20 @@ def _smooth(block, tasks: list[LayerTask], data: BlockData | None, config: Quant
     return smoothing.smooth_block(block, linears, run, config.smooth, stored_dtype)
 
 
+def _calibrate_input_scales(block, tasks: list[LayerTask], data: BlockData | None, config: QuantConfig) -> None:
+    """Each layer whose input format has a calibrated scale (NVFP4) gets it from the largest input it sees over
+    every calibration row (of every process), the block as it is before quantization (smoothed, if it was), as
+    llm-compressor calibrates it; vLLM reads it as the layer's `input_global_scale`."""
+    layers = {t.name: t for t in tasks if t.scheme.act and ACTIVATIONS[t.scheme.act].calibrated}
+    if not layers:
+        return
+    shard = data.rows()
+    run = smoothing.block_runner(block, data.inputs, data.call, shard.held(torch.arange(shard.total)), config.resolved().batch_size, data.device)
+    _, amax = smoothing.feeding_norms(block, {name: t.module for name, t in layers.items()}, run, data.device)
+    for name, task in layers.items():
+        task.input_scale = activation_global_scale(amax[name].amax().cpu())
+
+
 def _quantize_one(model, blocks_name, blocks, i, tasks, algorithm, config, fp_in, q_in, calls, device, amp_dtype, caches: CacheFactory,
                   compiled: bool = False, shard: Shard | None = None):
     """Tune and pack block i; returns the next block's (original, quantized) inputs, (loss before, after), notes, steps
@@ -645,7 +662,8 @@ def _quantize_one(model, blocks_name, blocks, i, tasks, algorithm, config, fp_in
     blocks[i].to(device=device, dtype=torch.float32)  # tuning masters stay fp32; autocast does the fast math
     fp_out = data = None
     tokens: dict = {}
-    if algorithm.needs_calibration:
+    calibrates = needs_calibration(config)
+    if calibrates:
         call = calls[i].to(device)
         with experts.routed_tokens(blocks[i]) as tokens:
             fp_out = run_block(blocks[i], fp_in, call, config.batch_size, device, amp_dtype, caches.empty(fp_in.shape))
@@ -654,6 +672,7 @@ def _quantize_one(model, blocks_name, blocks, i, tasks, algorithm, config, fp_in
         data = BlockData(q_in if config.quantized_inputs else fp_in, fp_out, call, device, amp_dtype, i, len(blocks), compiled, shard)
         distributed.sum_(tokens.values())  # every process routed its own rows
     smoothed = _smooth(blocks[i], tasks, data, config, original_dtype)
+    _calibrate_input_scales(blocks[i], tasks, data, config)
     # a block whose every layer is kept 16-bit by overrides has nothing to tune: it is only run
     result = algorithm.quantize_block(blocks[i], tasks, data, config) if tasks else BlockResult({})
     if smoothed:
@@ -666,13 +685,13 @@ def _quantize_one(model, blocks_name, blocks, i, tasks, algorithm, config, fp_in
                             f"(round-to-nearest{' at the searched clipping' if config.clip_search else ''}): "
                             f"{', '.join(idle[:8])}{', ...' if len(idle) > 8 else ''}")
         warnings.warn(result.notes[-1])
-    packed = {t.name: QuantLinear.from_quantized(result.weights[t.name], t.scheme, None if t.expert else getattr(t.module, "bias", None))
-              for t in tasks}
+    packed = {t.name: QuantLinear.from_quantized(result.weights[t.name], t.scheme, None if t.expert else getattr(t.module, "bias", None),
+                                                 t.input_scale) for t in tasks}
     _install(model, f"{blocks_name}.{i}.", tasks, packed)
     for task in tasks:
         task.module.to("meta")  # the replaced float layer: the plan still refers to it, its memory can go
     loss_after = None
-    if algorithm.needs_calibration:
+    if calibrates:
         q_out = run_block(blocks[i], q_in, data.call, config.batch_size, device, amp_dtype, caches.empty(q_in.shape))
         # on the rows loss_before was measured on
         loss_after = _loss(q_out, fp_out, config.batch_size, result.loss_rows, config.tame_outliers, data.rows(), device)

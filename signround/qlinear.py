@@ -9,7 +9,7 @@ from torch import nn
 from .config import WeightScheme
 from .hardware import cpu_has_fast_bf16
 from .quant import fp
-from .quant.formats import quantize_activations
+from .quant.formats import ACTIVATIONS, quantize_activations
 from .quant.fp import FPQuantized
 from .quant.integer import QuantizedWeight, group_size_for, token_scales
 from .quant.kquant import SUPER_BLOCK, KQuantized
@@ -28,13 +28,16 @@ class QuantLinear(nn.Module):
     fp16 and `scale_codes` (groups, out) int8, and for the asymmetric types `super_mins` fp16 and
     `min_codes` uint8 alike. A floating-point scheme stores rows as compressed-tensors does: `qweight`
     (out, in) uint8 codes (4-bit ones two a byte, the even one low), `scales` (out, groups) as the format
-    stores them (fp32, E8M0 exponent bytes, float8_e4m3fn) and NVFP4's fp32 `global_scale`.
+    stores them (fp32, E8M0 exponent bytes, float8_e4m3fn) and NVFP4's fp32 `global_scale`. Inputs in a
+    format with a calibrated scale (NVFP4) keep it as the fp32 `input_global_scale`.
     """
 
     def __init__(self, in_features: int, out_features: int, scheme: WeightScheme, bias: bool, dtype=torch.float16, device=None):
         super().__init__()
         self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
         groups = scheme.groups(in_features)
+        if scheme.act and ACTIVATIONS[scheme.act].calibrated:
+            self.register_buffer("input_global_scale", torch.ones((), dtype=torch.float32, device=device))
         if scheme.fp:
             t = scheme.fptype
             self.register_buffer("qweight", torch.zeros(out_features, in_features * t.element.bits // 8, dtype=torch.uint8, device=device))
@@ -65,9 +68,15 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
 
     @classmethod
-    def from_quantized(cls, qw: QuantizedWeight | KQuantized, scheme: WeightScheme, bias: torch.Tensor | None) -> QuantLinear:
+    def from_quantized(cls, qw: QuantizedWeight | KQuantized, scheme: WeightScheme, bias: torch.Tensor | None,
+                       input_global_scale: torch.Tensor | None = None) -> QuantLinear:
+        """`input_global_scale`: the calibrated input scale, for input formats that have one."""
         out_features, in_features = qw.codes.shape
         layer = cls(in_features, out_features, scheme, bias is not None, device=qw.codes.device)
+        if hasattr(layer, "input_global_scale"):
+            if input_global_scale is None:
+                raise ValueError(f"{scheme.name()} inputs need the layer's calibrated global scale")
+            layer.input_global_scale.copy_(input_global_scale)
         if scheme.fp:
             layer.qweight.copy_(fp.pack_fp4(qw.codes) if scheme.bits == 4 else qw.codes)
             layer.scales.copy_(qw.scale)
@@ -120,6 +129,7 @@ class QuantLinear(nn.Module):
     def exact_dtypes(self) -> dict[str, torch.dtype]:
         """Buffers that keep their stored dtype whatever dtype the model runs or is saved in (the scales)."""
         names = ("scales", "global_scale") if self.scheme.fp else ("super_scales", "super_mins") if self.scheme.kquant else ("scales",)
+        names += ("input_global_scale",)
         return {n: getattr(self, n).dtype for n in names if getattr(self, n, None) is not None}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -127,7 +137,7 @@ class QuantLinear(nn.Module):
         if self._int8_fits(x):
             return self._int8_forward(x, bias)
         if self.scheme.act:  # the input quantized as the serving runtime does (simulated: the matmul stays in x's dtype)
-            x = quantize_activations(x, self.scheme.act)
+            x = quantize_activations(x, self.scheme.act, getattr(self, "input_global_scale", None))
         if self._int4_fits(x):
             return self._int4_forward(x, bias)
         if x.device.type == "cuda":

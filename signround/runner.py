@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint, distributed
-from .algorithms import get_algorithm
+from .algorithms import needs_calibration
 from .calibration import DataError, check_hub_dataset, check_source, documents_from, is_hub_name
 from .config import ConfigError, QuantConfig, RunConfig
 from .evaluate import check_eval_text, perplexity, text_token_ids, use_bos
@@ -56,7 +56,7 @@ def run(model, output: str | os.PathLike, config: QuantConfig | None = None, run
     calibration = _calibration_source(calibration)
     if eval_text is not None:
         check_eval_text(str(eval_text))
-    calibrates = get_algorithm(config.method).needs_calibration
+    calibrates = needs_calibration(config)
     lazy = stream and eval_text is None and not (calibrates and calibration == "self")  # sampling text needs the whole model
     model, tokenizer, weights = _open(model, tokenizer, lazy, trust_remote_code, allow_pickle)
     if config.target_bits is not None and config.options is None:  # llama.cpp's types for GGUF; what the formats asked for can store

@@ -175,6 +175,31 @@ def test_float_format_save_load_round_trip(scheme, scale_dtype, tmp_path):
         torch.testing.assert_close(reloaded(ids).logits.float(), want, atol=2e-2 * want.abs().max().item(), rtol=2e-2)  # bf16
 
 
+@pytest.mark.parametrize("method", ["rtn", "signround"])
+def test_nvfp4_inputs_take_their_scale_from_calibration(method, tmp_path):
+    """NVFP4 inputs need one calibrated fp32 scale per layer (E4M3 max x E2M1 max over the largest input seen):
+    even round-to-nearest reads the calibration data for it. Block 0's layers see what the original model's
+    do; the scale is saved in fp32 and reloaded."""
+    model, ids = make("llama"), calib_ids(8, 16)
+    seen = {}
+    hooks = [m.register_forward_pre_hook(lambda m, args, name=name: seen.__setitem__(name, max(seen.get(name, 0), args[0].abs().max().item())))
+             for name, m in model.model.layers[0].named_modules() if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    report = signround.quantize(model, QuantConfig(scheme="NVFP4", method=method, iters=4, nsamples=8, seqlen=16, batch_size=4), calibration=ids)
+    assert report.calibration_shape == (8, 16)
+    for name, peak in seen.items():  # o_proj's and down_proj's inputs follow layers quantized with quantized inputs
+        got = model.model.layers[0].get_submodule(name).input_global_scale
+        if name.endswith(("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")):  # the inputs as cached in 16 bits
+            torch.testing.assert_close(got, torch.tensor(448 * 6 / peak), rtol=4e-3, atol=0)
+        assert got.dtype == torch.float32 and 0.5 < got.item() * peak / (448 * 6) < 2
+    signround.save(model, tmp_path / "out", save_dtype=torch.float16)
+    reloaded = signround.load(tmp_path / "out")
+    assert torch.equal(reloaded.model.layers[1].mlp.down_proj.input_global_scale, model.model.layers[1].mlp.down_proj.input_global_scale)
+
+
 def test_a_folder_saved_before_the_format_registry_still_loads(tmp_path):
     """A checkpoint written before float formats, quantized inputs and smoothing existed has none of their
     keys in its quantization_config: it loads as the integer model it is, and its config reads back."""

@@ -66,15 +66,19 @@ def test_the_sliced_forward_matches_the_whole_matmul(bits):
     torch.testing.assert_close(q._sliced_forward(x, q.bias), torch.nn.functional.linear(x, q.dequantized_weight(), q.bias))
 
 
-@pytest.mark.parametrize("scheme", ["W8A8", "FP8", "MXFP4"])
+@pytest.mark.parametrize("scheme", ["W8A8", "FP8", "MXFP4", "NVFP4"])
 def test_a_layer_with_quantized_inputs_quantizes_them_before_its_matmul(scheme):
     from signround.quant.formats import quantize_activations
 
     s = WeightScheme.preset(scheme)
     w = torch.randn(64, 96, generator=torch.Generator().manual_seed(0)) * 0.05
-    q = QuantLinear.from_quantized(s.quantize(w), s, None)
     x = torch.randn(3, 5, 96, generator=torch.Generator().manual_seed(1))
-    want = torch.nn.functional.linear(quantize_activations(x, s.act), q.dequantized_weight())
+    input_scale = torch.tensor(448 * 6 / 4.0) if scheme == "NVFP4" else None  # as calibrated on inputs up to 4
+    if input_scale is not None:
+        with pytest.raises(ValueError, match="NVFP4 inputs need the layer's calibrated global scale"):
+            QuantLinear.from_quantized(s.quantize(w), s, None)
+    q = QuantLinear.from_quantized(s.quantize(w), s, None, input_scale)
+    want = torch.nn.functional.linear(quantize_activations(x, s.act, input_scale), q.dequantized_weight())
     got = q(x)
     if scheme == "W8A8":  # torch's int8 matmul on the CPU: the same numbers up to fp32 rounding
         assert q.__dict__.get("_int8_cache") is not None, "the int8 matmul was not used"

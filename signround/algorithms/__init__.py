@@ -3,6 +3,6 @@
 from __future__ import annotations
 
 from . import rtn, signround  # noqa: F401  (their @register calls fill the registry)
-from .base import Algorithm, BlockData, BlockResult, LayerTask, available, block_loss, get_algorithm, register
+from .base import Algorithm, BlockData, BlockResult, LayerTask, available, block_loss, get_algorithm, needs_calibration, register
 
-__all__ = ["Algorithm", "BlockData", "BlockResult", "LayerTask", "available", "block_loss", "get_algorithm", "register"]
+__all__ = ["Algorithm", "BlockData", "BlockResult", "LayerTask", "available", "block_loss", "get_algorithm", "needs_calibration", "register"]

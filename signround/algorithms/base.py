@@ -20,12 +20,15 @@ from ..quant.integer import QuantizedWeight
 class LayerTask:
     """One weight matrix to quantize: its name inside the block, the module holding it and its scheme.
     A linear layer's weight, or with `expert` one expert's projection inside the stacked parameter of an
-    experts module (`mlp.experts.3.gate_proj`); `weight()` gives either as a plain (out, in) matrix."""
+    experts module (`mlp.experts.3.gate_proj`); `weight()` gives either as a plain (out, in) matrix.
+    `input_scale`: for an input format with a calibrated scale (NVFP4), the one the pipeline set from the
+    calibration inputs before the block is quantized."""
 
     name: str
     module: nn.Module
     scheme: WeightScheme
     expert: ExpertMatrix | None = None
+    input_scale: torch.Tensor | None = None
 
     def weight(self) -> torch.Tensor:
         return read(self.module, self.expert) if self.expert else linear_weight(self.module)
@@ -99,6 +102,11 @@ def register(name: str):
 
 def available() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def needs_calibration(config: QuantConfig) -> bool:
+    """Whether a run reads calibration data: for its algorithm, or for its layers' calibrated input scales."""
+    return get_algorithm(config.method).needs_calibration or config.calibrates_inputs()
 
 
 def get_algorithm(name: str) -> Algorithm:

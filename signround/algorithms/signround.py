@@ -24,8 +24,8 @@ from torch.func import functional_call
 
 from .. import distributed, experts
 from ..attention import tuning_attention
-from ..blocks import autocast, block_output, stores_transposed
-from ..quant.formats import quantize_activations
+from ..blocks import autocast, block_output, linear_weight, stores_transposed
+from ..quant.formats import ACTIVATIONS, quantize_activations
 from ..quant.integer import from_groups, to_groups
 from .base import BlockData, BlockResult, LayerTask, block_loss, register
 
@@ -269,7 +269,10 @@ def _falls_back_to_eager(index: int, eager):
 @functools.cache
 def _input_quantizer(act: str):
     """One pre-hook function per input format, the same object for every block: a compiled step's guards on
-    its hooks then hold across blocks instead of recompiling for each block's new closure."""
+    its hooks then hold across blocks instead of recompiling for each block's new closure. A format with a
+    calibrated scale reads the layer's from the `input_global_scale` buffer held on it while it is tuned."""
+    if ACTIVATIONS[act].calibrated:
+        return lambda module, args: (quantize_activations(args[0], act, module.input_global_scale), *args[1:])
     return lambda module, args: (quantize_activations(args[0], act), *args[1:])
 
 
@@ -277,13 +280,19 @@ def _input_quantizer(act: str):
 def _quantized_inputs(layers):
     """While a block is tuned, each layer whose scheme quantizes its input (`act`) sees the input as the
     runtime will give it, so that SignRound adapts the weights to quantized activations: a forward pre-hook
-    on the layer for the duration, removed on exit."""
-    handles = [t.module.register_forward_pre_hook(_input_quantizer(t.scheme.act)) for t in layers if t.scheme.act and t.expert is None]
+    on the layer for the duration (and its calibrated input scale as a buffer), removed on exit."""
+    quantized = [t for t in layers if t.scheme.act and t.expert is None]
+    scaled = [t for t in quantized if t.input_scale is not None]
+    for t in scaled:
+        t.module.register_buffer("input_global_scale", t.input_scale.to(linear_weight(t.module).device), persistent=False)
+    handles = [t.module.register_forward_pre_hook(_input_quantizer(t.scheme.act)) for t in quantized]
     try:
         yield
     finally:
         for h in handles:
             h.remove()
+        for t in scaled:
+            del t.module.input_global_scale
 
 
 @register("signround")

@@ -13,9 +13,9 @@ that conversion, decompressed to 16 bit, which reads symmetric integer weights o
 
 Floating-point layers take compressed-tensors' own formats, whose layouts are signround's: `nvfp4-pack-quantized`
 (`weight_packed` two E2M1 codes a byte, `weight_scale` float8_e4m3fn per 16, `weight_global_scale`, the same
-divisor), `mxfp4-pack-quantized` (E8M0 exponent bytes per 32), `mxfp8-quantized` (`weight` as float8_e4m3fn,
-E8M0 bytes per 32) and `float-quantized` (FP8: float8_e4m3fn `weight`, one fp32 scale per output channel; FP8_BLOCK:
-one per 128 x 128 block, its `block_structure`).
+divisor; NVFP4 inputs add the layer's calibrated `input_global_scale`), `mxfp4-pack-quantized` (E8M0 exponent
+bytes per 32), `mxfp8-quantized` (`weight` as float8_e4m3fn, E8M0 bytes per 32) and `float-quantized` (FP8:
+float8_e4m3fn `weight`, one fp32 scale per output channel; FP8_BLOCK: one per 128 x 128 block, its `block_structure`).
 """
 
 from __future__ import annotations
@@ -59,6 +59,9 @@ _ACT_ARGS = {
     "FP8_BLOCK": {"num_bits": 8, "type": "float", "strategy": "group", "group_size": 128},
     "MXFP8": {"num_bits": 8, "type": "float", "strategy": "group", "group_size": 32, "scale_dtype": "torch.uint8"},
     "MXFP4": {"num_bits": 4, "type": "float", "strategy": "group", "group_size": 32, "scale_dtype": "torch.uint8"},
+    # group scales computed per call ("local"), under the layer's calibrated `input_global_scale`
+    "NVFP4": {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16, "dynamic": "local",
+              "scale_dtype": "torch.float8_e4m3fn"},
 }
 
 
@@ -86,6 +89,25 @@ def _fp_tensors(layer) -> dict[str, torch.Tensor]:
     return out
 
 
+def _input_tensors(layer) -> dict[str, torch.Tensor]:
+    """The calibrated input scale of a layer whose input format has one (NVFP4), under compressed-tensors' name."""
+    scale = getattr(layer, "input_global_scale", None)
+    return {} if scale is None else {"input_global_scale": scale.float().reshape(1)}
+
+
+def _weight_tensors(layer) -> dict[str, torch.Tensor]:
+    if layer.scheme.fp:
+        return _fp_tensors(layer)
+    qw = layer.quantized_weight()
+    if _format_of(layer.scheme) == "int-quantized":  # signed codes: code - zero (128), the scale as it is
+        return {"weight": (qw.codes.int() - qw.zero.int()).to(torch.int8), "weight_scale": qw.scale.to(torch.float16)}
+    out = {"weight_packed": _dense(qw.codes, layer.scheme.bits), "weight_scale": qw.scale.to(torch.float16),
+           "weight_shape": torch.tensor([layer.out_features, layer.in_features], dtype=torch.int64)}
+    if not layer.scheme.sym:
+        out["weight_zero_point"] = _dense(qw.zero.t(), layer.scheme.bits).t()
+    return out
+
+
 def _expert_names(model):
     """A layer's name on disk: per-expert matrices under the names transformers' conversion merges (Mixtral's w1/w3/w2)."""
     stacked = stacked_matrix_names(model) if has_experts(model) else set()
@@ -103,7 +125,7 @@ def _expert_names(model):
 class CompressedTensorsFormat(Format):
     name = "compressed-tensors"
     fits = ("integer schemes of 2-8 bits (W8A8, W4A8 with int8 inputs), the float schemes (FP8A16, MXFP8A16, MXFP4A16, NVFP4A16; "
-            "FP8, FP8_BLOCK, MXFP8, MXFP4 with quantized inputs), whose group size divides every layer's width (or -1)")
+            "FP8, FP8_BLOCK, MXFP8, MXFP4, NVFP4 with quantized inputs), whose group size divides every layer's width (or -1)")
     kinds = ("int", "fp")
     holds_activations = True
     holds_experts = True
@@ -134,16 +156,7 @@ class CompressedTensorsFormat(Format):
         stored_name = _expert_names(model)
 
         def tensors(name, layer):
-            if layer.scheme.fp:
-                return _fp_tensors(layer)
-            qw = layer.quantized_weight()
-            if _format_of(layer.scheme) == "int-quantized":  # signed codes: code - zero (128), the scale as it is
-                return {"weight": (qw.codes.int() - qw.zero.int()).to(torch.int8), "weight_scale": qw.scale.to(torch.float16)}
-            out = {"weight_packed": _dense(qw.codes, layer.scheme.bits), "weight_scale": qw.scale.to(torch.float16),
-                   "weight_shape": torch.tensor([layer.out_features, layer.in_features], dtype=torch.int64)}
-            if not layer.scheme.sym:
-                out["weight_zero_point"] = _dense(qw.zero.t(), layer.scheme.bits).t()
-            return out
+            return {**_weight_tensors(layer), **_input_tensors(layer)}
 
         groups: dict = {}  # (weights args, inputs' format) -> (the compressed-tensors format, target regexes)
         for name, layer in layers.items():

@@ -7,7 +7,8 @@ below, and the exporters that can store it.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
@@ -97,16 +98,30 @@ class Float:
 
 FORMATS: dict[str, Format] = {"int": Integer(), "kquant": KQuant(), "fp": Float()}
 
-# Activation formats, applied dynamically to a quantized linear's input (per token, or per group of a token's
-# features): name -> (quantize-dequantize with straight-through gradients, a description for messages)
+class Activation(NamedTuple):
+    """An input format, applied dynamically to a quantized linear's input (per token, or per group of a
+    token's features). `calibrated`: it also takes one fp32 scale per layer, set from the calibration
+    inputs (`fp.activation_global_scale`), as NVFP4's global scale."""
+
+    quantize: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]  # (x, the layer's scale) -> straight-through x
+    description: str
+    calibrated: bool = False
+
+
+def _fp_inputs(name: str) -> Callable:
+    return lambda x, global_=None: fp.fake_quant_activations(x, fp.FP_TYPES[name], global_)
+
+
 ACTIVATIONS = {
-    "INT8": (lambda x: integer.fake_quant_tokens(x, 8), "int8, one scale per token"),
-    "FP8": (lambda x: fp.fake_quant_activations(x, fp.FP_TYPES["FP8"]), "FP8 E4M3, one scale per token"),
-    "FP8_BLOCK": (lambda x: fp.fake_quant_activations(x, fp.FP_TYPES["FP8_BLOCK"]), "FP8 E4M3, one scale per 128 features of a token"),
-    "MXFP8": (lambda x: fp.fake_quant_activations(x, fp.FP_TYPES["MXFP8"]), "MXFP8, an E8M0 scale per 32"),
-    "MXFP4": (lambda x: fp.fake_quant_activations(x, fp.FP_TYPES["MXFP4"]), "MXFP4, an E8M0 scale per 32"),
+    "INT8": Activation(lambda x, _=None: integer.fake_quant_tokens(x, 8), "int8, one scale per token"),
+    "FP8": Activation(_fp_inputs("FP8"), "FP8 E4M3, one scale per token"),
+    "FP8_BLOCK": Activation(_fp_inputs("FP8_BLOCK"), "FP8 E4M3, one scale per 128 features of a token"),
+    "MXFP8": Activation(_fp_inputs("MXFP8"), "MXFP8, an E8M0 scale per 32"),
+    "MXFP4": Activation(_fp_inputs("MXFP4"), "MXFP4, an E8M0 scale per 32"),
+    "NVFP4": Activation(_fp_inputs("NVFP4"), "NVFP4, an E4M3 scale per 16 under a calibrated fp32 scale per layer", calibrated=True),
 }
 
 
-def quantize_activations(x: torch.Tensor, act: str) -> torch.Tensor:
-    return ACTIVATIONS[act][0](x)
+def quantize_activations(x: torch.Tensor, act: str, global_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """`x` as the runtime quantizes it; `global_scale`: the layer's calibrated scale where the format has one."""
+    return ACTIVATIONS[act].quantize(x, global_scale)

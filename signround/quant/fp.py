@@ -203,14 +203,22 @@ def fake_quant(w: torch.Tensor, fptype: FPType, offset=None, max_scale=None) -> 
     return from_groups(fake_quant_groups(wg, fptype, off, max_scale, global_scale(w, fptype)), w.shape[1])
 
 
-def fake_quant_activations(x: torch.Tensor, fptype: FPType) -> torch.Tensor:
+def activation_global_scale(amax: torch.Tensor) -> torch.Tensor:
+    """NVFP4's per-layer input scale from the largest input magnitude seen in calibration, as llm-compressor
+    calibrates it: E4M3 max x E2M1 max / amax, a 0-dim fp32 tensor."""
+    return (E4M3.max * E2M1.max / amax.detach().float().clamp(min=1e-12)).reshape(())
+
+
+def fake_quant_activations(x: torch.Tensor, fptype: FPType, global_: torch.Tensor | None = None) -> torch.Tensor:
     """Dynamic quantize-dequantize of activations (..., features), straight-through, each token's features
-    grouped as a weight row's inputs are (FP8: one scale per token; MX: a power-of-two scale per 32), the
-    scales from the values themselves as compressed-tensors computes them: an MX group's maximum is first
-    rounded to one mantissa bit, so that a maximum from 1.75 x 2^e up takes the next exponent rather than
-    saturate (the OCP rule floors the exponent). In fp32, returned in x's dtype."""
-    if fptype.scale == "e4m3":
-        raise ValueError("NVFP4 activations need a calibrated global scale, which is not built yet")
+    grouped as a weight row's inputs are (FP8: one scale per token; MX: a power-of-two scale per 32; NVFP4:
+    an E4M3 scale per 16 under the layer's calibrated `global_`), the scales from the values themselves as
+    compressed-tensors computes them: an MX group's maximum is first rounded to one mantissa bit, so that a
+    maximum from 1.75 x 2^e up takes the next exponent rather than saturate (the OCP rule floors the
+    exponent); an NVFP4 group scale that underflows E4M3 becomes its 0.125. In fp32 (but for that one
+    division), returned in x's dtype."""
+    if fptype.scale == "e4m3" and global_ is None:
+        raise ValueError("NVFP4 activations need the layer's calibrated global scale: pass activation_global_scale(amax)")
     rows = to_groups(x.reshape(-1, x.shape[-1]).float(), fptype.group_size)
     amax = rows.detach().abs().amax(dim=-1, keepdim=True)
     element = fptype.element
@@ -219,6 +227,9 @@ def fake_quant_activations(x: torch.Tensor, fptype: FPType) -> torch.Tensor:
         steps = 2 ** (E2M1.man_bits + 1)
         rounded = torch.ldexp(torch.round(mantissa * steps) / steps, exponent)
         scale = torch.exp2((torch.floor(torch.log2(rounded)) - element.max_exp).clamp(-127, 127))
+    elif fptype.scale == "e4m3":  # compressed-tensors divides the maximum in x's dtype, then scales and rounds in fp32
+        stored = (global_ * (amax.to(x.dtype) / element.max).float()).clamp(max=E4M3.max).to(torch.float8_e4m3fn).float()
+        scale = torch.where(stored == 0, 0.125, stored) / global_
     else:
         scale = (amax / element.max).clamp(min=torch.finfo(torch.float32).tiny)
     values = round_element(rows / scale, element) * scale

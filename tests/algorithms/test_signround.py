@@ -114,7 +114,7 @@ def test_signround_lowers_block_losses_on_floating_point_grids(scheme):
     assert all(tuned < rtn for rtn, tuned in report.block_losses), report.block_losses
 
 
-@pytest.mark.parametrize("scheme", ["W8A8", "W4A8G32", "FP8", "MXFP4"])
+@pytest.mark.parametrize("scheme", ["W8A8", "W4A8G32", "FP8", "MXFP4", "NVFP4"])
 def test_signround_adapts_the_weights_to_quantized_inputs(scheme):
     """While a block is tuned its layers see their inputs quantized as at run time (and only then: the hooks
     are gone afterwards), so the tuned model's output is closer to the original's than round-to-nearest's."""

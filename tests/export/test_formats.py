@@ -168,24 +168,28 @@ def test_float_formats_are_refused_before_tuning_where_no_consumer_stores_them(t
     check_formats(["compressed-tensors", "signround"], model, signround.QuantConfig(scheme="NVFP4A16"))
 
 
-@pytest.mark.parametrize("scheme, stored", [("MXFP4", "mxfp4-pack-quantized"), ("MXFP8", "mxfp8-quantized"), ("W8A8", "int-quantized"),
+@pytest.mark.parametrize("scheme, stored", [("MXFP4", "mxfp4-pack-quantized"), ("MXFP8", "mxfp8-quantized"), ("NVFP4", "nvfp4-pack-quantized"),
+                                            ("W8A8", "int-quantized"),
                                             ("W4A8G32", "pack-quantized"), ("FP8", "float-quantized"), ("FP8_BLOCK", "float-quantized")])
-def test_compressed_tensors_quantizes_the_inputs_as_we_do(tmp_path, scheme, stored):
-    """Quantized inputs travel as the config group's `input_activations` (dynamic). MX inputs are quantized as
-    compressed-tensors quantizes them, bit for bit: the consumer's logits are ours run from the same bf16
-    folder exactly. Per-token INT8 and FP8 differ in rounding only: compressed-tensors emulates them in the
-    model's dtype and scales int8 by max/127.5 where vLLM's kernels (and we) take max/127."""
+def test_compressed_tensors_quantizes_the_inputs_as_we_do(tmp_path, monkeypatch, scheme, stored):
+    """Quantized inputs travel as the config group's `input_activations` (dynamic; NVFP4's under the calibrated
+    `input_global_scale` of each layer). MX and NVFP4 inputs are quantized as compressed-tensors quantizes them,
+    bit for bit: the consumer's logits are ours run from the same bf16 folder exactly. Per-token INT8 and FP8
+    differ in rounding only: compressed-tensors emulates them in the model's dtype and scales int8 by max/127.5
+    where vLLM's kernels (and we) take max/127. Ours multiplies in bf16 as theirs does (on a CPU without fast
+    bf16 it would compute in fp32, one rounding less, which 4-bit inputs of the next layer turn into other codes)."""
+    monkeypatch.setattr(signround.qlinear, "cpu_has_fast_bf16", lambda: True)
     model = quantized(scheme, method="signround", wide=scheme == "FP8_BLOCK")
     export(model, None, tmp_path / "out", "compressed-tensors")
     group = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
-    assert group["format"] == stored and group["input_activations"]["dynamic"] is True
+    assert group["format"] == stored and group["input_activations"]["dynamic"] == ("local" if scheme == "NVFP4" else True)
     theirs = consumer_load(tmp_path / "out", "compressed-tensors")
     signround.save(model, tmp_path / "ours", save_dtype=theirs.dtype)  # the same rounding of embeddings and norms as theirs
     ours = signround.load(tmp_path / "ours", dtype=theirs.dtype)
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want, got = ours(ids).logits.float(), theirs(ids).logits.float()
-    if scheme.startswith("MX"):
+    if scheme.startswith(("MX", "NV")):
         assert torch.equal(got, want)
     else:
         assert (got - want).abs().max() < 0.05 * want.abs().max()

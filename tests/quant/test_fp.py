@@ -146,3 +146,26 @@ def test_fp4_packing_puts_the_even_code_in_the_low_nibble():
 def test_nvfp4_needs_its_global_scale():
     with pytest.raises(ValueError, match="global scale"):
         fp.fake_quant_groups(torch.randn(2, 1, 16), fp.FP_TYPES["NVFP4"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", ["MXFP4", "MXFP8", "NVFP4"])
+def test_inputs_are_quantized_as_compressed_tensors_quantizes_them(name, dtype):
+    """Dynamic activations (per group of a token's features; NVFP4's under a calibrated per-layer scale) equal
+    compressed-tensors' own fake quantization bit for bit, over values spanning six orders of magnitude."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationStatus
+    from compressed_tensors.quantization.lifecycle.forward import forward_quantize
+
+    from signround.export.compressed_tensors import _act_args
+
+    x = (torch.randn(6, 7, 256) * torch.logspace(-3, 3, 256)[torch.randperm(256)]).to(dtype)
+    layer = torch.nn.Module()
+    layer.quantization_status = QuantizationStatus.FROZEN
+    global_ = fp.activation_global_scale(x.float().abs().amax()) if name == "NVFP4" else None
+    if global_ is not None:
+        layer.input_global_scale = global_.reshape(1)
+        with pytest.raises(ValueError, match="calibrated global scale"):
+            fp.fake_quant_activations(x, fp.FP_TYPES[name])
+    theirs = forward_quantize(layer, x, "input", QuantizationArgs(**_act_args(name)))
+    ours = fp.fake_quant_activations(x, fp.FP_TYPES[name], global_)
+    assert ours.dtype == dtype and torch.equal(ours, theirs.to(dtype))
