@@ -120,6 +120,8 @@ def write_table(results: dict, args, path: Path) -> None:
             row = results.get(k)
             if not row:
                 continue
+            if (tool, method) == ("auto-round", "rtn"):
+                method = "rtn (iters 0: its calibrated OPT-RTN)"
             ppl = row["ppl"]
             reloaded = row.get("reloaded_ppl")
             gap = f"{(ppl - fp) / (rtn - fp):.2f}" if fp and rtn and method.startswith("signround") and rtn > fp else ""

@@ -121,6 +121,11 @@ class WeightScheme:
         """Straight-through quantize-dequantize of grouped weights (out, groups, g): what tuning trains through."""
         return self.format.fake_quant_groups(self, wg, offset, min_scale, max_scale)
 
+    @property
+    def clip_max(self) -> float:
+        """The largest clipping scale (1, or 2 where a power-of-two scale may take the next exponent)."""
+        return self.format.clip_max(self)
+
     def search_clipping(self, w, importance=None):
         """Per group, the clipping that round-to-nearest does best with (SignRound's starting point)."""
         return self.format.search_clipping(self, w, importance)

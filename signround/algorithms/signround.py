@@ -65,17 +65,17 @@ class _Tunables:
 
     @torch.no_grad()
     def step(self, lr: float, minmax_lr: float, project: bool = False) -> None:
-        """One signed step. Unless `project`, the clipping scales are not clamped back onto [0, 1]: one
-        stepped past 1 gets no gradient through the forward's clamp and stays there, its group left
-        unclipped for the rest of the block. Projecting it back (auto-round's choice) keeps every group's
-        clipping tunable: at W2A16G64 that is worth 125.5 against 144.4 (fast recipe), while at W3A16 and
-        W4A16, from the fast recipe's searched start, freezing is the better regulariser (30.26 against
-        31.30, 21.06 against 21.51)."""
+        """One signed step. Unless `project`, the clipping scales are not clamped back onto [0, 1] ([0, 2] for
+        MX scales, `WeightScheme.clip_max`): one stepped past the top gets no gradient through the forward's
+        clamp and stays there, its group's range fixed for the rest of the block. Projecting it back
+        (auto-round's choice) keeps every group's clipping tunable: at W2A16G64 that is worth 125.5 against
+        144.4 (fast recipe), while at W3A16 and W4A16, from the fast recipe's searched start, freezing is the
+        better regulariser (30.26 against 31.30, 21.06 against 21.51)."""
         self.offset.add_(self.offset.grad.sign_(), alpha=-lr)  # the gradients are dropped below: signed in place
         for scale in self.scales():
             scale.add_(scale.grad.sign_(), alpha=-minmax_lr)
             if project:
-                scale.clamp_(0, 1)
+                scale.clamp_(0, self.task.scheme.clip_max)
         for p in self.params():
             p.grad = None
 

@@ -36,9 +36,15 @@ class Format(Protocol):
 
     def bits_per_weight(self, scheme, in_features: int) -> float: ...
 
+    def clip_max(self, scheme) -> float:
+        """The largest clipping scale the format takes (1: clipping only shrinks the range)."""
+
 
 class Integer:
     tunes_min = True
+
+    def clip_max(self, scheme):
+        return 1.0
 
     def fake_quant_groups(self, scheme, wg, offset, min_scale, max_scale):
         return integer.fake_quant_groups(wg, scheme.bits, scheme.sym, offset, min_scale, max_scale)
@@ -91,6 +97,9 @@ class Float:
 
     def search_clipping(self, scheme, w, importance):
         return fp.search_clipping(w, scheme.fptype, importance)
+
+    def clip_max(self, scheme):
+        return scheme.fptype.clip_max
 
     def bits_per_weight(self, scheme, in_features):
         return scheme.fptype.bits_per_weight(in_features)

@@ -169,3 +169,24 @@ def test_inputs_are_quantized_as_compressed_tensors_quantizes_them(name, dtype):
     theirs = forward_quantize(layer, x, "input", QuantizationArgs(**_act_args(name)))
     ours = fp.fake_quant_activations(x, fp.FP_TYPES[name], global_)
     assert ours.dtype == dtype and torch.equal(ours, theirs.to(dtype))
+
+
+@pytest.mark.parametrize("name", ["MXFP4", "MXFP8", "NVFP4", "FP8"])
+def test_mx_scales_may_take_the_next_exponent_where_the_floored_one_saturates(name):
+    """The OCP rule floors the exponent, so a group whose maximum is near 2 x 2^e saturates (E2M1 at 6 x 2^(e-2),
+    E4M3 at 448 x 2^(e-8)): a clipping scale of 2 reaches the next exponent, which the search picks there,
+    not where the group fits; scales that are not powers of two never grow."""
+    t = fp.FP_TYPES[name]
+    assert t.clip_max == (2.0 if t.scale == "e8m0" else 1.0)
+    n = t.group_size if t.group_size > 0 else 64
+    saturating = torch.tensor([1.9, -1.8, 1.7] + [0.5] * (n - 3))
+    fitting = torch.tensor([1.1, -1.0, 0.5] + [0.25] * (n - 3))
+    w = torch.stack([saturating, fitting])
+    ratio = fp.search_clipping(w, t)
+    if t.scale == "e8m0":
+        assert ratio[0, 0] == 2.0 and ratio[1, 0] <= 1.0
+        grown = fp.quantize(w, t, None, ratio)
+        assert fp.stored_scale(grown)[0, 0] == 2 * fp.stored_scale(fp.quantize(w, t))[0, 0]
+        assert (fp.dequantize(grown)[0] - w[0]).pow(2).sum() < (fp.fake_quant(w, t)[0] - w[0]).pow(2).sum()
+    else:
+        assert (ratio <= 1).all()
