@@ -277,6 +277,20 @@ def _restore_dtype(block, dtype: torch.dtype) -> None:
             module._apply(lambda t: t.to(dtype) if t.is_floating_point() else t, recurse=False)
 
 
+def _check_lm_head(model, config: QuantConfig) -> None:
+    """lm_head is quantized after the blocks, by round-to-nearest, with no calibration pass of its own: an input
+    format that needs a calibrated scale (NVFP4) cannot be given to it. Refused before any work."""
+    head = model.get_output_embeddings()
+    if not config.quantize_lm_head or head is None:
+        return
+    name = next(n for n, m in model.named_modules() if m is head)
+    scheme = config.scheme_for(name)
+    if scheme is not None and scheme.act and ACTIVATIONS[scheme.act].calibrated:
+        raise ConfigError(f"{name} would get {scheme.name()}, whose {scheme.act} inputs need a scale calibrated in the blocks' pass, "
+                          f"which {name} (quantized after them) does not get: give it a weight-only scheme, "
+                          f"e.g. layer_overrides={{'{name}': '{dataclasses.replace(scheme, act=None).name()}'}}")
+
+
 def _quantize_lm_head(model, config: QuantConfig, report: QuantizeReport) -> None:
     head = model.get_output_embeddings()
     if head is None or not is_linear(head):
@@ -440,6 +454,7 @@ def quantize(model, config: QuantConfig | None = None, run: RunConfig | None = N
     blocks_name, blocks = find_blocks(model)
     report = QuantizeReport()
     plan = plan_layers(model, blocks_name, blocks, config, report)
+    _check_lm_head(model, config)
     if config.target_bits is not None and config.plan is None:
         search.candidates(model, blocks_name, blocks, config)  # an unreachable budget fails before any data is read
     _load_block(blocks_name, blocks, 0, plan[0], weights)

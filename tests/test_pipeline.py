@@ -216,3 +216,11 @@ def test_a_folder_saved_before_the_format_registry_still_loads(tmp_path):
     assert layer.scheme == signround.WeightScheme(4, 32, True)
     assert torch.equal(layer.dequantized_weight(), model.model.layers[0].mlp.up_proj.dequantized_weight())
     assert QuantConfig.from_dict({**qcfg["tuning"], "scheme": {"bits": 4, "group_size": 32, "sym": True}}).smooth is None
+
+
+def test_lm_head_cannot_take_calibrated_inputs():
+    """lm_head is quantized after the blocks with no calibration pass: NVFP4 inputs there are refused up front."""
+    model = make("llama", tie_word_embeddings=False)
+    with pytest.raises(signround.ConfigError, match="lm_head would get NVFP4, whose NVFP4 inputs need a scale.*'lm_head': 'NVFP4A16'"):
+        signround.quantize(model, QuantConfig(scheme="NVFP4", method="rtn", quantize_lm_head=True, nsamples=4, seqlen=16), calibration=calib_ids(4, 16))
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
