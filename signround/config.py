@@ -123,7 +123,7 @@ class WeightScheme:
 
     @property
     def clip_max(self) -> float:
-        """The largest clipping scale (1, or 2 where a power-of-two scale may take the next exponent)."""
+        """The largest clipping scale: 1, but 2 for MX scales (the next exponent) and 1.5 for NVFP4's (`FPType.clip_max`)."""
         return self.format.clip_max(self)
 
     def search_clipping(self, w, importance=None):
@@ -387,7 +387,7 @@ class QuantConfig:
         return any(s is not None and s.act and formats.ACTIVATIONS[s.act].calibrated for s in schemes)
 
     def projects_clipping(self, scheme: WeightScheme) -> bool:
-        """Whether a layer of this scheme has its clipping scales projected onto [0, 1] after each step."""
+        """Whether a layer of this scheme has its clipping scales projected onto [0, `scheme.clip_max`] after each step."""
         project = self.resolved().project_clipping
         if project == "auto":
             return scheme.bits <= PROJECT_AUTO_MAX_BITS

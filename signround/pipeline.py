@@ -277,13 +277,17 @@ def _restore_dtype(block, dtype: torch.dtype) -> None:
             module._apply(lambda t: t.to(dtype) if t.is_floating_point() else t, recurse=False)
 
 
+def _module_name(model, module) -> str:
+    return next(n for n, m in model.named_modules() if m is module)
+
+
 def _check_lm_head(model, config: QuantConfig) -> None:
     """lm_head is quantized after the blocks, by round-to-nearest, with no calibration pass of its own: an input
     format that needs a calibrated scale (NVFP4) cannot be given to it. Refused before any work."""
     head = model.get_output_embeddings()
     if not config.quantize_lm_head or head is None:
         return
-    name = next(n for n, m in model.named_modules() if m is head)
+    name = _module_name(model, head)
     scheme = config.scheme_for(name)
     if scheme is not None and scheme.act and ACTIVATIONS[scheme.act].calibrated:
         raise ConfigError(f"{name} would get {scheme.name()}, whose {scheme.act} inputs need a scale calibrated in the blocks' pass, "
@@ -299,7 +303,7 @@ def _quantize_lm_head(model, config: QuantConfig, report: QuantizeReport) -> Non
     if embed is not None and head.weight is embed.weight:
         report.notes.append("lm_head is tied to the embeddings: kept 16-bit")
         return
-    name = next(n for n, m in model.named_modules() if m is head)
+    name = _module_name(model, head)
     scheme = _fitting(config.scheme_for(name), head.in_features, name, report)
     if scheme is None or not scheme.fits(head.in_features, config.pad_groups):
         report.skipped[name] = "lm_head: scheme does not fit" if scheme else "kept 16-bit by a layer override"

@@ -65,8 +65,8 @@ class _Tunables:
 
     @torch.no_grad()
     def step(self, lr: float, minmax_lr: float, project: bool = False) -> None:
-        """One signed step. Unless `project`, the clipping scales are not clamped back onto [0, 1] ([0, 2] for
-        MX scales, `WeightScheme.clip_max`): one stepped past the top gets no gradient through the forward's
+        """One signed step. Unless `project`, the clipping scales are not clamped back onto [0, 1] (MX: [0, 2],
+        NVFP4: [0, 1.5]; `WeightScheme.clip_max`): one stepped past the top gets no gradient through the forward's
         clamp and stays there, its group's range fixed for the rest of the block. Projecting it back
         (auto-round's choice) keeps every group's clipping tunable: at W2A16G64 that is worth 125.5 against
         144.4 (fast recipe), while at W3A16 and W4A16, from the fast recipe's searched start, freezing is the
