@@ -27,7 +27,7 @@ class Format:
     name: str
     fits: str
     kinds = ("int",)  # the number formats (WeightScheme.kind) it stores: K-quant scales have a place only in GGUF
-    holds_activations = False  # whether its config can say that a layer's inputs are quantized (W8A8, MXFP4 ...)
+    activations: tuple[str, ...] = ()  # the input formats (WeightScheme.act) its config can name: quantized inputs (W8A8, MXFP4 ...)
     holds_experts = False  # stacked mixture-of-experts tensors: written only where the consumer's loading of them is tested
     fuses = FUSED_KINDS  # the matrices its runtime executes as one (vLLM's fused q/k/v, gate/up, experts), so one scheme each
 
@@ -155,12 +155,14 @@ def _layer_refusal(fmt: Format, scheme: WeightScheme, in_features: int) -> str |
             holders = " or ".join(sorted(f.name for f in _REGISTRY.values() if scheme.kind in f.kinds))
             why = f"its writer has no place for floating-point weights; export them as {holders} (or signround's own folder)"
         return f"{why}, or quantize for {fmt.name} with a scheme it takes ({fmt.fits})"
-    if scheme.act and not fmt.holds_activations:
-        holders = " or ".join(sorted(f.name for f in _REGISTRY.values() if f.holds_activations))
+    reason = fmt.refusal(scheme, in_features)
+    if reason:
+        return f"{reason}; {fmt.name} takes {fmt.fits}"
+    if scheme.act and scheme.act not in fmt.activations:
+        holders = " or ".join(sorted(f.name for f in _REGISTRY.values() if scheme.act in f.activations))
         return (f"its config has no place for quantized inputs ({scheme.act}); export it as {holders} (or signround's own folder), "
                 f"or quantize weights alone for {fmt.name}")
-    reason = fmt.refusal(scheme, in_features)
-    return f"{reason}; {fmt.name} takes {fmt.fits}" if reason else None
+    return None
 
 
 def _option_layers(model, config: QuantConfig, option: WeightScheme) -> dict:

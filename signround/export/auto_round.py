@@ -1,48 +1,89 @@
 """intel/auto-round's own format (`quant_method: "auto-round"`), loaded by transformers when the
 auto-round package is installed.
 
-Symmetric models use its `auto_round:auto_gptq` packing: GPTQ's int32 layout with GPTQ v1 zero points
-(stored minus one). Anything asymmetric uses its `auto_round` packing, the same layout with the zero
-point stored as is. Layers with their own scheme go to `extra_config`, 16-bit layers as bits 16.
+Integer models: symmetric ones use its `auto_round:auto_gptq` packing, GPTQ's int32 layout with GPTQ v1
+zero points (stored minus one); anything asymmetric its `auto_round` packing, the same layout with the zero
+point stored as is. Float models take its `auto_round:llm_compressor` packing, compressed-tensors' tensors
+under auto-round's config: MXFP4, MXFP8 and NVFP4 with their inputs quantized alike (the only float schemes
+its loader runs on CPU; NVFP4 inputs under each layer's calibrated `input_global_scale`). Layers with their
+own scheme go to `extra_config`, 16-bit layers as bits 16.
 """
 
 from __future__ import annotations
 
+import torch
+
 from ..quant.packing import pack_qzeros
-from . import GPTQLayout, default_scheme, quantized_layers, register_format, unquantized_block_linears, write_packed_folder
+from . import GPTQLayout, default_scheme, partial_group, quantized_layers, register_format, unquantized_block_linears, write_packed_folder
+from .compressed_tensors import fp_tensors, input_tensors
+
+# auto-round's data types of each float scheme it loads: (weights, inputs)
+_FLOAT_TYPES = {"MXFP4": ("mx_fp", "mx_fp"), "MXFP8": ("mx_fp", "mx_fp"), "NVFP4": ("nv_fp", "nv_fp4_with_static_gs")}
+
+
+def _scheme_fields(scheme) -> dict:
+    """A scheme in auto-round's config keys."""
+    if not scheme.fp:
+        return {"bits": scheme.bits, "group_size": scheme.group_size, "sym": scheme.sym, "data_type": "int"}
+    weights, inputs = _FLOAT_TYPES[scheme.fp]
+    t = scheme.fptype
+    return {"bits": t.element.bits, "group_size": t.group_size, "sym": True, "data_type": weights, "act_bits": t.element.bits,
+            "act_group_size": t.group_size, "act_sym": True, "act_data_type": inputs, "act_dynamic": True}
 
 
 @register_format
 class AutoRoundFormat(GPTQLayout):
     holds_experts = True  # written per expert (`experts.3.gate_proj.qweight`): auto-round's loader splits stacked experts into such layers
     name = "auto_round"
+    fits = ("integer weight-only schemes of 2, 3, 4 or 8 bits whose group size divides every layer's width (or -1), "
+            "and the float schemes MXFP4, MXFP8, NVFP4 (weights and inputs)")
+    kinds = ("int", "fp")
+    activations = tuple(_FLOAT_TYPES)
+
+    def refusal(self, scheme, in_features):
+        if scheme.fp:
+            if scheme.fp not in _FLOAT_TYPES or scheme.act != scheme.fp:
+                return (f"auto-round's loader runs float weights only as MXFP4, MXFP8 or NVFP4 with their inputs quantized alike; "
+                        f"export {scheme.name()} as compressed-tensors")
+            return partial_group(scheme, in_features)
+        if scheme.act:
+            return f"its config has no place for quantized inputs ({scheme.act}) on integer weights; export {scheme.name()} as compressed-tensors"
+        return super().refusal(scheme, in_features)
+
+    def expert_refusal(self, scheme):
+        if scheme is not None and scheme.fp:
+            return ("its loader's float experts are not checked against signround's; give the experts an integer scheme "
+                    "(--layer 'experts=W4A16'), or save signround's own folder (format signround)")
+        return super().expert_refusal(scheme)
+
+    def schemes_refusal(self, schemes):
+        if len({bool(s.fp) for s in schemes}) > 1:
+            return "its config packs the whole model one way, integer (GPTQ layout) or float (compressed-tensors layout), not both"
+        return None
 
     def write(self, model, tokenizer, folder):
         from ..blocks import find_blocks
 
         layers = quantized_layers(model)
         default = default_scheme(model)
+        floats = bool(default.fp)
         gptq_zeros = all(layer.scheme.sym for layer in layers.values())
 
         def tensors(name, layer):
+            if floats:
+                return {**fp_tensors(layer), **input_tensors(layer)}
             zeros = layer.qzeros
             if gptq_zeros:  # GPTQ v1: the zero point minus one (sym zero points are 2**(bits-1), so never negative)
                 zeros = pack_qzeros(layer.quantized_weight().zero.int() - 1, layer.scheme.bits)
             return {"qweight": layer.qweight, "qzeros": zeros, "scales": layer.scales}
 
-        extra = {name: {"bits": layer.scheme.bits, "group_size": layer.scheme.group_size, "sym": layer.scheme.sym, "data_type": "int"}
-                 for name, layer in layers.items() if layer.scheme != default}
-        extra.update({name: {"bits": 16, "data_type": "float"} for name in unquantized_block_linears(model)})
-        config = {
-            "quant_method": "auto-round",
-            "packing_format": "auto_round:auto_gptq" if gptq_zeros else "auto_round",
-            "bits": default.bits,
-            "group_size": default.group_size,
-            "sym": default.sym,
-            "data_type": "int",
-            "block_name_to_quantize": find_blocks(model)[0],
-            "provider": "signround",
-        }
+        extra = {name: _scheme_fields(layer.scheme) for name, layer in layers.items() if layer.scheme != default}
+        kept = {"bits": 16, "data_type": "float", **({"act_bits": 16} if floats else {})}
+        extra.update({name: kept for name in unquantized_block_linears(model)})
+        packing = "auto_round:llm_compressor" if floats else "auto_round:auto_gptq" if gptq_zeros else "auto_round"
+        config = {"quant_method": "auto-round", "packing_format": packing, **_scheme_fields(default),
+                  "block_name_to_quantize": find_blocks(model)[0], "provider": "signround"}
         if extra:
             config["extra_config"] = extra
-        write_packed_folder(model, tokenizer, folder, tensors, config)
+        # float layers are dequantized to the model's dtype: bf16, as signround runs them on CPU
+        write_packed_folder(model, tokenizer, folder, tensors, config, dtype=torch.bfloat16 if floats else None)

@@ -26,6 +26,7 @@ import re
 import torch
 
 from ..experts import stacked_matrix_names, transformers_part_names
+from ..quant.formats import ACTIVATIONS
 from ..quant.fp import block_scales
 from ..quant.packing import pack_rows
 from . import Format, has_experts, partial_group, quantized_layers, register_format, unquantized_block_linears, write_packed_folder
@@ -76,7 +77,7 @@ def _format_of(scheme) -> str:
     return "int-quantized" if scheme.act and scheme.bits == 8 and scheme.sym and scheme.group_size == -1 else "pack-quantized"
 
 
-def _fp_tensors(layer) -> dict[str, torch.Tensor]:
+def fp_tensors(layer) -> dict[str, torch.Tensor]:
     """A float layer's tensors under compressed-tensors' names: signround stores them in its layout already."""
     t = layer.scheme.fptype
     out = {"weight_scale": layer.scales if t.scale != "fp32" else block_scales(layer.scales.float(), t)}
@@ -89,7 +90,7 @@ def _fp_tensors(layer) -> dict[str, torch.Tensor]:
     return out
 
 
-def _input_tensors(layer) -> dict[str, torch.Tensor]:
+def input_tensors(layer) -> dict[str, torch.Tensor]:
     """The calibrated input scale of a layer whose input format has one (NVFP4), under compressed-tensors' name."""
     scale = getattr(layer, "input_global_scale", None)
     return {} if scale is None else {"input_global_scale": scale.float().reshape(1)}
@@ -97,7 +98,7 @@ def _input_tensors(layer) -> dict[str, torch.Tensor]:
 
 def _weight_tensors(layer) -> dict[str, torch.Tensor]:
     if layer.scheme.fp:
-        return _fp_tensors(layer)
+        return fp_tensors(layer)
     qw = layer.quantized_weight()
     if _format_of(layer.scheme) == "int-quantized":  # signed codes: code - zero (128), the scale as it is
         return {"weight": (qw.codes.int() - qw.zero.int()).to(torch.int8), "weight_scale": qw.scale.to(torch.float16)}
@@ -127,7 +128,7 @@ class CompressedTensorsFormat(Format):
     fits = ("integer schemes of 2-8 bits (W8A8, W4A8 with int8 inputs), the float schemes (FP8A16, MXFP8A16, MXFP4A16, NVFP4A16; "
             "FP8, FP8_BLOCK, MXFP8, MXFP4, NVFP4 with quantized inputs), whose group size divides every layer's width (or -1)")
     kinds = ("int", "fp")
-    holds_activations = True
+    activations = tuple(ACTIVATIONS)
     holds_experts = True
 
     def refusal(self, scheme, in_features):
@@ -156,7 +157,7 @@ class CompressedTensorsFormat(Format):
         stored_name = _expert_names(model)
 
         def tensors(name, layer):
-            return {**_weight_tensors(layer), **_input_tensors(layer)}
+            return {**_weight_tensors(layer), **input_tensors(layer)}
 
         groups: dict = {}  # (weights args, inputs' format) -> (the compressed-tensors format, target regexes)
         for name, layer in layers.items():
