@@ -50,8 +50,12 @@ RUNS = [  # (scheme, format, theoretical bits per weight of a layer in that form
     ("Q6_K", "gguf", ggml_bits),
     ("MXFP4A16", "gguf", ggml_bits),  # MXFP4: an E8M0 byte per 32
     ("NVFP4A16", "compressed-tensors", lambda m: 4 + 8 / 16 + 32 / (m.in_features * m.out_features)),  # + the fp32 global scale
+    ("NVFP4", "compressed-tensors", lambda m: 4 + 8 / 16 + 64 / (m.in_features * m.out_features)),  # W4A4: + the input's global scale
+    ("NVFP4", "auto_round", lambda m: 4 + 8 / 16 + 64 / (m.in_features * m.out_features)),  # its inputs rounded by its own rule
     ("MXFP4", "compressed-tensors", lambda m: 4 + 8 / 32),  # W4A4: MXFP4 inputs too
+    ("MXFP4", "auto_round", lambda m: 4 + 8 / 32),
     ("MXFP8", "compressed-tensors", lambda m: 8 + 8 / 32),
+    ("MXFP8", "auto_round", lambda m: 8 + 8 / 32),
     ("FP8", "compressed-tensors", lambda m: 8 + 32 / m.in_features),  # W8A8-FP8: an fp32 scale per output channel
     ("W8A8", "compressed-tensors", lambda m: 8 + 16 / m.in_features),  # int8 weights and inputs
 ]
@@ -92,12 +96,16 @@ def main() -> None:
     p.add_argument("--json", help="also write the rows here")
     p.add_argument("--device", default="cpu", help="where to quantize, run the consumers and score (cuda: their GPU kernels)")
     p.add_argument("--name", default="exports", help="results file stem")
+    p.add_argument("--only", nargs="+", metavar="SCHEME:FORMAT", help="run these rows alone (e.g. NVFP4:auto_round)")
     args = p.parse_args()
+    runs = [r for r in RUNS if not args.only or f"{r[0]}:{r[1]}" in args.only]
+    if not runs:
+        sys.exit(f"--only matches no row: choose from {', '.join(f'{s}:{f}' for s, f, _ in RUNS)}")
 
     base, tokenizer = signround.load_model(args.model)
     ids = protocol.wikitext_ids(tokenizer, args.tokens)
     rows, quantized = [], {}
-    for scheme, fmt, theory in RUNS:
+    for scheme, fmt, theory in runs:
         if scheme not in quantized:
             model = signround.load_model(args.model)[0]
             signround.quantize(model, signround.QuantConfig(scheme=scheme, method="rtn"), signround.RunConfig(device=args.device, progress=False))
@@ -126,7 +134,8 @@ def main() -> None:
 
     where = "" if args.device == "cpu" else f", on {torch.cuda.get_device_name(args.device)}"
     lines = [f"# Exports of {args.model}, each loaded by its consumer (RTN codes; wt2, first {args.tokens} tokens{where})", "",
-             "Where the consumer runs the folder in bf16 (compressed-tensors' float formats), ours is scored from a bf16 save of the same model.", "",
+             "Where the consumer runs the folder in bf16 (the float formats), ours is scored from a bf16 save of the same model. auto-round's "
+             "loader quantizes MX and NVFP4 inputs by its own rule (docs/formats.md), so its rows measure that rule too.", "",
              "| scheme | format | consumer | ppl ours | ppl consumer | diff | bits/weight on disk | theoretical | diff |",
              "|---|---|---|---|---|---|---|---|---|"]
     who = {"gptq": "transformers + auto-round (GPTQ loader)", "auto_round": "transformers + auto-round",
