@@ -295,13 +295,30 @@ def _check_lm_head(model, config: QuantConfig) -> None:
                           f"e.g. layer_overrides={{'{name}': '{dataclasses.replace(scheme, act=None).name()}'}}")
 
 
-def _quantize_lm_head(model, config: QuantConfig, report: QuantizeReport) -> None:
+def _untied_lm_head(model):
+    """The output layer, where it is a linear layer of its own (not the embeddings' matrix), else None."""
     head = model.get_output_embeddings()
-    if head is None or not is_linear(head):
-        return
     embed = model.get_input_embeddings()
-    if embed is not None and head.weight is embed.weight:
-        report.notes.append("lm_head is tied to the embeddings: kept 16-bit")
+    if head is None or not is_linear(head) or (embed is not None and head.weight is embed.weight):
+        return None
+    return head
+
+
+def planned_lm_head(model, config: QuantConfig) -> dict[str, LayerTask]:
+    """The lm_head `quantize` would pack (by name, as `planned_layers`), for checks made before tuning."""
+    head = _untied_lm_head(model) if config.quantize_lm_head else None
+    if head is None:
+        return {}
+    name = _module_name(model, head)
+    scheme = _fitting(config.scheme_for(name), head.in_features, name, QuantizeReport())
+    return {name: LayerTask(name, head, scheme)} if scheme is not None and scheme.fits(head.in_features, config.pad_groups) else {}
+
+
+def _quantize_lm_head(model, config: QuantConfig, report: QuantizeReport) -> None:
+    head = _untied_lm_head(model)
+    if head is None:
+        if model.get_output_embeddings() is not None and is_linear(model.get_output_embeddings()):
+            report.notes.append("lm_head is tied to the embeddings: kept 16-bit")
         return
     name = _module_name(model, head)
     scheme = _fitting(config.scheme_for(name), head.in_features, name, report)

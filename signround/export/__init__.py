@@ -29,6 +29,7 @@ class Format:
     kinds = ("int",)  # the number formats (WeightScheme.kind) it stores: K-quant scales have a place only in GGUF
     activations: tuple[str, ...] = ()  # the input formats (WeightScheme.act) its config can name: quantized inputs (W8A8, MXFP4 ...)
     holds_experts = False  # stacked mixture-of-experts tensors: written only where the consumer's loading of them is tested
+    holds_lm_head = True  # a quantized lm_head (AutoAWQ's loader keeps it 16-bit)
     fuses = FUSED_KINDS  # the matrices its runtime executes as one (vLLM's fused q/k/v, gate/up, experts), so one scheme each
 
     def refusal(self, scheme: WeightScheme, in_features: int) -> str | None:
@@ -104,6 +105,12 @@ def _refuse(fmt: Format, model, layers: dict[str, tuple[WeightScheme, int]]) -> 
     reason = reason or fmt.model_refusal(model)
     if reason:
         raise FormatError(f"format {fmt.name} cannot hold this model: {reason}")
+    blocks_name = find_blocks(model)[0]
+    outside = [name for name in layers if not name.startswith(f"{blocks_name}.")]
+    if outside and not fmt.holds_lm_head:
+        holders = ", ".join(sorted(f.name for f in _REGISTRY.values() if f.holds_lm_head))
+        raise FormatError(f"format {fmt.name} cannot hold {outside[0]} quantized: its loader keeps it 16-bit; drop --quantize-lm-head "
+                          f"(quantize_lm_head=False), or export as {holders}")
     for layer_name, (scheme, in_features) in layers.items():
         reason = _layer_refusal(fmt, scheme, in_features) or (fmt.expert_refusal(scheme) if layer_name.split(" (")[0] in stacked else None)
         if reason:
@@ -152,17 +159,22 @@ def _layer_refusal(fmt: Format, scheme: WeightScheme, in_features: int) -> str |
         if scheme.kquant:
             why = "K-quant scales are quantized per 256 weights, which only GGUF stores; export it as gguf"
         else:
-            holders = " or ".join(sorted(f.name for f in _REGISTRY.values() if scheme.kind in f.kinds))
-            why = f"its writer has no place for floating-point weights; export them as {holders} (or signround's own folder)"
+            why = f"its writer has no place for floating-point weights; export them as {_holders(scheme, in_features)}"
         return f"{why}, or quantize for {fmt.name} with a scheme it takes ({fmt.fits})"
     reason = fmt.refusal(scheme, in_features)
     if reason:
         return f"{reason}; {fmt.name} takes {fmt.fits}"
     if scheme.act and scheme.act not in fmt.activations:
-        holders = " or ".join(sorted(f.name for f in _REGISTRY.values() if scheme.act in f.activations))
-        return (f"its config has no place for quantized inputs ({scheme.act}); export it as {holders} (or signround's own folder), "
+        return (f"its config has no place for quantized inputs ({scheme.act}); export it as {_holders(scheme, in_features)}, "
                 f"or quantize weights alone for {fmt.name}")
     return None
+
+
+def _holders(scheme: WeightScheme, in_features: int) -> str:
+    """The formats that can store such a layer, in words, signround's own folder last."""
+    takes = [f.name for f in _REGISTRY.values() if scheme.kind in f.kinds and not f.refusal(scheme, in_features)
+             and (not scheme.act or scheme.act in f.activations)]
+    return " or ".join(sorted(takes)) + (" (or signround's own folder)" if takes else "signround's own folder")
 
 
 def _option_layers(model, config: QuantConfig, option: WeightScheme) -> dict:
@@ -203,10 +215,10 @@ def fused_by(names: list[str]) -> bool | tuple[str, ...]:
 def check_formats(names: list[str], model, config: QuantConfig, planned: dict | None = None) -> None:
     """Refuse, before tuning, a format that cannot represent the scheme some layer will get
     (`planned`: `pipeline.planned_layers(model, config)` when the caller has it already)."""
-    from ..pipeline import planned_layers
+    from ..pipeline import planned_layers, planned_lm_head
     from ..search import option_schemes
 
-    planned = planned if planned is not None else planned_layers(model, config)
+    planned = {**(planned if planned is not None else planned_layers(model, config)), **planned_lm_head(model, config)}
     layers = {name: (task.scheme, task.weight().shape[1]) for name, task in planned.items()}
     if config.target_bits is not None and config.plan is None:  # any option may be chosen for any layer
         # and the search decides every block layer but those a --layer override fixes: the base scheme is no block's

@@ -11,6 +11,8 @@ own scheme go to `extra_config`, 16-bit layers as bits 16.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 
 from ..quant.packing import pack_qzeros
@@ -52,8 +54,8 @@ class AutoRoundFormat(GPTQLayout):
 
     def expert_refusal(self, scheme):
         if scheme is not None and scheme.fp:
-            return ("its loader's float experts are not checked against signround's; give the experts an integer scheme "
-                    "(--layer 'experts=W4A16'), or save signround's own folder (format signround)")
+            return ("its loader's float experts are not checked against signround's; quantize the model with an integer scheme, "
+                    "or save signround's own folder (format signround)")
         return super().expert_refusal(scheme)
 
     def schemes_refusal(self, schemes):
@@ -65,9 +67,12 @@ class AutoRoundFormat(GPTQLayout):
         from ..blocks import find_blocks
 
         layers = quantized_layers(model)
+        floats = any(layer.scheme.fp for layer in layers.values())  # never mixed with integer layers (schemes_refusal)
         default = default_scheme(model)
-        floats = bool(default.fp)
+        if bool(default.fp) != floats:  # every layer overridden away from the base scheme: the commonest one heads the config
+            default = Counter(layer.scheme for layer in layers.values()).most_common(1)[0][0]
         gptq_zeros = all(layer.scheme.sym for layer in layers.values())
+        blocks_name = find_blocks(model)[0]
 
         def tensors(name, layer):
             if floats:
@@ -77,12 +82,14 @@ class AutoRoundFormat(GPTQLayout):
                 zeros = pack_qzeros(layer.quantized_weight().zero.int() - 1, layer.scheme.bits)
             return {"qweight": layer.qweight, "qzeros": zeros, "scales": layer.scales}
 
-        extra = {name: _scheme_fields(layer.scheme) for name, layer in layers.items() if layer.scheme != default}
+        # auto-round's loader converts the blocks' layers and those named here: a quantized lm_head is always listed
+        extra = {name: _scheme_fields(layer.scheme) for name, layer in layers.items()
+                 if layer.scheme != default or not name.startswith(f"{blocks_name}.")}
         kept = {"bits": 16, "data_type": "float", **({"act_bits": 16} if floats else {})}
         extra.update({name: kept for name in unquantized_block_linears(model)})
         packing = "auto_round:llm_compressor" if floats else "auto_round:auto_gptq" if gptq_zeros else "auto_round"
         config = {"quant_method": "auto-round", "packing_format": packing, **_scheme_fields(default),
-                  "block_name_to_quantize": find_blocks(model)[0], "provider": "signround"}
+                  "block_name_to_quantize": blocks_name, "provider": "signround"}
         if extra:
             config["extra_config"] = extra
         # float layers are dequantized to the model's dtype: bf16, as signround runs them on CPU

@@ -39,6 +39,7 @@ def unpack_awq(words: torch.Tensor) -> torch.Tensor:
 @register_format
 class AWQFormat(Format):
     name = "awq"
+    holds_lm_head = False
     fits = "4-bit schemes (asymmetric, or symmetric with its fixed zero point) whose group size divides every layer's width, one scheme for all layers"
 
     def refusal(self, scheme, in_features):

@@ -149,7 +149,8 @@ class CompressedTensorsFormat(Format):
             return "its config has no place for 16-bit experts beside packed ones; quantize them, or export as signround"
         if scheme.kind != "int" or not scheme.sym or scheme.act:
             return ("transformers loads compressed-tensors experts through its stacked-tensor conversion, which reads symmetric integer "
-                    "weights only; quantize the experts with one (e.g. --layer 'experts=W4A16'), or export as auto_round or gptq")
+                    "weights only; quantize the experts with one (e.g. --layer 'experts=W4A16'), or export as "
+                    + ("signround's own folder (format signround)" if scheme.kind != "int" else "auto_round or gptq"))
         return None
 
     def write(self, model, tokenizer, folder):

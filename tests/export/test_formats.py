@@ -1,6 +1,7 @@
 """Each export format, loaded by its real consumer (transformers with auto-round or compressed-tensors),
 gives the logits of signround's own packed model within fp16 tolerance."""
 
+import dataclasses
 import json
 
 import pytest
@@ -60,6 +61,22 @@ def test_mixed_schemes_and_16_bit_layers_survive(tmp_path, fmt):
     listed = json.dumps(qcfg).replace("\\\\", "")
     assert "layers.0.mlp.down_proj" in listed and "layers.1.self_attn.q_proj" in listed
     assert_same_logits(model, consumer_load(tmp_path / "out", fmt))
+
+
+@pytest.mark.parametrize("fmt", ["auto_round", "gptq", "compressed-tensors"])
+def test_a_quantized_lm_head_reaches_the_consumer(tmp_path, fmt):
+    """A loader converts only the layers a config names beyond the blocks: a quantized lm_head must be listed."""
+    model = quantized("W4A16G32", quantize_lm_head=True)
+    assert isinstance(model.lm_head, signround.qlinear.QuantLinear)
+    export(model, None, tmp_path / "out", fmt)
+    assert_same_logits(model, consumer_load(tmp_path / "out", fmt))
+
+
+def test_awq_refuses_a_quantized_lm_head_before_tuning():
+    config = signround.QuantConfig(scheme=signround.config.parse_scheme("bits=4,group_size=32,sym=false"), quantize_lm_head=True)
+    with pytest.raises(FormatError, match="format awq cannot hold lm_head quantized: its loader keeps it 16-bit; drop --quantize-lm-head"):
+        check_formats(["awq"], make("llama", vocab_size=256), config)
+    check_formats(["awq"], make("llama", vocab_size=256), dataclasses.replace(config, quantize_lm_head=False))
 
 
 def test_awq_keeps_16_bit_layers_and_refuses_mixed_schemes(tmp_path):
@@ -163,7 +180,7 @@ def test_float_formats_are_refused_before_tuning_where_no_consumer_stores_them(t
     model = make("llama", vocab_size=256)
     for fmt in ("gptq", "awq"):
         with pytest.raises(FormatError, match=f"format {fmt} cannot hold .* as MXFP4A16: its writer has no place for floating-point weights; "
-                                              "export them as auto_round or compressed-tensors or gguf"):
+                                              "export them as compressed-tensors or gguf"):
             check_formats([fmt], model, signround.QuantConfig(scheme="MXFP4A16"))
     for scheme in ("MXFP4A16", "NVFP4A16", "FP8"):
         with pytest.raises(FormatError, match=f"format auto_round cannot hold .* as {scheme}: auto-round's loader runs float weights only as "
