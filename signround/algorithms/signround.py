@@ -45,7 +45,7 @@ class _Tunables:
         self.offset = torch.zeros_like(self.grouped, requires_grad=True)
         # a symmetric float grid has no group minimum to clip: no min scale (None) where the format tunes none
         self.min_scale = torch.ones(w.shape[0], groups, device=device, requires_grad=True) if task.scheme.format.tunes_min else None
-        self.max_scale = torch.ones(w.shape[0], groups, device=device, requires_grad=True)
+        self.max_scale = torch.ones(w.shape[0], groups, device=device, requires_grad=task.scheme.format.tunes_max)
         # what the traced step treats as constants (identical across a model's blocks, so no recompiles);
         # `dtype` is the fake weight's: the autocast dtype the layer would cast it to anyway. Where the
         # matrix goes: a linear's weight (in its own layout) or one piece of an experts module's stack
@@ -57,16 +57,16 @@ class _Tunables:
         self.spec = (target, task.scheme, w.shape[1], dtype)
 
     def scales(self):
-        """The clipping scales the format tunes."""
-        return [s for s in (self.min_scale, self.max_scale) if s is not None]
+        """The clipping scales SignRound tunes in this format (a float format's stays at its searched start)."""
+        return [s for s in (self.min_scale, self.max_scale) if s is not None and s.requires_grad]
 
     def params(self):
         return [self.offset, *self.scales()]
 
     @torch.no_grad()
     def step(self, lr: float, minmax_lr: float, project: bool = False) -> None:
-        """One signed step. Unless `project`, the clipping scales are not clamped back onto [0, 1] (MX: [0, 2],
-        NVFP4: [0, 1.5]; `WeightScheme.clip_max`): one stepped past the top gets no gradient through the forward's
+        """One signed step. Unless `project`, the clipping scales (integer grids'; `Format.tunes_max`) are not
+        clamped back onto [0, 1] (`WeightScheme.clip_max`): one stepped past the top gets no gradient through the forward's
         clamp and stays there, its group's range fixed for the rest of the block. Projecting it back
         (auto-round's choice) keeps every group's clipping tunable: at W2A16G64 that is worth 125.5 against
         144.4 (fast recipe), while at W3A16 and W4A16, from the fast recipe's searched start, freezing is the
@@ -83,8 +83,9 @@ class _Tunables:
         """Start the clipping scales at the importance-weighted best round-to-nearest clipping."""
         best = self.task.scheme.search_clipping(self.weight, importance)
         with torch.no_grad():
-            for scale in self.scales():
-                scale.copy_(best)
+            for scale in (self.min_scale, self.max_scale):
+                if scale is not None:
+                    scale.copy_(best)
 
     def initial_state(self):
         """The starting point: no offset (None: zeros, not kept as a weight-sized tensor), the initial clipping."""

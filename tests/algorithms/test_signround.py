@@ -106,8 +106,8 @@ def test_signround_lowers_block_losses_with_k_quant_scales(scheme):
 
 @pytest.mark.parametrize("scheme", ["MXFP4A16", "NVFP4A16", "MXFP8A16", "FP8A16"])
 def test_signround_lowers_block_losses_on_floating_point_grids(scheme):
-    """Offsets counted in grid steps and the group maximum's clipping tune E2M1 and E4M3 grids too, with
-    their power-of-two (MX), E4M3 (NVFP4) or fp32 (FP8) scales; no minimum is tuned on a symmetric grid."""
+    """Offsets counted in grid steps tune E2M1 and E4M3 grids too, under their power-of-two (MX), E4M3 (NVFP4)
+    or fp32 (FP8) scales, which keep the searched clipping."""
     model = make("llama")
     config = QuantConfig(scheme=scheme, iters=40, nsamples=16, seqlen=32, batch_size=4)
     report = signround.quantize(model, config, calibration=calib_ids(16, 32))
@@ -147,6 +147,31 @@ def test_a_clipping_scale_pushed_past_one_leaves_its_group_unclipped_for_good():
     _fake_weights([tunable.spec], [tunable.tensors()])["proj.weight"].pow(2).sum().backward()
     assert tunable.max_scale.grad.abs().sum() == 0 and tunable.min_scale.grad.abs().sum() == 0
     assert tunable.offset.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("scheme, tuned", [("NVFP4A16", 1), ("MXFP4A16", 1), ("FP8A16", 1), ("W4A16G32", 3)])
+def test_float_formats_tune_offsets_from_their_searched_clipping(scheme, tuned):
+    """A float group scale moves in coarse steps (powers of two, E4M3), and tuning it beside the offsets undid
+    the clipping search: float formats tune the offsets alone, from the searched clipping, which the result keeps.
+    Integer grids tune their minimum and maximum clipping too."""
+    from signround.algorithms.base import LayerTask
+    from signround.algorithms.signround import _Tunables
+    from signround.config import parse_scheme
+
+    layer = torch.nn.Linear(64, 8, bias=False)
+    s = parse_scheme(scheme)
+    tunable = _Tunables(LayerTask("proj", layer, s), torch.device("cpu"), torch.float32)
+    assert len(tunable.params()) == tuned
+    tunable.search_clipping(torch.rand(64) + 0.1)
+    searched = tunable.max_scale.detach().clone()
+    assert (searched != 1).any()
+    for p in tunable.params():
+        p.grad = torch.full_like(p, -1.0)
+    tunable.step(0.1, 0.1)
+    assert torch.equal(tunable.max_scale, searched) == (tuned == 1)
+    if tuned == 1:  # the packed result is the searched clipping's, with the tuned offsets
+        offset = tunable.offset.detach().reshape(8, 64)
+        assert torch.equal(s.dequantize(tunable.final()), s.dequantize(s.quantize(layer.weight.detach(), offset, None, tunable.max_scale.detach())))
 
 
 def test_projected_clipping_scales_stay_in_range_and_keep_their_gradient():
