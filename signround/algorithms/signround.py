@@ -45,7 +45,7 @@ class _Tunables:
         self.offset = torch.zeros_like(self.grouped, requires_grad=True)
         # a symmetric float grid has no group minimum to clip: no min scale (None) where the format tunes none
         self.min_scale = torch.ones(w.shape[0], groups, device=device, requires_grad=True) if task.scheme.format.tunes_min else None
-        self.max_scale = torch.ones(w.shape[0], groups, device=device, requires_grad=task.scheme.format.tunes_max)
+        self.max_scale = torch.ones(w.shape[0], groups, device=device, requires_grad=task.scheme.format.tunes_max(task.scheme))
         # what the traced step treats as constants (identical across a model's blocks, so no recompiles);
         # `dtype` is the fake weight's: the autocast dtype the layer would cast it to anyway. Where the
         # matrix goes: a linear's weight (in its own layout) or one piece of an experts module's stack
@@ -57,7 +57,7 @@ class _Tunables:
         self.spec = (target, task.scheme, w.shape[1], dtype)
 
     def scales(self):
-        """The clipping scales SignRound tunes in this format (a float format's stays at its searched start)."""
+        """The clipping scales SignRound tunes in this format (an MX or NVFP4 one stays at its searched start)."""
         return [s for s in (self.min_scale, self.max_scale) if s is not None and s.requires_grad]
 
     def params(self):
@@ -65,7 +65,7 @@ class _Tunables:
 
     @torch.no_grad()
     def step(self, lr: float, minmax_lr: float, project: bool = False) -> None:
-        """One signed step. Unless `project`, the clipping scales (integer grids'; `Format.tunes_max`) are not
+        """One signed step. Unless `project`, the clipping scales (`Format.tunes_max`) are not
         clamped back onto [0, 1] (`WeightScheme.clip_max`): one stepped past the top gets no gradient through the forward's
         clamp and stays there, its group's range fixed for the rest of the block. Projecting it back
         (auto-round's choice) keeps every group's clipping tunable: at W2A16G64 that is worth 125.5 against

@@ -19,11 +19,12 @@ Stored = Any  # a format's final codes and scales: integer.QuantizedWeight, kqua
 
 class Format(Protocol):
     """What every number format gives. `tunes_min`: whether it has a group minimum to clip (asymmetric
-    grids), i.e. whether SignRound tunes a min-clipping scale beside the max one. `tunes_max`: whether
-    SignRound tunes the max-clipping scale from its searched start, or only the rounding offsets."""
+    grids), i.e. whether SignRound tunes a min-clipping scale beside the max one."""
 
     tunes_min: bool
-    tunes_max: bool
+
+    def tunes_max(self, scheme) -> bool:
+        """Whether SignRound tunes the max-clipping scale from its searched start, or the rounding offsets alone."""
 
     def fake_quant_groups(self, scheme, wg: torch.Tensor, offset, min_scale, max_scale) -> torch.Tensor:
         """Straight-through quantize-dequantize of grouped weights (out, groups, g)."""
@@ -44,7 +45,9 @@ class Format(Protocol):
 
 class Integer:
     tunes_min = True
-    tunes_max = True
+
+    def tunes_max(self, scheme):
+        return True
 
     def clip_max(self, scheme):
         return 1.0
@@ -83,14 +86,16 @@ class KQuant(Integer):
 
 
 class Float:
-    """FP8, FP8_BLOCK, MXFP8, MXFP4, NVFP4 (`fp.FP_TYPES`): symmetric grids, so only the group maximum is clipped,
-    and SignRound keeps the searched clipping: a float group scale moves in coarse steps (a power of two, E4M3's
-    3 mantissa bits), and tuning it beside the offsets undoes the search (SmolLM2 block 0, relative output error
-    after the fast recipe: NVFP4 4.74e-3 with the scale tuned, 2.70e-3 without, 4.29e-3 at the searched start;
-    MXFP4 1.03e-2 against 8.13e-3)."""
+    """FP8, FP8_BLOCK, MXFP8, MXFP4, NVFP4 (`fp.FP_TYPES`): symmetric grids, so only the group maximum is clipped."""
 
     tunes_min = False
-    tunes_max = False
+
+    def tunes_max(self, scheme):
+        """An E8M0 or E4M3 group scale moves in coarse steps (a power of two, 3 mantissa bits), and tuning it
+        beside the offsets undid the clipping search (SmolLM2 block 0, relative output error after the fast
+        recipe: NVFP4 4.74e-3 with the scale tuned, 2.70e-3 without, 4.29e-3 at the searched start; MXFP4
+        1.03e-2 against 8.13e-3), so those keep the searched clipping. FP8's fp32 scales tune as integers' do."""
+        return scheme.fptype.scale == "fp32"
 
     def fake_quant_groups(self, scheme, wg, offset, min_scale, max_scale):
         t = scheme.fptype

@@ -149,11 +149,11 @@ def test_a_clipping_scale_pushed_past_one_leaves_its_group_unclipped_for_good():
     assert tunable.offset.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("scheme, tuned", [("NVFP4A16", 1), ("MXFP4A16", 1), ("FP8A16", 1), ("W4A16G32", 3)])
+@pytest.mark.parametrize("scheme, tuned", [("NVFP4A16", 1), ("MXFP4A16", 1), ("FP8A16", 2), ("W4A16G32", 3)])
 def test_float_formats_tune_offsets_from_their_searched_clipping(scheme, tuned):
-    """A float group scale moves in coarse steps (powers of two, E4M3), and tuning it beside the offsets undid
-    the clipping search: float formats tune the offsets alone, from the searched clipping, which the result keeps.
-    Integer grids tune their minimum and maximum clipping too."""
+    """An MX or NVFP4 group scale moves in coarse steps (powers of two, E4M3), and tuning it beside the offsets
+    undid the clipping search: those tune the offsets alone, from the searched clipping, which the result keeps.
+    FP8's fp32 scales tune their maximum, integer grids their minimum and maximum clipping too."""
     from signround.algorithms.base import LayerTask
     from signround.algorithms.signround import _Tunables
     from signround.config import parse_scheme
