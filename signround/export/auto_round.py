@@ -4,8 +4,8 @@ auto-round package is installed.
 Integer models: symmetric ones use its `auto_round:auto_gptq` packing, GPTQ's int32 layout with GPTQ v1
 zero points (stored minus one); anything asymmetric its `auto_round` packing, the same layout with the zero
 point stored as is. Float models take its `auto_round:llm_compressor` packing, compressed-tensors' tensors
-under auto-round's config: MXFP4, MXFP8 and NVFP4 with their inputs quantized alike (the only float schemes
-its loader runs on CPU; NVFP4 inputs under each layer's calibrated `input_global_scale`). Layers with their
+under auto-round's config: NVFP4 with NVFP4 inputs under each layer's calibrated `input_global_scale` (its
+loader runs MXFP4/MXFP8 too, but quantizes their inputs by a rule of its own that costs far more: refused). Layers with their
 own scheme go to `extra_config`, 16-bit layers as bits 16.
 """
 
@@ -19,8 +19,10 @@ from ..quant.packing import pack_qzeros
 from . import GPTQLayout, default_scheme, partial_group, quantized_layers, register_format, unquantized_block_linears, write_packed_folder
 from .compressed_tensors import fp_tensors, input_tensors
 
-# auto-round's data types of each float scheme it loads: (weights, inputs)
-_FLOAT_TYPES = {"MXFP4": ("mx_fp", "mx_fp"), "MXFP8": ("mx_fp", "mx_fp"), "NVFP4": ("nv_fp", "nv_fp4_with_static_gs")}
+# auto-round's data types of each float scheme written: (weights, inputs). Its loader also runs MXFP4 and MXFP8,
+# but scales their inputs by the OCP rule (the exponent floored), which saturates the groups compressed-tensors'
+# rule (signround's) rounds up: SmolLM2 MXFP4 (RTN) 66.76 -> 103.6, MXFP8 21.69 -> 22.71 (benchmarks/exports.py)
+_FLOAT_TYPES = {"NVFP4": ("nv_fp", "nv_fp4_with_static_gs")}
 
 
 def _scheme_fields(scheme) -> dict:
@@ -38,15 +40,15 @@ class AutoRoundFormat(GPTQLayout):
     holds_experts = True  # written per expert (`experts.3.gate_proj.qweight`): auto-round's loader splits stacked experts into such layers
     name = "auto_round"
     fits = ("integer weight-only schemes of 2, 3, 4 or 8 bits whose group size divides every layer's width (or -1), "
-            "and the float schemes MXFP4, MXFP8, NVFP4 (weights and inputs)")
+            "and the float scheme NVFP4 (weights and inputs)")
     kinds = ("int", "fp")
     activations = tuple(_FLOAT_TYPES)
 
     def refusal(self, scheme, in_features):
         if scheme.fp:
             if scheme.fp not in _FLOAT_TYPES or scheme.act != scheme.fp:
-                return (f"auto-round's loader runs float weights only as MXFP4, MXFP8 or NVFP4 with their inputs quantized alike; "
-                        f"export {scheme.name()} as compressed-tensors")
+                return (f"auto-round's loader runs float weights only as NVFP4 with NVFP4 inputs as signround tunes them (its MX "
+                        f"inputs are rounded by another rule, which costs MXFP4 55% in perplexity); export {scheme.name()} as compressed-tensors")
             return partial_group(scheme, in_features)
         if scheme.act:
             return f"its config has no place for quantized inputs ({scheme.act}) on integer weights; export {scheme.name()} as compressed-tensors"
