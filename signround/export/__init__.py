@@ -88,6 +88,13 @@ def has_experts(model) -> bool:
     return any(is_experts(m) or isinstance(m, QuantExperts) for m in model.modules())
 
 
+def outside_blocks(model, names) -> list[str]:
+    """The layer names not inside the decoder blocks (a quantized lm_head), which a loader converts only where
+    its config names them."""
+    prefix = f"{find_blocks(model)[0]}."
+    return [name for name in names if not name.startswith(prefix)]
+
+
 def quantized_layers(model) -> dict[str, QuantLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
 
@@ -105,8 +112,7 @@ def _refuse(fmt: Format, model, layers: dict[str, tuple[WeightScheme, int]]) -> 
     reason = reason or fmt.model_refusal(model)
     if reason:
         raise FormatError(f"format {fmt.name} cannot hold this model: {reason}")
-    blocks_name = find_blocks(model)[0]
-    outside = [name for name in layers if not name.startswith(f"{blocks_name}.")]
+    outside = outside_blocks(model, layers)
     if outside and not fmt.holds_lm_head:
         holders = ", ".join(sorted(f.name for f in _REGISTRY.values() if f.holds_lm_head))
         raise FormatError(f"format {fmt.name} cannot hold {outside[0]} quantized: its loader keeps it 16-bit; drop --quantize-lm-head "

@@ -16,7 +16,7 @@ from collections import Counter
 import torch
 
 from ..quant.packing import pack_qzeros
-from . import GPTQLayout, default_scheme, partial_group, quantized_layers, register_format, unquantized_block_linears, write_packed_folder
+from . import GPTQLayout, default_scheme, outside_blocks, partial_group, quantized_layers, register_format, unquantized_block_linears, write_packed_folder
 from .compressed_tensors import fp_tensors, input_tensors
 
 # auto-round's data types of each float scheme written: (weights, inputs). Its loader also runs MXFP4 and MXFP8,
@@ -74,7 +74,7 @@ class AutoRoundFormat(GPTQLayout):
         if bool(default.fp) != floats:  # every layer overridden away from the base scheme: the commonest one heads the config
             default = Counter(layer.scheme for layer in layers.values()).most_common(1)[0][0]
         gptq_zeros = all(layer.scheme.sym for layer in layers.values())
-        blocks_name = find_blocks(model)[0]
+        heads = outside_blocks(model, layers)
 
         def tensors(name, layer):
             if floats:
@@ -86,12 +86,12 @@ class AutoRoundFormat(GPTQLayout):
 
         # auto-round's loader converts the blocks' layers and those named here: a quantized lm_head is always listed
         extra = {name: _scheme_fields(layer.scheme) for name, layer in layers.items()
-                 if layer.scheme != default or not name.startswith(f"{blocks_name}.")}
+                 if layer.scheme != default or name in heads}
         kept = {"bits": 16, "data_type": "float", **({"act_bits": 16} if floats else {})}
         extra.update({name: kept for name in unquantized_block_linears(model)})
         packing = "auto_round:llm_compressor" if floats else "auto_round:auto_gptq" if gptq_zeros else "auto_round"
         config = {"quant_method": "auto-round", "packing_format": packing, **_scheme_fields(default),
-                  "block_name_to_quantize": blocks_name, "provider": "signround"}
+                  "block_name_to_quantize": find_blocks(model)[0], "provider": "signround"}
         if extra:
             config["extra_config"] = extra
         # float layers are dequantized to the model's dtype: bf16, as signround runs them on CPU

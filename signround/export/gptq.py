@@ -11,11 +11,10 @@ import re
 
 import torch
 
-from ..blocks import find_blocks
 from ..config import ConfigError
 from ..quant.integer import group_size_for
 from ..quant.packing import pack_qzeros
-from . import GPTQLayout, default_scheme, quantized_layers, register_format, unquantized_block_linears, write_packed_folder
+from . import GPTQLayout, default_scheme, outside_blocks, quantized_layers, register_format, unquantized_block_linears, write_packed_folder
 
 
 @register_format
@@ -26,7 +25,7 @@ class GPTQFormat(GPTQLayout):
     def write(self, model, tokenizer, folder):
         layers = quantized_layers(model)
         default = default_scheme(model)
-        blocks_name = find_blocks(model)[0]
+        heads = outside_blocks(model, layers)  # a quantized lm_head: named, as its loader converts only the blocks otherwise
 
         def tensors(name, layer):
             qw = layer.quantized_weight()
@@ -37,7 +36,7 @@ class GPTQFormat(GPTQLayout):
             return {"qweight": layer.qweight, "qzeros": pack_qzeros(qw.zero.int() - 1, layer.scheme.bits), "scales": layer.scales, "g_idx": g_idx}
 
         dynamic = {f"+:^{re.escape(name)}$": {"bits": layer.scheme.bits, "group_size": layer.scheme.group_size, "sym": layer.scheme.sym}
-                   for name, layer in layers.items() if layer.scheme != default or not name.startswith(f"{blocks_name}.")}
+                   for name, layer in layers.items() if layer.scheme != default or name in heads}
         dynamic.update({f"-:^{re.escape(name)}$": {} for name in unquantized_block_linears(model)})
         config = {
             "quant_method": "gptq",
@@ -48,7 +47,7 @@ class GPTQFormat(GPTQLayout):
             "desc_act": False,
             "static_groups": False,
             "true_sequential": True,
-            "lm_head": any(not name.startswith(f"{blocks_name}.") for name in layers),  # a quantized lm_head
+            "lm_head": bool(heads),
             "damp_percent": 0.01,
             "provider": "signround",
         }
